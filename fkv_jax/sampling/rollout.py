@@ -1,0 +1,225 @@
+"""The autoregressive rollout: one jitted call per chunk, a host loop over chunks.
+
+Per chunk (Self Forcing's ``CausalInferencePipeline`` semantics, expressed functionally)::
+
+    x = noise chunk
+    for step i (timesteps t_0 > ... > t_{n-1}):
+        flow = model(x, t_i, history)              # reads the cache, attends to its own K/V too
+        x0 = x - sigma_i * flow
+        x = (1 - sigma_{i+1}) * x0 + sigma_{i+1} * eps_i     (not after the last step)
+    model(x0, t = 0, history) -> clean K/V  ->  cache = write(cache, K/V)
+
+All of that is one compiled function of (params, cache, text K/V, noise, re-noise draws, start frame); the
+cache argument is donated, and the same executable serves every chunk of every video of this geometry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from fkv_jax.cache.kv_cache import CacheGeometry, init_cache, visible_slots, write
+from fkv_jax.config import ModelConfig, SamplerConfig
+from fkv_jax.model.embeddings import timestep_sinusoid_np
+from fkv_jax.model.rope import make_rope_tables
+from fkv_jax.sampling.scheduler import Schedule, make_schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkOutput:
+    x0: jax.Array  # [B, C, Cin, H, W] the chunk's final latents
+    flows: jax.Array  # [n + 1, B, C, Cin, H, W] flow of every model call (the last one is the clean pass)
+    x0s: jax.Array  # [n + 1, B, C, Cin, H, W] x0 of every model call
+
+
+class Sampler:
+    """Compiled AR sampler for one (model config, sampler config, batch, latent size, cache geometry).
+
+    Build once, then call :meth:`generate` for any number of videos: the chunk step compiles on the first
+    chunk and is reused for every chunk after it.
+    """
+
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        model_cfg: ModelConfig,
+        sampler_cfg: SamplerConfig,
+        *,
+        batch: int,
+        latent_hw: tuple[int, int],
+        num_frames: int | None = None,
+        cache_frames: int | None = None,
+        cache_dtype=jnp.float32,
+        max_traces: int | None = None,
+    ):
+        """
+        Args:
+          num_frames: video length in latent frames; sets the capacity of a global cache by default.
+          cache_frames: capacity of a global cache (local_attn_size = -1), default ``num_frames``.
+          max_traces: if set, the chunk step is wrapped in ``chex.assert_max_traces(n=max_traces)`` (chex counts
+            traces per definition site, so call ``chex.clear_trace_counter()`` before building another one).
+            ``trace_count`` always tells how often the step was traced.
+        """
+        self.model_cfg, self.sampler_cfg = model_cfg, sampler_cfg
+        self.batch, self.latent_hw = batch, tuple(latent_hw)
+        c = sampler_cfg.frames_per_block
+        if sampler_cfg.local_attn_size == -1 and cache_frames is None:
+            if num_frames is None:
+                raise ValueError("a global cache needs num_frames or cache_frames to size it")
+            cache_frames = num_frames
+        gh, gw = model_cfg.grid_hw(self.latent_hw)
+        self.geom = CacheGeometry.from_upstream(
+            local_attn_size=sampler_cfg.local_attn_size, sink_size=sampler_cfg.sink_size, frames_per_block=c,
+            num_layers=model_cfg.num_layers, batch=batch, tokens_per_frame=gh * gw,
+            num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, capacity_frames=cache_frames)
+        self.cache_dtype = cache_dtype
+        self.schedule: Schedule = make_schedule(sampler_cfg)
+        self.rope = make_rope_tables(model_cfg.head_dim, (gh, gw), model_cfg.rope_max_frames)
+        t_sin = timestep_sinusoid_np(self.schedule.timesteps, model_cfg.freq_dim)  # [n + 1, freq_dim]
+        self._graphdef = graphdef
+        step = _make_chunk_step(graphdef, self.geom, self.schedule, self.rope, t_sin)
+        self.trace_count = 0
+
+        def counted(*args):
+            self.trace_count += 1
+            return step(*args)
+
+        if max_traces is not None:
+            counted = chex.assert_max_traces(counted, n=max_traces)
+        self.chunk_step = jax.jit(counted, donate_argnums=(1,))
+        self._context_kv = jax.jit(lambda params, ctx: nnx.merge(graphdef, params).context_kv(ctx))
+
+    # ---- pieces ---------------------------------------------------------------------------------------
+    def init_cache(self):
+        return init_cache(self.geom, self.cache_dtype)
+
+    def context_kv(self, params, context: jax.Array):
+        """Text K/V of every layer [L, B, Lt, H, Dh], computed once per prompt batch."""
+        context = jnp.asarray(context, jnp.float32)
+        if context.ndim != 3 or context.shape[0] != self.batch or context.shape[2] != self.model_cfg.text_dim:
+            raise ValueError(
+                f"text context must have shape [B={self.batch}, L<={self.model_cfg.text_len}, "
+                f"text_dim={self.model_cfg.text_dim}], got {tuple(context.shape)}")
+        if context.shape[1] > self.model_cfg.text_len:
+            raise ValueError(f"text context has {context.shape[1]} tokens, more than text_len={self.model_cfg.text_len}")
+        return self._context_kv(params, context)
+
+    def check_length(self, num_frames: int) -> None:
+        c = self.sampler_cfg.frames_per_block
+        if num_frames < 1 or num_frames % c:
+            raise ValueError(f"num_frames={num_frames} must be a positive multiple of frames_per_block={c}")
+        if self.geom.global_attn and num_frames > self.geom.capacity_frames:
+            raise ValueError(
+                f"a global KV cache (local_attn_size=-1) of {self.geom.capacity_frames} frames cannot hold "
+                f"{num_frames} frames; raise the cache capacity or use a rolling window (local_attn_size=N)")
+        if num_frames > self.model_cfg.rope_max_frames:
+            raise ValueError(
+                f"{num_frames} latent frames exceed the absolute RoPE table of {self.model_cfg.rope_max_frames} frames")
+
+    # ---- the rollout ----------------------------------------------------------------------------------
+    def generate(
+        self,
+        params,
+        context: jax.Array,
+        noise: jax.Array,
+        *,
+        renoise: jax.Array | None = None,
+        key: jax.Array | None = None,
+        progress: bool = True,
+        on_chunk: Callable[[int, ChunkOutput], None] | None = None,
+    ) -> np.ndarray:
+        """Generate latents [B, F, C, H, W] (float32 numpy).
+
+        Args:
+          context: [B, Lt, text_dim] text encoder output.
+          noise: [B, F, C, H, W] initial noise (Self Forcing layout).
+          renoise: optional [num_blocks, n - 1, B, C_blk, C, H, W] re-noise draws (replays a recorded run);
+            otherwise they are drawn from ``key`` (``jax.random.normal``, one fold per chunk).
+          on_chunk: called after each chunk with its index and outputs (streaming consumers, tests).
+        """
+        noise = jnp.asarray(noise, jnp.float32)
+        b, f = noise.shape[:2]
+        c = self.sampler_cfg.frames_per_block
+        expect = (self.batch, f, self.model_cfg.in_dim, *self.latent_hw)
+        if tuple(noise.shape) != expect:
+            raise ValueError(f"noise must have shape [B, F, C, H, W] = {expect}, got {tuple(noise.shape)}")
+        self.check_length(f)
+        nblk, n = f // c, self.schedule.num_steps
+        chunk_shape = (b, c, *noise.shape[2:])
+        if renoise is not None:
+            renoise = jnp.asarray(renoise, jnp.float32)
+            want = (nblk, n - 1, *chunk_shape)
+            if tuple(renoise.shape) != want:
+                raise ValueError(f"renoise must have shape [num_blocks, steps-1, B, C_blk, C, H, W] = {want}, "
+                                 f"got {tuple(renoise.shape)}")
+        elif key is None:
+            key = jax.random.key(0)
+
+        ctx_kv = self.context_kv(params, context)
+        cache = self.init_cache()
+        out = np.empty(noise.shape, np.float32)
+        bar = tqdm(range(nblk), desc="chunks", unit="chunk", disable=not progress, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for blk in bar:
+            eps = renoise[blk] if renoise is not None else jax.random.normal(
+                jax.random.fold_in(key, blk), (n - 1, *chunk_shape), jnp.float32)
+            x = noise[:, blk * c:(blk + 1) * c]
+            res, cache = self.chunk_step(params, cache, ctx_kv, x, eps, jnp.int32(blk * c))
+            out[:, blk * c:(blk + 1) * c] = np.asarray(res.x0)
+            if on_chunk is not None:
+                on_chunk(blk, res)
+            done = (blk + 1) * c
+            bar.set_postfix(frames=done, fps=f"{done / (time.perf_counter() - t0):.2f}")
+        self.last_cache = cache
+        return out
+
+
+def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_sin_table: np.ndarray):
+    n = schedule.num_steps
+    sig = schedule.sigmas  # [n + 1]
+    # after step i, re-noise with sigma_{i+1}; after the last step nothing (sigma 0 keeps x0 exactly)
+    re_sig = np.concatenate([schedule.renoise_sigmas, np.zeros(1, np.float32)]).astype(np.float32)
+
+    def chunk_step(params, cache, ctx_kv, x, eps, start_frame):
+        """x: [B, C, Cin, H, W]; eps: [n - 1, B, C, Cin, H, W]; start_frame: int32[]."""
+        model = nnx.merge(graphdef, params)
+        b, c = x.shape[:2]
+        frame_pos = start_frame + jnp.arange(c, dtype=jnp.int32)
+        mask = visible_slots(geom, cache, start_frame)[None, None, None, :]  # [1, 1, 1, N]
+        ck, cv = cache["k"], cache["v"]
+        tsin = jnp.asarray(t_sin_table)
+
+        def call(xt, i):
+            ts = jnp.broadcast_to(tsin[i], (b, c, tsin.shape[-1]))
+            return model(xt, ts, ctx_kv, rope, frame_pos, ck, cv, mask)
+
+        eps_pad = jnp.concatenate([eps, jnp.zeros((1, *x.shape), eps.dtype)], axis=0)  # [n, ...]
+
+        def denoise(xt, inp):
+            i, s, s_next, e = inp
+            flow, _, _ = call(xt, i)
+            x0 = xt - s * flow
+            return (1 - s_next) * x0 + s_next * e, (flow, x0)
+
+        xs = (jnp.arange(n), jnp.asarray(sig[:n]), jnp.asarray(re_sig), eps_pad)
+        x_last, (flows, x0s) = jax.lax.scan(denoise, x, xs)
+        x0 = x0s[-1]
+        # clean pass: t = 0 on the final x0; its K/V is what the cache keeps
+        flow_c, k_new, v_new = call(x0, n)
+        new_cache = write(geom, cache, k_new, v_new, start_frame)
+        flows = jnp.concatenate([flows, flow_c[None]], axis=0)
+        x0s = jnp.concatenate([x0s, (x0 - sig[n] * flow_c)[None]], axis=0)
+        return ChunkOutput(x0=x0, flows=flows, x0s=x0s), new_cache
+
+    return chunk_step
+
+
+jax.tree_util.register_dataclass(ChunkOutput, data_fields=["x0", "flows", "x0s"], meta_fields=[])
