@@ -132,7 +132,7 @@ class Sampler:
         noise: jax.Array,
         *,
         renoise: jax.Array | None = None,
-        key: jax.Array | None = None,
+        seed: int = 0,
         progress: bool = True,
         on_chunk: Callable[[int, ChunkOutput], None] | None = None,
     ) -> np.ndarray:
@@ -142,7 +142,7 @@ class Sampler:
           context: [B, Lt, text_dim] text encoder output.
           noise: [B, F, C, H, W] initial noise (Self Forcing layout).
           renoise: optional [num_blocks, n - 1, B, C_blk, C, H, W] re-noise draws (replays a recorded run);
-            otherwise they are drawn from ``key`` (``jax.random.normal``, one fold per chunk).
+            otherwise they are drawn on the host from ``numpy.random.default_rng((seed, block))``.
           on_chunk: called after each chunk with its index and outputs (streaming consumers, tests).
         """
         noise = jnp.asarray(noise, jnp.float32)
@@ -160,8 +160,6 @@ class Sampler:
             if tuple(renoise.shape) != want:
                 raise ValueError(f"renoise must have shape [num_blocks, steps-1, B, C_blk, C, H, W] = {want}, "
                                  f"got {tuple(renoise.shape)}")
-        elif key is None:
-            key = jax.random.key(0)
 
         ctx_kv = self.context_kv(params, context)
         cache = self.init_cache()
@@ -169,8 +167,8 @@ class Sampler:
         bar = tqdm(range(nblk), desc="chunks", unit="chunk", disable=not progress, dynamic_ncols=True)
         t0 = time.perf_counter()
         for blk in bar:
-            eps = renoise[blk] if renoise is not None else jax.random.normal(
-                jax.random.fold_in(key, blk), (n - 1, *chunk_shape), jnp.float32)
+            eps = renoise[blk] if renoise is not None else (
+                np.random.default_rng((seed, blk)).standard_normal((n - 1, *chunk_shape), np.float32))
             x = noise[:, blk * c:(blk + 1) * c]
             res, cache = self.chunk_step(params, cache, ctx_kv, x, eps, jnp.int32(blk * c))
             out[:, blk * c:(blk + 1) * c] = np.asarray(res.x0)

@@ -1,0 +1,298 @@
+"""Command line: generate latent videos with the AR KV-cache sampler.
+
+    python -m fkv_jax.generate                          # embedded tiny model, runs on CPU in seconds
+    python -m fkv_jax.generate --checkpoint DIR --text-embeddings ctx.npy --frames 21 --save-latents out.npy
+    python -m fkv_jax.generate --checkpoint DIR --text-embeddings ctx.npy --noise-file noise.npz \\
+        --frames 15 --local-attn-size 9 --sink-size 3 --save-latents out.npy   # replay a PyTorch run
+
+Run with ``--help`` for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DESCRIPTION = """\
+Generate latent videos autoregressively, chunk by chunk, with a fixed-shape KV cache.
+
+Model: --checkpoint DIR loads a checkpoint converted by `python -m checkpoints_convert`. Without it, an
+embedded tiny random-weight model (preset 'tiny') runs on CPU in seconds so you can see the whole loop
+work; its output is noise-like latents, not a real video.
+
+Text: real checkpoints need the UMT5 encoder output as --text-embeddings FILE.npy ([B, L, text_dim]).
+The embedded model accepts --prompt/--prompts and turns each prompt into a deterministic stand-in
+embedding (a seeded hash of the text): the real text encoder is not part of this release yet.
+
+Replay: --noise-file FILE.npz with `noise` [B, F, C, H, W] and `renoise`
+[num_blocks, num_steps-1, B, frames_per_block, C, H, W] reproduces a recorded PyTorch rollout number for
+number (Self Forcing's B,F,C,H,W layout)."""
+
+EPILOG = """\
+cache modes (upstream parameter names):
+  --local-attn-size -1           global attention: every frame is kept (cache capacity = --frames,
+                                 or --cache-frames)
+  --local-attn-size N --sink-size S
+                                 rolling window of N frames counted the upstream way: it includes the
+                                 S sink frames and the current chunk (LongLive: 12 and 3)
+
+presets: self_forcing (shift 5, 4 warped steps, global), longlive (same, window 12 + sink 3),
+         causvid (shift 8, 3 steps, global)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fkv_jax.generate", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", type=Path, help="converted checkpoint directory (default: embedded tiny model)")
+    g.add_argument("--model-preset", default="tiny", help="model preset of the embedded random model (default: tiny)")
+    g = p.add_argument_group("text")
+    g.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help="prompt (same as --prompt)")
+    g.add_argument("--prompt", help="prompt text (embedded model only, see above)")
+    g.add_argument("--prompts", type=Path, help="file with one prompt per line: one video per line, as a batch")
+    g.add_argument("--text-embeddings", type=Path, help=".npy [B, L, text_dim] text encoder output")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--preset", default="self_forcing", help="sampler preset: self_forcing | longlive | causvid")
+    g.add_argument("--frames", type=int, help="latent frames to generate (default 21; from --noise-file if given)")
+    g.add_argument("--frames-per-block", type=int, help="latent frames per AR chunk (default from the preset: 3)")
+    g.add_argument("--local-attn-size", type=int, help="-1 = global cache, N = rolling window of N frames")
+    g.add_argument("--sink-size", type=int, help="sink frames kept forever in rolling mode")
+    g.add_argument("--cache-frames", type=int, help="capacity of a global cache (default: --frames)")
+    g.add_argument("--denoising-steps", help="comma-separated nominal timesteps, e.g. 1000,750,500,250")
+    g.add_argument("--latent-size", help="latent HxW, e.g. 60x104 (default: the model preset's; 480x832 video)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the re-noise draws")
+    g.add_argument("--noise-file", type=Path, help=".npz with `noise` and `renoise` (replays a recorded rollout)")
+    g = p.add_argument_group("output")
+    g.add_argument("--save-latents", type=Path, help="write final latents [B, F, C, H, W] float32 .npy here")
+    g.add_argument("--output-dir", type=Path, default=Path("outputs"),
+                   help="where latents go when --save-latents is not given (default: ./outputs)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit code 2, before any heavy work."""
+
+
+def _stand_in_embedding(prompt: str, text_len: int, text_dim: int) -> np.ndarray:
+    """Deterministic stand-in for the text encoder (embedded model only): [text_len, text_dim]."""
+    if not prompt.strip():
+        raise UsageError("empty prompt")
+    seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
+    n = min(len(prompt.split()) + 1, text_len)
+    out = np.zeros((text_len, text_dim), np.float32)
+    out[:n] = np.random.default_rng(seed).standard_normal((n, text_dim)).astype(np.float32)
+    return out
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise UsageError(f"{what} file not found: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a usage error here
+        raise UsageError(f"cannot read {what} file {path}: {e}") from e
+
+
+def _resolve_text(args, cfg, is_embedded: bool) -> np.ndarray:
+    if args.prompt and args.prompt_arg:
+        raise UsageError("give the prompt either positionally or with --prompt, not both")
+    prompt = args.prompt or args.prompt_arg
+    sources = [x for x in (prompt, args.prompts, args.text_embeddings) if x is not None]
+    if len(sources) > 1:
+        raise UsageError("use only one of PROMPT/--prompt, --prompts and --text-embeddings")
+    if args.text_embeddings is not None:
+        ctx = _load_npy(args.text_embeddings, "--text-embeddings")
+        if ctx.ndim == 2:
+            ctx = ctx[None]
+        if ctx.ndim != 3 or ctx.shape[2] != cfg.text_dim or ctx.shape[1] > cfg.text_len:
+            raise UsageError(f"--text-embeddings {args.text_embeddings} has shape {ctx.shape}; expected "
+                             f"[B, L<={cfg.text_len}, {cfg.text_dim}] for this model")
+        return ctx.astype(np.float32)
+    if not is_embedded:
+        raise UsageError("this checkpoint needs the text encoder output: pass --text-embeddings FILE.npy "
+                         "([B, L, text_dim] UMT5 output); prompts are only accepted by the embedded model")
+    if args.prompts is not None:
+        if not args.prompts.is_file():
+            raise UsageError(f"--prompts file not found: {args.prompts}")
+        prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts file {args.prompts} has no prompts")
+    else:
+        prompts = [prompt or "a red circle and a blue square bouncing"]
+    return np.stack([_stand_in_embedding(p, cfg.text_len, cfg.text_dim) for p in prompts])
+
+
+def _sampler_config(args):
+    from fkv_jax.config import sampler_preset
+
+    sc = sampler_preset(args.preset)
+    over = {}
+    if args.frames_per_block is not None:
+        over["frames_per_block"] = args.frames_per_block
+    if args.local_attn_size is not None:
+        over["local_attn_size"] = args.local_attn_size
+        if args.sink_size is None and args.local_attn_size == -1:
+            over["sink_size"] = 0
+    if args.sink_size is not None:
+        over["sink_size"] = args.sink_size
+    if args.denoising_steps:
+        try:
+            over["denoising_steps"] = tuple(float(x) for x in args.denoising_steps.split(","))
+        except ValueError as e:
+            raise UsageError(f"--denoising-steps must be comma-separated numbers, got {args.denoising_steps!r}") from e
+    return dataclasses.replace(sc, **over)
+
+
+def _parse_hw(s: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in s.lower().split("x"))
+    except ValueError as e:
+        raise UsageError(f"--latent-size must look like 60x104, got {s!r}") from e
+    return h, w
+
+
+def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _enable_compilation_cache() -> None:
+    """Persist compiled executables between runs (FKV_JAX_CACHE_DIR, default ~/.cache/fkv_jax/xla; '' = off)."""
+    import jax
+
+    path = os.environ.get("FKV_JAX_CACHE_DIR", str(Path.home() / ".cache" / "fkv_jax" / "xla"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run(args) -> Path:
+    # Validate everything cheap first, import/compile later.
+    if args.checkpoint is not None and not args.checkpoint.is_dir():
+        raise UsageError(f"--checkpoint directory not found: {args.checkpoint}")
+    noise_npz = None
+    if args.noise_file is not None:
+        if not args.noise_file.is_file():
+            raise UsageError(f"--noise-file not found: {args.noise_file}")
+        try:
+            noise_npz = dict(np.load(args.noise_file, allow_pickle=False))
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"cannot read --noise-file {args.noise_file}: {e}") from e
+        missing = [k for k in ("noise", "renoise") if k not in noise_npz]
+        if missing:
+            raise UsageError(f"--noise-file {args.noise_file} lacks key(s) {missing} (has {sorted(noise_npz)})")
+    out_path = args.save_latents or (args.output_dir / "latents.npy")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output folder {out_path.parent}: {e}") from e
+    if not os.access(out_path.parent, os.W_OK):
+        raise UsageError(f"output folder {out_path.parent} is not writable")
+    try:
+        sampler_cfg = _sampler_config(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+    _enable_compilation_cache()
+    from flax import nnx
+
+    from fkv_jax.config import model_preset
+    from fkv_jax.model.build import init_model
+    from fkv_jax.sampling.rollout import Sampler
+
+    t0 = time.perf_counter()
+    if args.checkpoint is not None:
+        from fkv_jax.checkpoint import load_transformer
+
+        try:
+            cfg, model = load_transformer(args.checkpoint)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot load --checkpoint {args.checkpoint}: {e}") from e
+        what = f"checkpoint {args.checkpoint}"
+    else:
+        cfg = model_preset(args.model_preset)
+        model = init_model(cfg, seed=0)
+        what = f"embedded random-weight model '{cfg.name}'"
+    graphdef, params = nnx.split(model, nnx.Param)
+    ctx = _resolve_text(args, cfg, is_embedded=args.checkpoint is None)
+    batch = ctx.shape[0]
+
+    c = sampler_cfg.frames_per_block
+    if noise_npz is not None:
+        noise = noise_npz["noise"].astype(np.float32)
+        if noise.ndim != 5 or noise.shape[0] != batch or noise.shape[2] != cfg.in_dim:
+            raise UsageError(f"--noise-file `noise` has shape {noise.shape}; expected [B={batch}, F, {cfg.in_dim}, H, W]")
+        if args.frames is not None and args.frames != noise.shape[1]:
+            if args.frames > noise.shape[1]:
+                raise UsageError(f"--frames {args.frames} is more than the {noise.shape[1]} frames in --noise-file")
+            noise = noise[:, :args.frames]
+        frames, latent_hw = noise.shape[1], tuple(noise.shape[3:])
+    else:
+        frames = args.frames if args.frames is not None else 21
+        latent_hw = _parse_hw(args.latent_size) if args.latent_size else cfg.latent_hw
+    try:
+        cfg.grid_hw(latent_hw)
+        sampler = Sampler(graphdef, cfg, sampler_cfg, batch=batch, latent_hw=latent_hw, num_frames=frames,
+                          cache_frames=args.cache_frames)
+        sampler.check_length(frames)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    renoise = None
+    n = sampler.schedule.num_steps
+    if noise_npz is not None:
+        renoise = noise_npz["renoise"].astype(np.float32)
+        want = (frames // c, n - 1, batch, c, cfg.in_dim, *latent_hw)
+        if renoise.ndim != 7 or renoise.shape[1:] != want[1:] or renoise.shape[0] < want[0]:
+            raise UsageError(f"--noise-file `renoise` has shape {renoise.shape}; expected "
+                             f"[num_blocks={want[0]}, steps-1={n - 1}, B={batch}, {c}, {cfg.in_dim}, *{latent_hw}]")
+        renoise = renoise[: want[0]]
+    else:
+        noise = np.random.default_rng(args.seed).standard_normal((batch, frames, cfg.in_dim, *latent_hw), np.float32)
+
+    geom = sampler.geom
+    mode = "global" if geom.global_attn else f"rolling (sink {geom.sink} + {geom.ring} history frames + chunk {c})"
+    print(f"model: {what}; {frames} latent frames of {latent_hw[0]}x{latent_hw[1]}, batch {batch}; cache: {mode}, "
+          f"{geom.kv_bytes() / 2**20:.1f} MiB KV; steps {list(np.round(sampler.schedule.timesteps[:-1], 3))}",
+          file=sys.stderr)
+    lat = sampler.generate(params, ctx, noise, renoise=renoise, seed=args.seed,
+                           progress=not args.no_progress)
+    _save_npy_atomic(out_path, lat)
+    dt = time.perf_counter() - t0
+    print(f"wrote {out_path} {list(lat.shape)} float32 in {dt:.1f} s ({sampler.trace_count} compilation(s) of "
+          f"the chunk step)", file=sys.stderr)
+    return out_path
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
