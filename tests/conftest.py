@@ -1,0 +1,56 @@
+"""Shared fixtures: the tiny upstream reference model (weights converted from the fixture checkpoint)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+CHECKPOINT_PT = DATA / "convert" / "checkpoint.pt"
+
+
+def rel_err(ours, ref) -> float:
+    """||ours - ref|| / ||ref|| in float64."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+@pytest.fixture(scope="session")
+def ref():
+    """Arrays recorded from the upstream Self Forcing code (tests/data/causal_wan_tiny.npz)."""
+    with np.load(DATA / "causal_wan_tiny.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from fkv_jax.config import model_preset
+
+    return model_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_wan():
+    """The fixture's generator_ema state dict with Wan names (numpy)."""
+    from checkpoints_convert import load_wan_state_dict
+
+    return load_wan_state_dict(CHECKPOINT_PT)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cfg, tiny_wan):
+    """(graphdef, params) of the reference tiny model."""
+    from checkpoints_convert.wan_keymap import to_flax_params
+    from fkv_jax.model.build import abstract_model
+
+    graphdef, params = nnx.split(abstract_model(tiny_cfg), nnx.Param)
+    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, to_flax_params(tiny_wan, tiny_cfg)))
+    return graphdef, params

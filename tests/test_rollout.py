@@ -1,0 +1,170 @@
+"""The AR sampler against the upstream Self Forcing loop (global, rolling window 6 and 9 with sink 3)."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import fkv_jax
+from conftest import rel_err
+from fkv_jax.config import sampler_preset
+from fkv_jax.sampling.rollout import Sampler
+
+CASES = {"global": (-1, 0), "rolling": (6, 3), "rolling_w9": (9, 3)}
+
+
+def fixture_renoise(ref, case):
+    """Upstream draws [blocks * 3, B*F, C, H, W] in draw order -> [blocks, 3, B, F, C, H, W]."""
+    r = ref[f"{case}/renoise"]
+    return r.reshape(r.shape[0] // 3, 3, 1, 3, *r.shape[2:])
+
+
+def run_case(tiny_model, tiny_cfg, ref, case):
+    graphdef, params = tiny_model
+    local, sink = CASES[case]
+    sc = dataclasses.replace(sampler_preset("self_forcing"), local_attn_size=local, sink_size=sink)
+    noise = ref[f"{case}/noise"]
+    chex.clear_trace_counter()
+    sampler = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=noise.shape[1], max_traces=1)
+    flows = []
+    lat = sampler.generate(params, ref["context"], noise, renoise=fixture_renoise(ref, case), progress=False,
+                           on_chunk=lambda b, r: flows.append(np.asarray(r.flows)))
+    return sampler, lat, np.concatenate(flows)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_with_upstream(tiny_model, tiny_cfg, ref, case):
+    sampler, lat, flows = run_case(tiny_model, tiny_cfg, ref, case)
+    assert rel_err(lat, ref[f"{case}/final_latents"]) <= 1e-4
+    # every model call (4 denoising steps + the clean pass per block), in call order
+    assert flows.shape == ref[f"{case}/call_flow"].shape
+    for i, (ours, theirs) in enumerate(zip(flows, ref[f"{case}/call_flow"])):
+        assert rel_err(ours, theirs) <= 1e-4, f"call {i}"
+    assert sampler.trace_count == 1  # one compilation for every chunk
+    nb = ref[f"{case}/final_latents"].shape[1] // 3
+    compare_layer0_cache(sampler, ref, case, nb - 1)
+
+
+def compare_layer0_cache(sampler, ref, case, block):
+    """Our layer-0 cache vs upstream's after ``block``'s clean pass, frame by frame.
+
+    Upstream also still holds the frames of the block just generated in slots the next block will evict;
+    we keep exactly what the next chunk reads (the sink and the last W history frames), so every frame we
+    hold must be in upstream's cache with the same K and V.
+    """
+    cache = sampler.last_cache
+    held = [int(f) for f in np.asarray(cache["slot_frame"])]
+    frames = ref[f"{case}/kv_slot_frames_after_block{block}"].tolist()
+    g = sampler.geom
+    end = 3 * (block + 1)
+    expect = sorted(set(range(min(g.sink, end))) | set(range(max(g.sink, end - g.ring), end)))
+    assert sorted(f for f in held if f >= 0) == expect
+    assert set(expect) <= set(frames)
+    for kv in "kv":
+        up = ref[f"{case}/kv_layer0_{kv}_after_block{block}"].reshape(1, len(frames), 24, 2, 64)
+        for f in expect:
+            ours = np.asarray(cache[kv])[0, :, held.index(f)]
+            assert rel_err(ours, up[:, frames.index(f)]) <= 1e-4, (kv, f)
+
+
+def test_window_9_moves_frames(tiny_model, tiny_cfg, ref):
+    """After block 3 the upstream cache holds 0-2, 6-8, 9-11: what our ring holds after the same block."""
+    graphdef, params = tiny_model
+    sc = dataclasses.replace(sampler_preset("self_forcing"), local_attn_size=9, sink_size=3)
+    s = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=12)
+    s.generate(params, ref["context"], ref["rolling_w9/noise"][:, :12],
+               renoise=fixture_renoise(ref, "rolling_w9")[:4], progress=False)
+    held = sorted(int(f) for f in np.asarray(s.last_cache["slot_frame"]) if f >= 0)
+    assert held == [0, 1, 2, 9, 10, 11]  # window 9 = sink 3 + 3 history + chunk 3
+    assert ref["rolling_w9/kv_slot_frames_after_block3"].tolist() == [0, 1, 2, 6, 7, 8, 9, 10, 11]
+    compare_layer0_cache(s, ref, "rolling_w9", 3)
+
+
+def test_cache_is_donated(tiny_model, tiny_cfg, ref):
+    graphdef, params = tiny_model
+    s = Sampler(graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=6)
+    ctx_kv = s.context_kv(params, ref["context"])
+    cache = s.init_cache()
+    x = jnp.zeros((1, 3, 16, 8, 12))
+    eps = jnp.zeros((3, 1, 3, 16, 8, 12))
+    _, new = s.chunk_step(params, cache, ctx_kv, x, eps, jnp.int32(0))
+    assert cache["k"].is_deleted() and cache["v"].is_deleted()
+    _, newer = s.chunk_step(params, new, ctx_kv, x, eps, jnp.int32(3))
+    assert new["k"].is_deleted() and not newer["k"].is_deleted()
+    assert s.trace_count == 1
+
+
+def test_retrace_guard_fires_on_a_new_geometry(tiny_model, tiny_cfg, ref):
+    """The chex guard is live: a call with a different chunk shape is a second trace and is refused."""
+    graphdef, params = tiny_model
+    chex.clear_trace_counter()
+    s = Sampler(graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=6,
+                max_traces=1)
+    ctx_kv = s.context_kv(params, ref["context"])
+    s.chunk_step(params, s.init_cache(), ctx_kv, jnp.zeros((1, 3, 16, 8, 12)), jnp.zeros((3, 1, 3, 16, 8, 12)), jnp.int32(0))
+    with pytest.raises(AssertionError, match="traced > 1"):
+        s.chunk_step(params, s.init_cache(), ctx_kv, jnp.zeros((1, 3, 16, 8, 14)), jnp.zeros((3, 1, 3, 16, 8, 14)),
+                     jnp.int32(0))
+
+
+def test_batch_is_independent_and_window_covering_all_equals_global(tiny_model, tiny_cfg, ref):
+    graphdef, params = tiny_model
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((2, 9, 16, 8, 12)).astype(np.float32)
+    ctx = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    ren = rng.standard_normal((3, 3, 2, 3, 16, 8, 12)).astype(np.float32)
+    sf = sampler_preset("self_forcing")
+    both = Sampler(graphdef, tiny_cfg, sf, batch=2, latent_hw=(8, 12), num_frames=9).generate(
+        params, ctx, noise, renoise=ren, progress=False)
+    for b in range(2):
+        one = Sampler(graphdef, tiny_cfg, sf, batch=1, latent_hw=(8, 12), num_frames=9).generate(
+            params, ctx[b:b + 1], noise[b:b + 1], renoise=ren[:, :, b:b + 1], progress=False)
+        assert rel_err(one, both[b:b + 1]) <= 1e-5
+    wide = dataclasses.replace(sf, local_attn_size=12, sink_size=3)  # sink 3 + ring 6 covers all 9 frames
+    rolled = Sampler(graphdef, tiny_cfg, wide, batch=2, latent_hw=(8, 12), num_frames=9).generate(
+        params, ctx, noise, renoise=ren, progress=False)
+    assert rel_err(rolled, both) <= 1e-6
+
+
+def test_history_changes_the_output(tiny_model, tiny_cfg, ref):
+    """Window 6 (sink only) and global see different history from block 2 on, and give different videos."""
+    graphdef, params = tiny_model
+    noise, ren = ref["rolling/noise"][:, :9], fixture_renoise(ref, "rolling")[:3]
+    outs = {}
+    for name, (local, sink) in {"global": (-1, 0), "rolling": (6, 3)}.items():
+        sc = dataclasses.replace(sampler_preset("self_forcing"), local_attn_size=local, sink_size=sink)
+        outs[name] = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=9).generate(
+            params, ref["context"], noise, renoise=ren, progress=False)
+    np.testing.assert_allclose(outs["global"][:, :6], outs["rolling"][:, :6], rtol=1e-5, atol=1e-5)
+    assert rel_err(outs["rolling"][:, 6:], outs["global"][:, 6:]) > 1e-3
+
+
+def test_other_geometry_compiles_once_and_is_finite():
+    """A different head count / head dim / frame size / chunk length runs through the same code."""
+    cfg = dataclasses.replace(fkv_jax.model_preset("tiny"), num_heads=4, dim=96, ffn_dim=128, latent_hw=(6, 10))
+    model = fkv_jax.init_model(cfg, seed=1)
+    graphdef, params = nnx.split(model, nnx.Param)
+    sc = dataclasses.replace(sampler_preset("longlive"), frames_per_block=2, local_attn_size=7, sink_size=1)
+    s = Sampler(graphdef, cfg, sc, batch=1, latent_hw=(6, 10))
+    noise = np.random.default_rng(0).standard_normal((1, 12, 16, 6, 10)).astype(np.float32)
+    lat = s.generate(params, np.ones((1, 4, 64), np.float32), noise, seed=1, progress=False)
+    assert lat.shape == noise.shape and np.isfinite(lat).all()
+    assert s.trace_count == 1
+    assert sorted(f for f in np.asarray(s.last_cache["slot_frame"]).tolist()) == [0, 8, 9, 10, 11]
+
+
+def test_length_errors(tiny_model, tiny_cfg):
+    graphdef, _ = tiny_model
+    s = Sampler(graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=9)
+    with pytest.raises(ValueError, match="cannot hold 12 frames"):
+        s.check_length(12)
+    with pytest.raises(ValueError, match="multiple of frames_per_block"):
+        s.check_length(10)
+    rolling = Sampler(graphdef, tiny_cfg, sampler_preset("longlive"), batch=1, latent_hw=(8, 12))
+    rolling.check_length(999)
+    with pytest.raises(ValueError, match="RoPE"):
+        rolling.check_length(1026)
