@@ -99,7 +99,11 @@ def chunk_attention(
         return _block_update(carry, qg, k_blk, v_blk, m_tok)
 
     if n:
-        carry = jax.lax.fori_loop(0, n // kb, body, carry)
+        # Only blocks up to the last slot anyone reads are visited (a dynamic trip count), so a half-empty
+        # global cache costs what it holds, not its capacity.
+        used = jnp.any(slot_mask, axis=(0, 1, 2))  # [N]
+        last = jnp.max(jnp.where(used, jnp.arange(1, n + 1), 0))
+        carry = jax.lax.fori_loop(0, (last + kb - 1) // kb, body, carry)
     _, l, acc = carry
     out = acc / jnp.moveaxis(l, -1, 2)[..., None]
     return out.reshape(b, sq, h, d).astype(q.dtype)
