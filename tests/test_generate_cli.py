@@ -1,0 +1,130 @@
+"""End to end through the public commands: convert the upstream checkpoint, replay recorded rollouts."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import CHECKPOINT_PT, rel_err
+from fkv_jax.generate import main as generate_main
+
+CASES = {"global": ["--local-attn-size", "-1"],
+         "rolling": ["--local-attn-size", "6", "--sink-size", "3"],
+         "rolling_w9": ["--local-attn-size", "9", "--sink-size", "3"]}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, tiny_wan):
+    """The fixture converted twice: from the Self Forcing .pt and from a plain-Wan-names .safetensors."""
+    from safetensors.numpy import save_file
+
+    from checkpoints_convert.__main__ import main as convert_main
+
+    root = tmp_path_factory.mktemp("ckpt")
+    st = root / "model.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in tiny_wan.items()}, str(st))
+    out = {}
+    for name, src in {"pt": CHECKPOINT_PT, "safetensors": st}.items():
+        out[name] = root / name
+        assert convert_main(["--input", str(src), "--output", str(out[name]), "--num-heads", "2",
+                             "--text-len", "16"]) == 0
+    return out
+
+
+def write_replay(ref, case, folder):
+    """ctx.npy and noise.npz in the documented CLI formats, from the upstream recording."""
+    ctx = folder / "ctx.npy"
+    np.save(ctx, ref["context"])
+    r = ref[f"{case}/renoise"]
+    noise = folder / "noise.npz"
+    np.savez(noise, noise=ref[f"{case}/noise"], renoise=r.reshape(r.shape[0] // 3, 3, 1, 3, *r.shape[2:]))
+    return ctx, noise
+
+
+@pytest.mark.parametrize("source", ["pt", "safetensors"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_cli_replays_upstream_rollouts(converted, ref, tmp_path, case, source):
+    ctx, noise = write_replay(ref, case, tmp_path)
+    out = tmp_path / "out.npy"
+    frames = ref[f"{case}/noise"].shape[1]
+    rc = generate_main(["--checkpoint", str(converted[source]), "--text-embeddings", str(ctx), "--noise-file",
+                        str(noise), "--frames", str(frames), *CASES[case], "--save-latents", str(out),
+                        "--no-progress"])
+    assert rc == 0
+    lat = np.load(out)
+    assert lat.dtype == np.float32 and lat.shape == ref[f"{case}/final_latents"].shape
+    assert rel_err(lat, ref[f"{case}/final_latents"]) <= 1e-4
+
+
+def test_acceptance_commands_as_a_user_types_them(ref, tmp_path):
+    """The issue's 'done when' commands, as subprocesses: converter then generator, window 9 + sink 3."""
+    ckpt = tmp_path / "DIR"
+    subprocess.run([sys.executable, "-m", "checkpoints_convert", "--input", str(CHECKPOINT_PT), "--output", str(ckpt),
+                    "--num-heads", "2", "--text-len", "16"], check=True, capture_output=True)
+    ctx, noise = write_replay(ref, "rolling_w9", tmp_path)
+    out = tmp_path / "out.npy"
+    env_run = subprocess.run(
+        [sys.executable, "-m", "fkv_jax.generate", "--checkpoint", str(ckpt), "--text-embeddings", str(ctx),
+         "--noise-file", str(noise), "--frames", "15", "--local-attn-size", "9", "--sink-size", "3",
+         "--save-latents", str(out)], capture_output=True, text=True)
+    assert env_run.returncode == 0, env_run.stderr
+    assert rel_err(np.load(out), ref["rolling_w9/final_latents"]) <= 1e-4
+
+
+def test_embedded_default_model_runs(tmp_path):
+    out = tmp_path / "lat.npy"
+    assert generate_main(["--frames", "6", "--save-latents", str(out), "--no-progress", "a red ball"]) == 0
+    lat = np.load(out)
+    assert lat.shape == (1, 6, 16, 8, 12) and np.isfinite(lat).all() and lat.std() > 0.1
+    # same seed, same prompt: same video; another prompt: another video
+    out2, out3 = tmp_path / "b.npy", tmp_path / "c.npy"
+    generate_main(["--frames", "6", "--save-latents", str(out2), "--no-progress", "a red ball"])
+    generate_main(["--frames", "6", "--save-latents", str(out3), "--no-progress", "a blue cube"])
+    np.testing.assert_array_equal(np.load(out2), lat)
+    assert not np.allclose(np.load(out3), lat)
+
+
+def test_prompts_file_is_a_batch(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\n\ntwo\n")
+    out = tmp_path / "lat.npy"
+    assert generate_main(["--prompts", str(prompts), "--frames", "3", "--save-latents", str(out), "--no-progress"]) == 0
+    assert np.load(out).shape[0] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "/nonexistent/dir"], "--checkpoint directory not found"),
+    (["--frames", "10"], "multiple of frames_per_block=3"),
+    (["--local-attn-size", "5", "--sink-size", "3"], "need local_attn_size >= 6"),
+    (["--noise-file", "/nonexistent.npz"], "--noise-file not found"),
+    (["--preset", "nope"], "unknown sampler preset 'nope'"),
+    (["--latent-size", "8by12"], "--latent-size must look like"),
+    (["--latent-size", "7x12"], "not divisible by the patch size"),
+    (["--denoising-steps", "1000,abc"], "comma-separated numbers"),
+])
+def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path):
+    out = tmp_path / "never.npy"
+    assert generate_main([*argv, "--save-latents", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_bad_replay_files(converted, ref, tmp_path, capsys):
+    ctx, noise = write_replay(ref, "global", tmp_path)
+    out = tmp_path / "never.npy"
+    base = ["--checkpoint", str(converted["pt"]), "--save-latents", str(out), "--no-progress"]
+    np.savez(tmp_path / "bad.npz", noise=ref["global/noise"])
+    assert generate_main([*base, "--text-embeddings", str(ctx), "--noise-file", str(tmp_path / "bad.npz")]) == 2
+    assert "lacks key(s) ['renoise']" in capsys.readouterr().err
+    np.save(tmp_path / "ctx_bad.npy", np.zeros((1, 16, 65), np.float32))
+    assert generate_main([*base, "--text-embeddings", str(tmp_path / "ctx_bad.npy"), "--noise-file", str(noise)]) == 2
+    assert "expected [B, L<=16, 64]" in capsys.readouterr().err
+    assert generate_main([*base, "--prompt", "a cat"]) == 2
+    assert "needs the text encoder output" in capsys.readouterr().err
+    r = ref["global/renoise"]
+    np.savez(tmp_path / "bad2.npz", noise=ref["global/noise"], renoise=r[:, :2])
+    assert generate_main([*base, "--text-embeddings", str(ctx), "--noise-file", str(tmp_path / "bad2.npz")]) == 2
+    assert "`renoise` has shape" in capsys.readouterr().err
+    assert not out.exists()
