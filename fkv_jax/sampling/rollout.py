@@ -164,7 +164,7 @@ class Sampler:
         ctx_kv = self.context_kv(params, context)
         cache = self.init_cache()
         out = np.empty(noise.shape, np.float32)
-        bar = tqdm(range(nblk), desc="chunks", unit="chunk", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(range(nblk), desc="chunks", unit="chunk", disable=None if progress else True, dynamic_ncols=True)
         t0 = time.perf_counter()
         for blk in bar:
             eps = renoise[blk] if renoise is not None else (
