@@ -63,8 +63,8 @@ class ModelConfig:
         return self.out_dim * pt * ph * pw
 
     def tokens_per_frame(self, latent_hw: tuple[int, int] | None = None) -> int:
-        h, w = latent_hw or self.latent_hw
-        return self.grid_hw((h, w))[0] * self.grid_hw((h, w))[1]
+        gh, gw = self.grid_hw(tuple(latent_hw or self.latent_hw))
+        return gh * gw
 
     def grid_hw(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         h, w = latent_hw

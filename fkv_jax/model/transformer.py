@@ -11,6 +11,8 @@ L layers, Lt text tokens, N cache slots.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,9 @@ from fkv_jax.attention.reference import chunk_attention, dense_attention
 from fkv_jax.config import ModelConfig
 from fkv_jax.model.embeddings import patchify, timestep_sinusoid, unpatchify
 from fkv_jax.model.rope import RopeTables, apply_rope, chunk_cos_sin
+
+# attn_fn(carry, layer_idx, layer_x, q, k, v) -> (out, carry, layer_y); see CausalWanModel.forward
+SelfAttnFn = Callable[..., tuple[jax.Array, Any, Any]]
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
@@ -219,18 +224,18 @@ class CausalWanModel(nnx.Module):
         return e, e0.reshape(*e.shape[:-1], 6, self.cfg.dim)
 
     # ---- forward ----------------------------------------------------------------------------------
-    def __call__(
+    def forward(
         self,
         x: jax.Array,
         t_sin: jax.Array,
         ctx_kv: tuple[jax.Array, jax.Array],
         rope: RopeTables,
         frame_pos: jax.Array,
-        cache_k: jax.Array | None = None,
-        cache_v: jax.Array | None = None,
-        slot_mask: jax.Array | None = None,
+        layer_xs,
+        attn_fn: SelfAttnFn,
+        carry=None,
     ):
-        """Flow prediction for one chunk; the cache is read, never written.
+        """The general forward: self-attention is delegated to ``attn_fn`` layer by layer.
 
         Args:
           x: [B, F, C, H, W] latents of the chunk (Self Forcing layout).
@@ -239,10 +244,15 @@ class CausalWanModel(nnx.Module):
           ctx_kv: text K/V from :meth:`context_kv`, each [L, B, Lt, H, Dh].
           rope: RoPE tables for this latent size.
           frame_pos: int32 [F] absolute latent-frame index of each frame (sets the temporal RoPE).
-          cache_k, cache_v: [L, B, N, T, H, Dh] cache slots, or None for no history.
-          slot_mask: bool [B|1, Qf, H|1, N] slots each (query-frame group, head) may read.
+          layer_xs: a pytree whose leaves have a leading [L] axis (e.g. the cache, per-layer policy state);
+            layer l's slice is handed to ``attn_fn``.
+          attn_fn: ``attn_fn(carry, layer_idx, layer_x, q, k, v) -> (out, carry, layer_y)`` with q, k, v
+            [B, S, H, Dh] (q, k rotated) and out [B, S, H, Dh]; ``carry`` flows from layer to layer (e.g.
+            a selection computed at one layer and reused by deeper ones), ``layer_y`` is stacked over layers.
+          carry: initial carry for ``attn_fn``.
         Returns:
-          flow [B, F, C, H, W] and the chunk's rotated keys/values per layer, each [L, B, F, T, H, Dh].
+          flow [B, F, C, H, W], keys and values of the chunk [L, B, F, T, H, Dh] each, the final carry,
+          and the stacked ``layer_y``.
         """
         cfg = self.cfg
         b, f, c, hh, ww = x.shape
@@ -254,26 +264,58 @@ class CausalWanModel(nnx.Module):
         tokens = self.patch_embedding(patchify(x, (ph, pw)))  # [B, F*T, D]
         e, e0 = self.embed_time(t_sin)
         cos, sin = chunk_cos_sin(rope, frame_pos)  # [F*T, Dh/2]
-
         nh, dh = cfg.num_heads, cfg.head_dim
+        gdef, state = nnx.split(self.blocks)
+
+        def body(carry_in, layer):
+            xs, acarry = carry_in
+            idx, st, lx, xk, xv = layer
+            blk = nnx.merge(gdef, st)
+            box = {}
+
+            def attend(q, k, v):
+                out, box["carry"], box["y"] = attn_fn(acarry, idx, lx, q, k, v)
+                return out
+
+            xs, k, v = blk(xs, e0, cos, sin, xk, xv, attend)
+            kv = (k.reshape(b, f, t, nh, dh), v.reshape(b, f, t, nh, dh))
+            return (xs, box["carry"]), (kv, box["y"])
+
+        layers = (jnp.arange(cfg.num_layers), state, layer_xs, *ctx_kv)
+        (tokens, carry), ((k_new, v_new), ys) = jax.lax.scan(body, (tokens, carry), layers)
+        out = self.head(tokens, e, f)
+        flow = unpatchify(out, f, (gh, gw), (ph, pw), cfg.out_dim)
+        return flow, k_new, v_new, carry, ys
+
+    def __call__(
+        self,
+        x: jax.Array,
+        t_sin: jax.Array,
+        ctx_kv: tuple[jax.Array, jax.Array],
+        rope: RopeTables,
+        frame_pos: jax.Array,
+        cache_k: jax.Array | None = None,
+        cache_v: jax.Array | None = None,
+        slot_mask: jax.Array | None = None,
+    ):
+        """Flow prediction for one chunk over the cache slots allowed by ``slot_mask``; the cache is read only.
+
+        Args (see :meth:`forward` for the others):
+          cache_k, cache_v: [L, B, N, T, H, Dh] cache slots, or None for no history.
+          slot_mask: bool [B|1, Qf, H|1, N] slots each (query-frame group, head) may read, same for every layer.
+        Returns:
+          flow [B, F, C, H, W] and the chunk's rotated keys/values per layer, each [L, B, F, T, H, Dh].
+        """
+        cfg = self.cfg
         if cache_k is None:
-            cache_k = jnp.zeros((cfg.num_layers, b, 0, t, nh, dh), tokens.dtype)
+            t = cfg.tokens_per_frame(tuple(x.shape[-2:]))
+            cache_k = jnp.zeros((cfg.num_layers, x.shape[0], 0, t, cfg.num_heads, cfg.head_dim), x.dtype)
             cache_v = cache_k
             slot_mask = jnp.zeros((1, 1, 1, 0), bool)
 
-        gdef, state = nnx.split(self.blocks)
+        def attn_fn(carry, idx, lx, q, k, v):
+            ck, cv = lx
+            return chunk_attention(q, k, v, ck, cv, slot_mask), carry, None
 
-        def body(xs, layer):
-            st, ck, cv, xk, xv = layer
-            blk = nnx.merge(gdef, st)
-
-            def attend(q, k, v):
-                return chunk_attention(q, k, v, ck, cv, slot_mask)
-
-            xs, k, v = blk(xs, e0, cos, sin, xk, xv, attend)
-            return xs, (k.reshape(b, f, t, nh, dh), v.reshape(b, f, t, nh, dh))
-
-        tokens, (k_new, v_new) = jax.lax.scan(body, tokens, (state, cache_k, cache_v, *ctx_kv))
-        out = self.head(tokens, e, f)
-        flow = unpatchify(out, f, (gh, gw), (ph, pw), cfg.out_dim)
+        flow, k_new, v_new, _, _ = self.forward(x, t_sin, ctx_kv, rope, frame_pos, (cache_k, cache_v), attn_fn)
         return flow, k_new, v_new
