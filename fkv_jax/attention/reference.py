@@ -14,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fkv_jax.attention.selection import Selection
+
 _NEG = -1e30  # finite "minus infinity": a fully masked block then contributes exp(-huge) = 0, never NaN
 
 
@@ -104,6 +106,70 @@ def chunk_attention(
         used = jnp.any(slot_mask, axis=(0, 1, 2))  # [N]
         last = jnp.max(jnp.where(used, jnp.arange(1, n + 1), 0))
         carry = jax.lax.fori_loop(0, (last + kb - 1) // kb, body, carry)
+    _, l, acc = carry
+    out = acc / jnp.moveaxis(l, -1, 2)[..., None]
+    return out.reshape(b, sq, h, d).astype(q.dtype)
+
+
+def selection_attention(
+    q: jax.Array,
+    k_chunk: jax.Array,
+    v_chunk: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    sel: Selection,
+) -> jax.Array:
+    """Attention over a :class:`~fkv_jax.attention.selection.Selection`: gathers only the selected slots.
+
+    q, k_chunk, v_chunk: [B, Sq, H, D] (Sq = C * T); k_cache, v_cache: [B, N, T, H, D]. The loop over the
+    budget axis stops at the longest selection in the batch (selections are left-packed), so the cost
+    follows what is selected, not the budget or the cache size.
+    """
+    b, sq, h, d = q.shape
+    t = k_cache.shape[2]
+    qf, kmax = sel.frames.shape[1], sel.frames.shape[3]
+    if sq % qf:
+        raise ValueError(f"{sq} queries do not split into {qf} query-frame groups")
+    tq = sq // qf
+    scale = 1.0 / math.sqrt(d)
+    qg = (q.astype(jnp.float32) * scale).reshape(b, qf, tq, h, d)  # [B, G, Tq, H, D]
+    carry = (
+        jnp.full((b, qf, h, tq), _NEG, jnp.float32),
+        jnp.zeros((b, qf, h, tq), jnp.float32),
+        jnp.zeros((b, qf, tq, h, d), jnp.float32),
+    )
+    # own chunk (optionally masked per frame)
+    cmask = None
+    if sel.chunk_mask is not None:
+        c = sel.chunk_mask.shape[-1]
+        cmask = jnp.repeat(sel.chunk_mask, sq // c, axis=-1)[:, :, :, None, :]  # [B, G, H, 1, Sq]
+    carry = _block_update(carry, qg, k_chunk, v_chunk, cmask)
+    # memory tokens shared by all query groups
+    if sel.mem_k is not None:
+        mvalid = None if sel.mem_valid is None else sel.mem_valid[:, None, :, None, :]  # [B, 1, H, 1, M]
+        carry = _block_update(carry, qg, sel.mem_k, sel.mem_v, mvalid)
+
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(h)[None, None, :]
+
+    def body(j, carry):
+        slot = sel.frames[:, :, :, j]  # [B, G, H]
+        ok = slot >= 0
+        slot = jnp.maximum(slot, 0)
+        kj = k_cache[bi, slot, :, hi, :].astype(jnp.float32)  # [B, G, H, T, D]
+        vj = v_cache[bi, slot, :, hi, :].astype(jnp.float32)
+        m, l, acc = carry
+        s = jnp.einsum("bgqhd,bghkd->bghqk", qg, kj)
+        s = jnp.where(ok[..., None, None], s, _NEG)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        acc = acc * jnp.moveaxis(corr, -1, 2)[..., None] + jnp.einsum("bghqk,bghkd->bgqhd", p, vj)
+        return m_new, l * corr + p.sum(-1), acc
+
+    if kmax:
+        used = jnp.max(jnp.sum(sel.frames >= 0, axis=-1))
+        carry = jax.lax.fori_loop(0, used, body, carry)
     _, l, acc = carry
     out = acc / jnp.moveaxis(l, -1, 2)[..., None]
     return out.reshape(b, sq, h, d).astype(q.dtype)
