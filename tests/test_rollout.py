@@ -91,9 +91,9 @@ def test_cache_is_donated(tiny_model, tiny_cfg, ref):
     cache = s.init_cache()
     x = jnp.zeros((1, 3, 16, 8, 12))
     eps = jnp.zeros((3, 1, 3, 16, 8, 12))
-    _, new = s.chunk_step(params, cache, ctx_kv, x, eps, jnp.int32(0))
+    _, new, st = s.chunk_step(params, cache, s.init_state(), ctx_kv, x, eps, jnp.int32(0))
     assert cache["k"].is_deleted() and cache["v"].is_deleted()
-    _, newer = s.chunk_step(params, new, ctx_kv, x, eps, jnp.int32(3))
+    _, newer, _ = s.chunk_step(params, new, st, ctx_kv, x, eps, jnp.int32(3))
     assert new["k"].is_deleted() and not newer["k"].is_deleted()
     assert s.trace_count == 1
 
@@ -105,9 +105,9 @@ def test_retrace_guard_fires_on_a_new_geometry(tiny_model, tiny_cfg, ref):
     s = Sampler(graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=6,
                 max_traces=1)
     ctx_kv = s.context_kv(params, ref["context"])
-    s.chunk_step(params, s.init_cache(), ctx_kv, jnp.zeros((1, 3, 16, 8, 12)), jnp.zeros((3, 1, 3, 16, 8, 12)), jnp.int32(0))
+    s.chunk_step(params, s.init_cache(), s.init_state(), ctx_kv, jnp.zeros((1, 3, 16, 8, 12)), jnp.zeros((3, 1, 3, 16, 8, 12)), jnp.int32(0))
     with pytest.raises(AssertionError, match="traced > 1"):
-        s.chunk_step(params, s.init_cache(), ctx_kv, jnp.zeros((1, 3, 16, 8, 14)), jnp.zeros((3, 1, 3, 16, 8, 14)),
+        s.chunk_step(params, s.init_cache(), s.init_state(), ctx_kv, jnp.zeros((1, 3, 16, 8, 14)), jnp.zeros((3, 1, 3, 16, 8, 14)),
                      jnp.int32(0))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import chex
 import jax
@@ -26,10 +27,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from fkv_jax.attention import attend
 from fkv_jax.cache.kv_cache import CacheGeometry, init_cache, visible_slots, write
 from fkv_jax.config import ModelConfig, SamplerConfig
 from fkv_jax.model.embeddings import timestep_sinusoid_np
 from fkv_jax.model.rope import make_rope_tables
+from fkv_jax.policies.base import Call, Policy
 from fkv_jax.sampling.scheduler import Schedule, make_schedule
 
 
@@ -38,6 +41,8 @@ class ChunkOutput:
     x0: jax.Array  # [B, C, Cin, H, W] the chunk's final latents
     flows: jax.Array  # [n + 1, B, C, Cin, H, W] flow of every model call (the last one is the clean pass)
     x0s: jax.Array  # [n + 1, B, C, Cin, H, W] x0 of every model call
+    select_aux: Any = None  # the policy's select() aux, stacked [n + 1 calls, L, ...]
+    write_aux: Any = None  # the policy's on_write() aux
 
 
 class Sampler:
@@ -59,11 +64,15 @@ class Sampler:
         cache_frames: int | None = None,
         cache_dtype=jnp.float32,
         max_traces: int | None = None,
+        policy: Policy | None = None,
+        attention_backend: str = "xla",
     ):
         """
         Args:
           num_frames: video length in latent frames; sets the capacity of a global cache by default.
           cache_frames: capacity of a global cache (local_attn_size = -1), default ``num_frames``.
+          policy: the KV selection policy (default: plain cache, i.e. every frame the window allows).
+          attention_backend: a key of ``fkv_jax.attention.BACKENDS``.
           max_traces: if set, the chunk step is wrapped in ``chex.assert_max_traces(n=max_traces)`` (chex counts
             traces per definition site, so call ``chex.clear_trace_counter()`` before building another one).
             ``trace_count`` always tells how often the step was traced.
@@ -76,16 +85,18 @@ class Sampler:
                 raise ValueError("a global cache needs num_frames or cache_frames to size it")
             cache_frames = num_frames
         gh, gw = model_cfg.grid_hw(self.latent_hw)
-        self.geom = CacheGeometry.from_upstream(
+        base = CacheGeometry.from_upstream(
             local_attn_size=sampler_cfg.local_attn_size, sink_size=sampler_cfg.sink_size, frames_per_block=c,
             num_layers=model_cfg.num_layers, batch=batch, tokens_per_frame=gh * gw,
             num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, capacity_frames=cache_frames)
+        self.policy = policy if policy is not None else Policy()
+        self.geom = self.policy.geometry(base, num_frames)
         self.cache_dtype = cache_dtype
         self.schedule: Schedule = make_schedule(sampler_cfg)
         self.rope = make_rope_tables(model_cfg.head_dim, (gh, gw), model_cfg.rope_max_frames)
         t_sin = timestep_sinusoid_np(self.schedule.timesteps, model_cfg.freq_dim)  # [n + 1, freq_dim]
         self._graphdef = graphdef
-        step = _make_chunk_step(graphdef, self.geom, self.schedule, self.rope, t_sin)
+        step = _make_chunk_step(graphdef, self.geom, self.schedule, self.rope, t_sin, self.policy, attention_backend)
         self.trace_count = 0
 
         def counted(*args):
@@ -94,12 +105,16 @@ class Sampler:
 
         if max_traces is not None:
             counted = chex.assert_max_traces(counted, n=max_traces)
-        self.chunk_step = jax.jit(counted, donate_argnums=(1,))
+        self.chunk_step = jax.jit(counted, donate_argnums=(1, 2))
         self._context_kv = jax.jit(lambda params, ctx: nnx.merge(graphdef, params).context_kv(ctx))
 
     # ---- pieces ---------------------------------------------------------------------------------------
     def init_cache(self):
         return init_cache(self.geom, self.cache_dtype)
+
+    def init_state(self):
+        """The policy's initial state (fixed shapes)."""
+        return self.policy.init_state(self.geom)
 
     def context_kv(self, params, context: jax.Array):
         """Text K/V of every layer [L, B, Lt, H, Dh], computed once per prompt batch."""
@@ -163,6 +178,7 @@ class Sampler:
 
         ctx_kv = self.context_kv(params, context)
         cache = self.init_cache()
+        state = self.init_state()
         out = np.empty(noise.shape, np.float32)
         bar = tqdm(range(nblk), desc="chunks", unit="chunk", disable=None if progress else True, dynamic_ncols=True)
         t0 = time.perf_counter()
@@ -170,54 +186,69 @@ class Sampler:
             eps = renoise[blk] if renoise is not None else (
                 np.random.default_rng((seed, blk)).standard_normal((n - 1, *chunk_shape), np.float32))
             x = noise[:, blk * c:(blk + 1) * c]
-            res, cache = self.chunk_step(params, cache, ctx_kv, x, eps, jnp.int32(blk * c))
+            res, cache, state = self.chunk_step(params, cache, state, ctx_kv, x, eps, jnp.int32(blk * c))
             out[:, blk * c:(blk + 1) * c] = np.asarray(res.x0)
             if on_chunk is not None:
                 on_chunk(blk, res)
             done = (blk + 1) * c
             bar.set_postfix(frames=done, fps=f"{done / (time.perf_counter() - t0):.2f}")
-        self.last_cache = cache
+        self.last_cache, self.last_state = cache, state
         return out
 
 
-def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_sin_table: np.ndarray):
+def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_sin_table: np.ndarray,
+                     policy: Policy, backend: str):
     n = schedule.num_steps
     sig = schedule.sigmas  # [n + 1]
     # after step i, re-noise with sigma_{i+1}; after the last step nothing (sigma 0 keeps x0 exactly)
     re_sig = np.concatenate([schedule.renoise_sigmas, np.zeros(1, np.float32)]).astype(np.float32)
 
-    def chunk_step(params, cache, ctx_kv, x, eps, start_frame):
+    def chunk_step(params, cache, state, ctx_kv, x, eps, start_frame):
         """x: [B, C, Cin, H, W]; eps: [n - 1, B, C, Cin, H, W]; start_frame: int32[]."""
         model = nnx.merge(graphdef, params)
         b, c = x.shape[:2]
         frame_pos = start_frame + jnp.arange(c, dtype=jnp.int32)
-        mask = visible_slots(geom, cache, start_frame)[None, None, None, :]  # [1, 1, 1, N]
-        ck, cv = cache["k"], cache["v"]
+        state, cache = policy.on_chunk_start(state, cache, start_frame)
+        visible = visible_slots(geom, cache, start_frame)  # [N]
         tsin = jnp.asarray(t_sin_table)
 
-        def call(xt, i):
+        def attn_fn(carry, layer, lx, q, k, v):
+            ck, cv, ls = lx
+            call = Call(layer=layer, step=carry, num_steps=n, start_frame=start_frame, q=q, k_chunk=k, v_chunk=v,
+                        cache_k=ck, cache_v=cv, slot_frame=cache["slot_frame"], visible=visible, layer_state=ls,
+                        state=state, geom=geom)
+            sel, aux = policy.select(call)
+            return attend(q, k, v, ck, cv, sel, backend=backend), carry, aux
+
+        def call_model(xt, i):
             ts = jnp.broadcast_to(tsin[i], (b, c, tsin.shape[-1]))
-            return model(xt, ts, ctx_kv, rope, frame_pos, ck, cv, mask)
+            flow, k_new, v_new, _, aux = model.forward(
+                xt, ts, ctx_kv, rope, frame_pos, (cache["k"], cache["v"], state["layers"]), attn_fn, carry=i)
+            return flow, k_new, v_new, aux
 
         eps_pad = jnp.concatenate([eps, jnp.zeros((1, *x.shape), eps.dtype)], axis=0)  # [n, ...]
 
         def denoise(xt, inp):
             i, s, s_next, e = inp
-            flow, _, _ = call(xt, i)
+            flow, _, _, aux = call_model(xt, i)
             x0 = xt - s * flow
-            return (1 - s_next) * x0 + s_next * e, (flow, x0)
+            return (1 - s_next) * x0 + s_next * e, (flow, x0, aux)
 
-        xs = (jnp.arange(n), jnp.asarray(sig[:n]), jnp.asarray(re_sig), eps_pad)
-        x_last, (flows, x0s) = jax.lax.scan(denoise, x, xs)
+        xs = (jnp.arange(n, dtype=jnp.int32), jnp.asarray(sig[:n]), jnp.asarray(re_sig), eps_pad)
+        _, (flows, x0s, auxs) = jax.lax.scan(denoise, x, xs)
         x0 = x0s[-1]
         # clean pass: t = 0 on the final x0; its K/V is what the cache keeps
-        flow_c, k_new, v_new = call(x0, n)
+        flow_c, k_new, v_new, aux_c = call_model(x0, jnp.int32(n))
+        state, write_aux = policy.on_write(state, cache, k_new, v_new, start_frame)
         new_cache = write(geom, cache, k_new, v_new, start_frame)
         flows = jnp.concatenate([flows, flow_c[None]], axis=0)
         x0s = jnp.concatenate([x0s, (x0 - sig[n] * flow_c)[None]], axis=0)
-        return ChunkOutput(x0=x0, flows=flows, x0s=x0s), new_cache
+        select_aux = jax.tree.map(lambda a, b_: jnp.concatenate([a, b_[None]], axis=0), auxs, aux_c)
+        out = ChunkOutput(x0=x0, flows=flows, x0s=x0s, select_aux=select_aux, write_aux=write_aux)
+        return out, new_cache, state
 
     return chunk_step
 
 
-jax.tree_util.register_dataclass(ChunkOutput, data_fields=["x0", "flows", "x0s"], meta_fields=[])
+jax.tree_util.register_dataclass(ChunkOutput, data_fields=["x0", "flows", "x0s", "select_aux", "write_aux"],
+                                 meta_fields=[])

@@ -1,0 +1,84 @@
+"""The policy protocol: how a KV selection policy plugs into the sampler.
+
+A policy is a frozen dataclass of static hyper-parameters with four pure functions::
+
+    geometry(base, num_frames)            -> CacheGeometry      what the physical cache keeps
+    init_state(geom)                      -> state               {"layers": leaves with a leading [L] axis, ...}
+    on_chunk_start(state, cache, start)   -> state, cache        once per chunk, before its first call
+    select(call)                          -> Selection, aux      every attention call, every layer
+    on_write(state, cache, k_new, v_new, start) -> state, aux    after the clean pass, before the cache write
+
+All of them run inside the sampler's one jitted chunk step. ``state["layers"]`` is scanned with the
+model's layers, so ``select`` sees the slice of its own layer; every other key of ``state`` is shared.
+``aux`` pytrees (scores, picked indices) are returned to the host for inspection and tests; return
+``None`` when there is nothing to report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fkv_jax.attention.selection import Selection, from_slot_mask
+from fkv_jax.cache.kv_cache import CacheGeometry, visible_slots
+
+State = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """Everything a policy may look at in one attention call of one layer."""
+
+    layer: jax.Array  # int32[] layer index
+    step: jax.Array  # int32[] call index in the chunk: 0..n-1 denoising steps, n = the clean pass
+    num_steps: int  # n (static)
+    start_frame: jax.Array  # int32[] absolute index of the chunk's first frame
+    q: jax.Array  # [B, C*T, H, Dh] rotated queries of this call
+    k_chunk: jax.Array  # [B, C*T, H, Dh] rotated keys of the chunk
+    v_chunk: jax.Array  # [B, C*T, H, Dh]
+    cache_k: jax.Array  # [B, N, T, H, Dh] this layer's cache slots
+    cache_v: jax.Array  # [B, N, T, H, Dh]
+    slot_frame: jax.Array  # int32[N]
+    visible: jax.Array  # bool[N] slots the upstream window rule allows
+    layer_state: Any  # this layer's slice of state["layers"]
+    state: State  # the whole state (shared entries)
+    geom: CacheGeometry
+
+    @property
+    def is_clean_pass(self) -> jax.Array:
+        return self.step == self.num_steps
+
+
+class Policy:
+    """Base class with the behaviour of a plain cache: read every visible slot, keep no state."""
+
+    name: str = "policy"
+
+    def geometry(self, base: CacheGeometry, num_frames: int | None = None) -> CacheGeometry:
+        """The cache this policy needs, given the one the sampler config describes (and the video length)."""
+        return base
+
+    def init_state(self, geom: CacheGeometry) -> State:
+        return {"layers": jnp.zeros((geom.num_layers,), jnp.int32)}
+
+    def on_chunk_start(self, state: State, cache: dict, start_frame: jax.Array) -> tuple[State, dict]:
+        return state, cache
+
+    def select(self, call: Call) -> tuple[Selection, Any]:
+        return dense_selection(call, call.visible), None
+
+    def on_write(self, state, cache, k_new, v_new, start_frame) -> tuple[State, Any]:
+        return state, None
+
+
+def dense_selection(call: Call, slots: jax.Array) -> Selection:
+    """Every (query, head) reads the same slots: ``slots`` is bool[N]."""
+    b, _, h, _ = call.q.shape
+    return from_slot_mask(slots[None, None, None, :], b, h)
+
+
+def upstream_visible(geom: CacheGeometry, cache: dict, start_frame: jax.Array) -> jax.Array:
+    return visible_slots(geom, cache, start_frame)

@@ -1,0 +1,50 @@
+"""Policies that read whole frames by position only: full cache, sliding window, sink + window."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fkv_jax.cache.kv_cache import CacheGeometry
+from fkv_jax.policies.base import Policy
+
+
+def _with_window(base: CacheGeometry, local_attn_size: int, sink_size: int, capacity: int | None) -> CacheGeometry:
+    return CacheGeometry.from_upstream(
+        local_attn_size=local_attn_size, sink_size=sink_size, frames_per_block=base.frames_per_block,
+        num_layers=base.num_layers, batch=base.batch, tokens_per_frame=base.tokens_per_frame,
+        num_heads=base.num_heads, head_dim=base.head_dim, capacity_frames=capacity)
+
+
+@dataclasses.dataclass(frozen=True)
+class Full(Policy):
+    """Global attention: every generated frame is kept (upstream ``local_attn_size = -1``)."""
+
+    name = "full"
+    capacity_frames: int | None = None  # default: the video length
+
+    def geometry(self, base, num_frames=None):
+        return _with_window(base, -1, 0, self.capacity_frames or num_frames or base.capacity_frames)
+
+
+@dataclasses.dataclass(frozen=True)
+class Window(Policy):
+    """Sliding window of ``local_attn_size`` frames (counting the current chunk), no sink."""
+
+    name = "window"
+    local_attn_size: int = 12
+
+    def geometry(self, base, num_frames=None):
+        return _with_window(base, self.local_attn_size, 0, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkWindow(Policy):
+    """StreamingLLM / LongLive frame sink: the first ``sink_size`` frames forever plus a window of
+    ``local_attn_size`` frames counted the upstream way (sink and current chunk included)."""
+
+    name = "sink_window"
+    local_attn_size: int = 12
+    sink_size: int = 3
+
+    def geometry(self, base, num_frames=None):
+        return _with_window(base, self.local_attn_size, self.sink_size, None)
