@@ -71,6 +71,20 @@ PER_BLOCK: dict[str, tuple[str, Transform]] = _block_rows()
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
+def lookup(name: str) -> tuple[str, Transform] | None:
+    """The row of one Wan name: (Flax param path, transform), or None if the name is not a Wan parameter.
+
+    Block rows get the path inside the stacked ``blocks`` tree (``blocks/self_attn/q/kernel``).
+    """
+    if name in TOP_LEVEL:
+        return TOP_LEVEL[name]
+    m = BLOCK_KEY.match(name)
+    if m is None or m[2] not in PER_BLOCK:
+        return None
+    path, tf = PER_BLOCK[m[2]]
+    return f"blocks/{path}", tf
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every Wan key of a model with this config and its PyTorch shape (825 keys for the 1.3B model)."""
     d, f, pt_, ph, pw = cfg.dim, cfg.ffn_dim, *cfg.patch_size
