@@ -71,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latent-size", help="latent HxW, e.g. 60x104 (default: the model preset's; 480x832 video)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the re-noise draws")
     g.add_argument("--noise-file", type=Path, help=".npz with `noise` and `renoise` (replays a recorded rollout)")
+    g = p.add_argument_group("KV selection policy")
+    g.add_argument("--policy", help="KV selection policy: full | window | sink_window | forcing_kv | focused_forcing "
+                                    "(default: the plain cache of --local-attn-size / --sink-size)")
+    g.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy option (repeatable), upstream names, e.g. ar_start=1, sim_retention_ratio=0.33, "
+                        "min_budget=4, pooled_tokens=30")
+    g.add_argument("--head-table", help="Forcing-KV head table: a JSON file in the upstream format, or a packaged "
+                                        "table: selfforcing, longlive, causalforcing, raven, realtime_14b")
+    g.add_argument("--head-importance", type=Path, help="Focused Forcing head importance JSON "
+                                                         '({"<layer * num_heads + head>": score})')
+    g.add_argument("--attention-backend", default="xla", help="attention backend (default: xla)")
     g = p.add_argument_group("output")
     g.add_argument("--save-latents", type=Path, help="write final latents [B, F, C, H, W] float32 .npy here")
     g.add_argument("--output-dir", type=Path, default=Path("outputs"),
@@ -151,6 +162,19 @@ def _sampler_config(args):
         except ValueError as e:
             raise UsageError(f"--denoising-steps must be comma-separated numbers, got {args.denoising_steps!r}") from e
     return dataclasses.replace(sc, **over)
+
+
+def _policy(args, cfg):
+    from fkv_jax.policies import make_policy, parse_options
+
+    if args.policy is None:
+        if args.policy_opt or args.head_table or args.head_importance:
+            raise UsageError("--policy-opt, --head-table and --head-importance need --policy")
+        return None
+    if args.head_importance is not None and not args.head_importance.is_file():
+        raise UsageError(f"--head-importance file not found: {args.head_importance}")
+    return make_policy(args.policy, parse_options(args.policy_opt), head_table=args.head_table,
+                       head_importance=args.head_importance, num_layers=cfg.num_layers, num_heads=cfg.num_heads)
 
 
 def _parse_hw(s: str) -> tuple[int, int]:
@@ -250,8 +274,9 @@ def run(args) -> Path:
         latent_hw = _parse_hw(args.latent_size) if args.latent_size else cfg.latent_hw
     try:
         cfg.grid_hw(latent_hw)
+        policy = _policy(args, cfg)
         sampler = Sampler(graphdef, cfg, sampler_cfg, batch=batch, latent_hw=latent_hw, num_frames=frames,
-                          cache_frames=args.cache_frames)
+                          cache_frames=args.cache_frames, policy=policy, attention_backend=args.attention_backend)
         sampler.check_length(frames)
     except ValueError as e:
         raise UsageError(str(e)) from e
@@ -269,6 +294,8 @@ def run(args) -> Path:
 
     geom = sampler.geom
     mode = "global" if geom.global_attn else f"rolling (sink {geom.sink} + {geom.ring} history frames + chunk {c})"
+    if args.policy:
+        mode = f"policy {args.policy}, {mode}"
     print(f"model: {what}; {frames} latent frames of {latent_hw[0]}x{latent_hw[1]}, batch {batch}; cache: {mode}, "
           f"{geom.kv_bytes() / 2**20:.1f} MiB KV; steps {list(np.round(sampler.schedule.timesteps[:-1], 3))}",
           file=sys.stderr)

@@ -54,3 +54,18 @@ def tiny_model(tiny_cfg, tiny_wan):
     graphdef, params = nnx.split(abstract_model(tiny_cfg), nnx.Param)
     nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, to_flax_params(tiny_wan, tiny_cfg)))
     return graphdef, params
+
+
+def load_tiny(path, num_layers):
+    """(cfg, graphdef, params) of a tiny fixture model stored at ``path`` (.pt or .safetensors, Wan names)."""
+    import dataclasses
+
+    from checkpoints_convert import load_wan_state_dict
+    from checkpoints_convert.wan_keymap import to_flax_params
+    from fkv_jax.config import model_preset
+    from fkv_jax.model.build import abstract_model
+
+    cfg = dataclasses.replace(model_preset("tiny"), num_layers=num_layers)
+    graphdef, params = nnx.split(abstract_model(cfg), nnx.Param)
+    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, to_flax_params(load_wan_state_dict(path), cfg)))
+    return cfg, graphdef, params

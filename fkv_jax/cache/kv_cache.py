@@ -42,6 +42,7 @@ class CacheGeometry:
     head_dim: int  # Dh
     frames_per_block: int  # C
     global_attn: bool = False  # True for upstream's local_attn_size = -1
+    grid_hw: tuple[int, int] | None = None  # token grid of a frame (rows, cols), when known
 
     @property
     def num_slots(self) -> int:
@@ -70,13 +71,14 @@ class CacheGeometry:
         num_heads: int,
         head_dim: int,
         capacity_frames: int | None = None,
+        grid_hw: tuple[int, int] | None = None,
     ) -> "CacheGeometry":
         """Geometry from upstream's ``local_attn_size`` / ``sink_size`` (see the module docstring).
 
         ``capacity_frames`` is the size of a global cache (``local_attn_size = -1``), e.g. the video length.
         """
         common = dict(num_layers=num_layers, batch=batch, tokens_per_frame=tokens_per_frame,
-                      num_heads=num_heads, head_dim=head_dim, frames_per_block=frames_per_block)
+                      num_heads=num_heads, head_dim=head_dim, frames_per_block=frames_per_block, grid_hw=grid_hw)
         if sink_size < 0:
             raise ValueError(f"sink_size must be >= 0, got {sink_size}")
         if local_attn_size == -1:

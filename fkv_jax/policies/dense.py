@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from fkv_jax.cache.kv_cache import CacheGeometry
 from fkv_jax.policies.base import Policy
-
-
-def _with_window(base: CacheGeometry, local_attn_size: int, sink_size: int, capacity: int | None) -> CacheGeometry:
-    return CacheGeometry.from_upstream(
-        local_attn_size=local_attn_size, sink_size=sink_size, frames_per_block=base.frames_per_block,
-        num_layers=base.num_layers, batch=base.batch, tokens_per_frame=base.tokens_per_frame,
-        num_heads=base.num_heads, head_dim=base.head_dim, capacity_frames=capacity)
+from fkv_jax.policies.retain import window_geometry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +16,7 @@ class Full(Policy):
     capacity_frames: int | None = None  # default: the video length
 
     def geometry(self, base, num_frames=None):
-        return _with_window(base, -1, 0, self.capacity_frames or num_frames or base.capacity_frames)
+        return window_geometry(base, -1, 0, self.capacity_frames or num_frames or base.capacity_frames)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +27,7 @@ class Window(Policy):
     local_attn_size: int = 12
 
     def geometry(self, base, num_frames=None):
-        return _with_window(base, self.local_attn_size, 0, None)
+        return window_geometry(base, self.local_attn_size, 0, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,4 +40,4 @@ class SinkWindow(Policy):
     sink_size: int = 3
 
     def geometry(self, base, num_frames=None):
-        return _with_window(base, self.local_attn_size, self.sink_size, None)
+        return window_geometry(base, self.local_attn_size, self.sink_size, None)

@@ -88,7 +88,8 @@ class Sampler:
         base = CacheGeometry.from_upstream(
             local_attn_size=sampler_cfg.local_attn_size, sink_size=sampler_cfg.sink_size, frames_per_block=c,
             num_layers=model_cfg.num_layers, batch=batch, tokens_per_frame=gh * gw,
-            num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, capacity_frames=cache_frames)
+            num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, capacity_frames=cache_frames,
+            grid_hw=(gh, gw))
         self.policy = policy if policy is not None else Policy()
         self.geom = self.policy.geometry(base, num_frames)
         self.cache_dtype = cache_dtype

@@ -1,0 +1,182 @@
+"""Focused Forcing (Self Forcing variant): per (query frame, head) history selection with importance budgets.
+
+Composition (defaults and behaviour of the authors' code, Self Forcing variant):
+
+* cache: a window of ``local_attn_size`` frames with ``sink_size`` sink frames (21 / 15): the history is
+  the sink plus the previous chunk, ``N - C = 18`` frames once the window is full;
+* RoPE handler: at each chunk start the cached sink keys are re-rotated on their temporal channels so the
+  sink starts at ``chunk start - local_attn_size`` (cumulative delta rotation, first move at chunk 8);
+* scorers, once the window is full (chunk index >= local_attn_size / C - 1):
+  - attention: queries and history keys pooled in ``pooled_tokens`` contiguous token groups as
+    0.5 mean + 0.5 max, score = mean over group pairs of pooled q.k / sqrt(Dh), z-scored over the 18
+    history frames as (A - mean) * rsqrt(var + 1e-6), per query frame and head, in every call;
+  - diversity: minus the cosine of each history frame's keys to the mean key, z-scored as
+    (D - mean) / (std + 1e-6), computed once per chunk (after the roll) for every layer;
+  - S = attn_weight * A_z + (1 - attn_weight) * D_z;
+* budget allocator: b = round(min + x^2 (max - min)) per (layer, head) from min-max normalised importance
+  (Python rounding, half to even); the budget counts the 3 current frames and one front frame;
+* retainers: the current chunk, the best of the first 3 history frames ("front"), plus the top
+  clamp(b - 4, 0, 17) of the other history frames (ties toward the older frame);
+* trigger: every denoising call and the clean pass, every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fkv_jax.attention.selection import Selection, pack_mask
+from fkv_jax.policies.base import Call, Policy, dense_selection
+from fkv_jax.policies.retain import window_geometry
+from fkv_jax.policies.scores import key_diversity, pool_tokens, zscore_rsqrt, zscore_std
+from fkv_jax.model.rope import _angles, rope_split
+
+FRONT = 3  # the front frame is the best of the first 3 history frames
+
+
+def importance_budgets(importance: np.ndarray, min_budget: int, max_budget: int, gamma: float = 2.0) -> np.ndarray:
+    """int32 [L, H] budgets b = round(min + x^gamma (max - min)), x min-max normalised over all heads.
+
+    Rounding is Python's (half to even). With ``min_budget == max_budget`` the importance is not needed.
+    """
+    if min_budget == max_budget:
+        return np.full(np.shape(importance), min_budget, np.int32)
+    s = np.asarray(importance, np.float64)
+    lo, hi = s.min(), s.max()
+    x = (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
+    return np.asarray([round(min_budget + v ** gamma * (max_budget - min_budget)) for v in x.reshape(-1)],
+                      np.int32).reshape(s.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class FocusedForcing(Policy):
+    name = "focused_forcing"
+    importance: np.ndarray | None = None  # float [L, H] head importance (needed unless min == max)
+    local_attn_size: int = 21
+    sink_size: int = 15
+    min_budget: int = 4
+    max_budget: int = 12
+    attn_weight: float = 0.46
+    pooled_tokens: int | None = None  # default: one group per latent token row (30 at 480P)
+    pool_alpha: float = 0.5
+    budget_gamma: float = 2.0
+    sink_rerotation: bool = True
+
+    def __hash__(self):  # numpy fields are not hashable; identity is enough for a frozen config
+        return id(self)
+
+    # ---- static sizes -----------------------------------------------------------------------------
+    def budgets(self, num_layers: int, num_heads: int) -> np.ndarray:
+        if self.importance is None:
+            if self.min_budget != self.max_budget:
+                raise ValueError("focused_forcing needs per-head importance (--head-importance FILE.json) "
+                                 "unless min_budget == max_budget")
+            return np.full((num_layers, num_heads), self.min_budget, np.int32)
+        imp = np.asarray(self.importance)
+        if imp.shape != (num_layers, num_heads):
+            raise ValueError(f"head importance has shape {imp.shape}; the model has ({num_layers}, {num_heads})")
+        return importance_budgets(imp, self.min_budget, self.max_budget, self.budget_gamma)
+
+    def geometry(self, base, num_frames=None):
+        c = base.frames_per_block
+        hist = self.local_attn_size - c
+        if hist < FRONT + 1:
+            raise ValueError(f"local_attn_size={self.local_attn_size} leaves {hist} history frames; need >= {FRONT + 1}")
+        if self.min_budget < FRONT + 1 or self.max_budget < self.min_budget:
+            raise ValueError(f"need {FRONT + 1} <= min_budget <= max_budget, got {self.min_budget}, {self.max_budget}")
+        self.budgets(base.num_layers, base.num_heads)
+        geom = window_geometry(base, self.local_attn_size, self.sink_size, None)
+        self._groups(geom)
+        return geom
+
+    def _groups(self, geom) -> int:
+        if self.pooled_tokens is not None:
+            groups = self.pooled_tokens
+        elif geom.grid_hw is not None:
+            groups = geom.grid_hw[0]  # one group per latent token row: 30 at 480P, as upstream
+        else:
+            raise ValueError("set pooled_tokens (the 480P default is 30 = one group per latent token row)")
+        if geom.tokens_per_frame % groups:
+            raise ValueError(f"pooled_tokens={groups} does not divide the {geom.tokens_per_frame} tokens of a frame")
+        return groups
+
+    # ---- state ------------------------------------------------------------------------------------
+    def init_state(self, geom):
+        hist = self.local_attn_size - geom.frames_per_block
+        return {
+            "layers": {"div_z": jnp.zeros((geom.num_layers, geom.batch, geom.num_heads, hist), jnp.float32)},
+            "hist_slots": jnp.zeros((hist,), jnp.int32),  # history slots in frame order (once the window is full)
+            "sink_pos": jnp.zeros((), jnp.int32),  # RoPE position of the first sink key
+        }
+
+    def _active(self, start_frame, c):
+        return start_frame >= self.local_attn_size - c
+
+    # ---- once per chunk: sink re-rotation, history order, key diversity ---------------------------
+    def on_chunk_start(self, state, cache, start_frame):
+        L, b, n, t, h, d = cache["k"].shape
+        hist = state["hist_slots"].shape[0]
+        c = self.local_attn_size - hist
+        if self.sink_rerotation and self.sink_size:
+            delta = jnp.maximum(start_frame - self.local_attn_size - state["sink_pos"], 0)
+            ct = rope_split(d)[0]
+            ang = jnp.asarray(_angles(2, ct, 2 * ct)[1], jnp.float32) * delta.astype(jnp.float32)  # [ct] = delta * freq
+            cos, sin = jnp.cos(ang), jnp.sin(ang)
+            ks = cache["k"][:, :, : self.sink_size]  # [L, B, S, T, H, D]
+            tp = ks[..., : 2 * ct].reshape(*ks.shape[:-1], ct, 2)
+            re, im = tp[..., 0], tp[..., 1]
+            rot = jnp.stack([re * cos - im * sin, re * sin + im * cos], -1).reshape(*ks.shape[:-1], 2 * ct)
+            ks = jnp.concatenate([rot.astype(ks.dtype), ks[..., 2 * ct:]], axis=-1)
+            cache = dict(cache, k=cache["k"].at[:, :, : self.sink_size].set(ks))
+            state = dict(state, sink_pos=state["sink_pos"] + delta)
+        # history slots in frame order: filled slots older than the chunk, oldest first
+        sf = cache["slot_frame"]
+        key = jnp.where((sf >= 0) & (sf < start_frame), sf, jnp.iinfo(jnp.int32).max)
+        order = jnp.argsort(key)[:hist].astype(jnp.int32)
+        keys = cache["k"][:, :, order]  # [L, B, hist, T, H, D]
+        div = jax.vmap(jax.vmap(lambda k: key_diversity(k.astype(jnp.float32), jnp.ones((hist,), bool))))(keys)
+        div_z = zscore_std(div, axis=-1)  # [L, B, H, hist]
+        active = self._active(start_frame, c)
+        state = dict(state, hist_slots=order,
+                     layers={"div_z": jnp.where(active, div_z, state["layers"]["div_z"])})
+        return state, cache
+
+    # ---- every call -------------------------------------------------------------------------------
+    def select(self, call: Call):
+        geom = call.geom
+        b, sq, h, d = call.q.shape
+        c, t = geom.frames_per_block, geom.tokens_per_frame
+        hist_slots = call.state["hist_slots"]
+        hist = hist_slots.shape[0]
+        groups = self._groups(geom)
+        budgets = jnp.asarray(self.budgets(geom.num_layers, geom.num_heads))[call.layer]  # [H]
+        extra = jnp.clip(budgets - (c + 1), 0, hist - 1)  # [H]
+        k_extra = int(np.clip(self.budgets(geom.num_layers, geom.num_heads).max() - (c + 1), 0, hist - 1))
+
+        qf = call.q.reshape(b, c, t, h, d).astype(jnp.float32)
+        q_bar = pool_tokens(jnp.moveaxis(qf, 3, 2), groups, self.pool_alpha).mean(-2)  # [B, C, H, D]
+        kh = call.cache_k[:, hist_slots].astype(jnp.float32)  # [B, hist, T, H, D]
+        k_bar = pool_tokens(jnp.moveaxis(kh, 3, 2), groups, self.pool_alpha).mean(-2)  # [B, hist, H, D]
+        attn = jnp.einsum("bchd,bnhd->bchn", q_bar, k_bar) / np.sqrt(d)
+        attn_z = zscore_rsqrt(attn, axis=-1)  # [B, C, H, hist]
+        score = self.attn_weight * attn_z + (1 - self.attn_weight) * call.layer_state["div_z"][:, None]
+        front = jnp.argmax(score[..., :FRONT], axis=-1)  # [B, C, H], first maximum on ties
+        pos = jnp.arange(hist)
+        rest = jnp.where(pos == front[..., None], -jnp.inf, score)
+        _, top = jax.lax.top_k(rest, k_extra) if k_extra else (None, jnp.zeros((b, c, h, 0), jnp.int32))
+        keep_top = jnp.arange(k_extra) < extra[None, None, :, None]  # [1, 1, H, k_extra]
+        chosen = (pos == front[..., None]) | jnp.any(
+            (top[..., None] == pos) & keep_top[..., None], axis=-2)  # [B, C, H, hist]
+        slot_mask = jnp.zeros((b, c, h, geom.num_slots), bool).at[..., hist_slots].set(chosen)
+        sel_frames = pack_mask(slot_mask, 1 + k_extra)
+        dense = dense_selection(call, call.visible)
+        active = self._active(call.start_frame, c)
+        k_max = max(geom.num_slots, 1 + k_extra)
+        pad = lambda f: jnp.pad(f, ((0, 0), (0, 0), (0, 0), (0, k_max - f.shape[-1])), constant_values=-1)
+        frames = jnp.where(active, pad(sel_frames),
+                           pad(jnp.broadcast_to(dense.frames, (b, 1, h, dense.frames.shape[-1])).repeat(c, 1)))
+        aux = {"attn_z": attn_z, "selected": jnp.where(active, slot_mask, False)}
+        return Selection(frames=frames), aux

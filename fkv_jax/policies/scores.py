@@ -1,0 +1,60 @@
+"""Scorers: small pure functions that rank frames, segments or tokens."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def segment_cosine(a: jax.Array, b: jax.Array, num_segments: int, eps: float = 1e-8) -> jax.Array:
+    """Mean per-token cosine similarity of two frames' keys over ``num_segments`` contiguous raster segments.
+
+    a, b: [T, F] (a token's features flattened, e.g. heads x head_dim). Returns [num_segments].
+    """
+    t = a.shape[0]
+    if t % num_segments:
+        raise ValueError(f"{t} tokens per frame do not split into {num_segments} segments")
+    na = jnp.linalg.norm(a, axis=-1)
+    nb = jnp.linalg.norm(b, axis=-1)
+    cos = (a * b).sum(-1) / jnp.maximum(na * nb, eps)  # [T]
+    return cos.reshape(num_segments, t // num_segments).mean(-1)
+
+
+def pool_tokens(x: jax.Array, groups: int, alpha: float = 0.5) -> jax.Array:
+    """Pool a frame's tokens in ``groups`` contiguous groups as alpha * mean + (1 - alpha) * max.
+
+    x: [..., T, D] -> [..., groups, D].
+    """
+    t = x.shape[-2]
+    if t % groups:
+        raise ValueError(f"{t} tokens per frame do not split into {groups} pooling groups")
+    g = x.reshape(*x.shape[:-2], groups, t // groups, x.shape[-1])
+    return alpha * g.mean(-2) + (1 - alpha) * g.max(-2)
+
+
+def zscore_rsqrt(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
+    """(x - mean) * rsqrt(var_pop + eps) (Focused Forcing's attention z-score as executed)."""
+    m = x.mean(axis, keepdims=True)
+    v = jnp.square(x - m).mean(axis, keepdims=True)
+    return (x - m) * jax.lax.rsqrt(v + eps)
+
+
+def zscore_std(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
+    """(x - mean) / (std_pop + eps) (Focused Forcing's diversity z-score as executed)."""
+    m = x.mean(axis, keepdims=True)
+    sd = jnp.sqrt(jnp.square(x - m).mean(axis, keepdims=True))
+    return (x - m) / (sd + eps)
+
+
+def key_diversity(keys: jax.Array, valid: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Minus the mean cosine of each frame's keys to the mean key over frames (per token position).
+
+    keys: [N, T, H, D] frames' keys; valid: bool[N] which frames form the set. Returns D [H, N]
+    (meaningful where valid). The mean key is normalised as m * rsqrt(|m|^2 + eps), each key as
+    rsqrt(|k|^2 + eps), and the cosine is averaged over the frame's tokens.
+    """
+    w = valid.astype(keys.dtype)[:, None, None, None]
+    m = (keys * w).sum(0) / jnp.maximum(w.sum(), 1)  # [T, H, D]
+    m_hat = m * jax.lax.rsqrt(jnp.square(m).sum(-1, keepdims=True) + eps)
+    cos = (keys * m_hat[None]).sum(-1) * jax.lax.rsqrt(jnp.square(keys).sum(-1) + eps)  # [N, T, H]
+    return -cos.mean(1).T  # [H, N]

@@ -1,0 +1,85 @@
+"""Focused Forcing against the authors' code's run (tests/data/policies/focused_forcing_tiny*)."""
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import DATA, load_tiny, rel_err
+from fkv_jax.config import sampler_preset
+from fkv_jax.policies import FocusedForcing, SinkWindow, importance_budgets, load_importance, make_policy
+from fkv_jax.sampling.rollout import Sampler
+
+P = DATA / "policies"
+
+
+@pytest.fixture(scope="module")
+def ff():
+    cfg, graphdef, params = load_tiny(P / "focused_forcing_tiny.pt", 4)
+    with np.load(P / "focused_forcing_tiny.npz") as z:
+        ref = {k: z[k] for k in z.files}
+    return cfg, graphdef, params, ref
+
+
+def run(ff, policy, record=None):
+    cfg, graphdef, params, ref = ff
+    s = Sampler(graphdef, cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=33,
+                policy=policy)
+    ren = ref["renoise"].reshape(11, 3, 1, 3, 16, 8, 12)
+    lat = s.generate(params, ref["context"], ref["noise"], renoise=ren, progress=False,
+                     on_chunk=None if record is None else (lambda b, r: record.append(jax.device_get(r))))
+    return s, lat
+
+
+def test_budgets_round_half_to_even(ff):
+    imp = load_importance(P / "focused_forcing_dm_loss.json", 4, 2)
+    b = importance_budgets(imp, 4, 12)
+    np.testing.assert_array_equal(b, ff[3]["kv_budget"])
+    assert b[0, 1] == 4  # 4.5 rounds to 4
+
+
+def our_slot_frames(chunk: int) -> np.ndarray:
+    """Frame held by each of our 18 cache slots at the start of ``chunk`` >= 6: sink 0..14, ring = last chunk."""
+    return np.concatenate([np.arange(15), np.arange(3 * chunk - 3, 3 * chunk)])
+
+
+def test_matches_authors_code(ff):
+    policy = make_policy("focused_forcing", {"pooled_tokens": "2"}, head_importance=P / "focused_forcing_dm_loss.json",
+                         num_layers=4, num_heads=2)
+    outs = []
+    s, lat = run(ff, policy, outs)
+    ref = ff[3]
+    assert rel_err(lat, ref["latents_focused_forcing"]) <= 1e-4
+    assert s.trace_count == 1
+    for i, chunk in enumerate(range(6, 11)):
+        aux = outs[chunk].select_aux  # leaves [calls, layers, B, C, H, ...]
+        np.testing.assert_allclose(aux["attn_z"][:, :, 0], ref["attn_scores_z"][i], atol=5e-5)
+        # upstream window slots 0..17 hold the history in frame order, 18..20 the current chunk (always kept)
+        hist_frames = ref["window_slot_frames"][i][:18]
+        slots = [int(np.flatnonzero(our_slot_frames(chunk) == f)[0]) for f in hist_frames]
+        ours = np.ones(ref["selected_mask"][i].shape, bool)
+        ours[..., :18] = aux["selected"][:, :, 0][..., slots]
+        np.testing.assert_array_equal(ours, ref["selected_mask"][i])
+        # every (call, layer, query frame, head) keeps exactly its budget
+        np.testing.assert_array_equal(ours.sum(-1), np.broadcast_to(ref["kv_budget"][None, :, None, :], ours.shape[:-1]))
+    # before the window is full, nothing is pruned
+    assert not outs[5].select_aux["selected"].any()
+
+
+def test_no_pruning_matches_and_equals_window_without_rerotation(ff):
+    ref = ff[3]
+    _, a = run(ff, FocusedForcing(min_budget=21, max_budget=21, pooled_tokens=2))
+    assert rel_err(a, ref["latents_ff_no_pruning"]) <= 1e-4
+    # budget = everything and no sink re-rotation == plain sink 15 + window 21 (plain Self Forcing)
+    _, b = run(ff, FocusedForcing(min_budget=21, max_budget=21, pooled_tokens=2, sink_rerotation=False))
+    _, c = run(ff, SinkWindow(local_attn_size=21, sink_size=15))
+    assert rel_err(c, ref["latents_self_forcing"]) <= 1e-4
+    assert rel_err(b, c) <= 1e-5
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="needs per-head importance"):
+        make_policy("focused_forcing", num_layers=4, num_heads=2).budgets(4, 2)
+    with pytest.raises(ValueError, match="no option"):
+        make_policy("focused_forcing", {"budget": "3"})
+    with pytest.raises(ValueError, match="not a int"):
+        make_policy("focused_forcing", {"min_budget": "x"})
