@@ -6,12 +6,16 @@ A policy is a frozen dataclass of static hyper-parameters with four pure functio
     init_state(geom)                      -> state               {"layers": leaves with a leading [L] axis, ...}
     on_chunk_start(state, cache, start)   -> state, cache        once per chunk, before its first call
     select(call)                          -> Selection, aux      every attention call, every layer
-    on_write(state, cache, k_new, v_new, start) -> state, aux    after the clean pass, before the cache write
+    on_write(state, cache, k_new, v_new, start, clean_aux) -> state, aux
+                                                                 after the clean pass, before the cache write
 
 All of them run inside the sampler's one jitted chunk step. ``state["layers"]`` is scanned with the
 model's layers, so ``select`` sees the slice of its own layer; every other key of ``state`` is shared.
 ``aux`` pytrees (scores, picked indices) are returned to the host for inspection and tests; return
-``None`` when there is nothing to report.
+``None`` when there is nothing to report. ``on_write`` also receives ``clean_aux = {"select": the clean
+pass's select aux stacked over layers, "q": its rotated queries [L, B, C*T, H, Dh] if the policy sets
+``needs_clean_queries = True``, else None}``, so a policy can fold what the clean pass saw (attention
+mass, observation-window queries) into its state.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class Policy:
     """Base class with the behaviour of a plain cache: read every visible slot, keep no state."""
 
     name: str = "policy"
+    needs_clean_queries: bool = False  # hand the clean pass's queries of every layer to on_write
 
     def geometry(self, base: CacheGeometry, num_frames: int | None = None) -> CacheGeometry:
         """The cache this policy needs, given the one the sampler config describes (and the video length)."""
@@ -70,7 +75,7 @@ class Policy:
     def select(self, call: Call) -> tuple[Selection, Any]:
         return dense_selection(call, call.visible), None
 
-    def on_write(self, state, cache, k_new, v_new, start_frame) -> tuple[State, Any]:
+    def on_write(self, state, cache, k_new, v_new, start_frame, clean_aux=None) -> tuple[State, Any]:
         return state, None
 
 

@@ -112,7 +112,7 @@ class ForcingKV(Policy):
         return sel, None
 
     # ---- the clean pass: refresh the segment buffer -----------------------------------------------
-    def on_write(self, state, cache, k_new, v_new, start_frame):
+    def on_write(self, state, cache, k_new, v_new, start_frame, clean_aux=None):
         """k_new, v_new: [L, B, C, T, H, Dh] of the clean pass; ``cache`` is still the pre-write cache."""
         if not self.dynamic_temporal_enabled:
             return state, None

@@ -213,18 +213,23 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
         visible = visible_slots(geom, cache, start_frame)  # [N]
         tsin = jnp.asarray(t_sin_table)
 
-        def attn_fn(carry, layer, lx, q, k, v):
-            ck, cv, ls = lx
-            call = Call(layer=layer, step=carry, num_steps=n, start_frame=start_frame, q=q, k_chunk=k, v_chunk=v,
-                        cache_k=ck, cache_v=cv, slot_frame=cache["slot_frame"], visible=visible, layer_state=ls,
-                        state=state, geom=geom)
-            sel, aux = policy.select(call)
-            return attend(q, k, v, ck, cv, sel, backend=backend), carry, aux
+        def make_attn_fn(clean: bool):
+            def attn_fn(carry, layer, lx, q, k, v):
+                ck, cv, ls = lx
+                call = Call(layer=layer, step=carry, num_steps=n, start_frame=start_frame, q=q, k_chunk=k,
+                            v_chunk=v, cache_k=ck, cache_v=cv, slot_frame=cache["slot_frame"], visible=visible,
+                            layer_state=ls, state=state, geom=geom)
+                sel, aux = policy.select(call)
+                if clean:  # the clean pass may also hand its queries to on_write
+                    aux = {"select": aux, "q": q if policy.needs_clean_queries else None}
+                return attend(q, k, v, ck, cv, sel, backend=backend), carry, aux
+            return attn_fn
 
-        def call_model(xt, i):
+        def call_model(xt, i, clean=False):
             ts = jnp.broadcast_to(tsin[i], (b, c, tsin.shape[-1]))
             flow, k_new, v_new, _, aux = model.forward(
-                xt, ts, ctx_kv, rope, frame_pos, (cache["k"], cache["v"], state["layers"]), attn_fn, carry=i)
+                xt, ts, ctx_kv, rope, frame_pos, (cache["k"], cache["v"], state["layers"]), make_attn_fn(clean),
+                carry=i)
             return flow, k_new, v_new, aux
 
         eps_pad = jnp.concatenate([eps, jnp.zeros((1, *x.shape), eps.dtype)], axis=0)  # [n, ...]
@@ -239,12 +244,12 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
         _, (flows, x0s, auxs) = jax.lax.scan(denoise, x, xs)
         x0 = x0s[-1]
         # clean pass: t = 0 on the final x0; its K/V is what the cache keeps
-        flow_c, k_new, v_new, aux_c = call_model(x0, jnp.int32(n))
-        state, write_aux = policy.on_write(state, cache, k_new, v_new, start_frame)
+        flow_c, k_new, v_new, clean_aux = call_model(x0, jnp.int32(n), clean=True)
+        state, write_aux = policy.on_write(state, cache, k_new, v_new, start_frame, clean_aux)
         new_cache = write(geom, cache, k_new, v_new, start_frame)
         flows = jnp.concatenate([flows, flow_c[None]], axis=0)
         x0s = jnp.concatenate([x0s, (x0 - sig[n] * flow_c)[None]], axis=0)
-        select_aux = jax.tree.map(lambda a, b_: jnp.concatenate([a, b_[None]], axis=0), auxs, aux_c)
+        select_aux = jax.tree.map(lambda a, b_: jnp.concatenate([a, b_[None]], axis=0), auxs, clean_aux["select"])
         out = ChunkOutput(x0=x0, flows=flows, x0s=x0s, select_aux=select_aux, write_aux=write_aux)
         return out, new_cache, state
 
