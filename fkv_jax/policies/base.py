@@ -6,6 +6,7 @@ A policy is a frozen dataclass of static hyper-parameters with four pure functio
     init_state(geom)                      -> state               {"layers": leaves with a leading [L] axis, ...}
     on_chunk_start(state, cache, start)   -> state, cache        once per chunk, before its first call
     select(call)                          -> Selection, aux      every attention call, every layer
+    post_attention(call, out)             -> out                 (optional) e.g. head gating for ablations
     on_write(state, cache, k_new, v_new, start, clean_aux) -> state, aux
                                                                  after the clean pass, before the cache write
 
@@ -77,6 +78,10 @@ class Policy:
 
     def on_write(self, state, cache, k_new, v_new, start_frame, clean_aux=None) -> tuple[State, Any]:
         return state, None
+
+    def post_attention(self, call: Call, out: jax.Array) -> jax.Array:
+        """Last look at the attention output [B, C*T, H, Dh] of a call (e.g. gate heads off); identity here."""
+        return out
 
 
 def dense_selection(call: Call, slots: jax.Array) -> Selection:

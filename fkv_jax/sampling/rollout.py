@@ -80,10 +80,9 @@ class Sampler:
         self.model_cfg, self.sampler_cfg = model_cfg, sampler_cfg
         self.batch, self.latent_hw = batch, tuple(latent_hw)
         c = sampler_cfg.frames_per_block
-        if sampler_cfg.local_attn_size == -1 and cache_frames is None:
-            if num_frames is None:
-                raise ValueError("a global cache needs num_frames or cache_frames to size it")
-            cache_frames = num_frames
+        sized = cache_frames is not None or num_frames is not None
+        if cache_frames is None:
+            cache_frames = num_frames if num_frames is not None else c  # a placeholder until a policy decides
         gh, gw = model_cfg.grid_hw(self.latent_hw)
         base = CacheGeometry.from_upstream(
             local_attn_size=sampler_cfg.local_attn_size, sink_size=sampler_cfg.sink_size, frames_per_block=c,
@@ -92,6 +91,8 @@ class Sampler:
             grid_hw=(gh, gw))
         self.policy = policy if policy is not None else Policy()
         self.geom = self.policy.geometry(base, num_frames)
+        if self.geom.global_attn and not sized:
+            raise ValueError("a global cache needs num_frames or cache_frames to size it")
         self.cache_dtype = cache_dtype
         self.schedule: Schedule = make_schedule(sampler_cfg)
         self.rope = make_rope_tables(model_cfg.head_dim, (gh, gw), model_cfg.rope_max_frames)
@@ -151,6 +152,7 @@ class Sampler:
         seed: int = 0,
         progress: bool = True,
         on_chunk: Callable[[int, ChunkOutput], None] | None = None,
+        state=None,
     ) -> np.ndarray:
         """Generate latents [B, F, C, H, W] (float32 numpy).
 
@@ -160,6 +162,7 @@ class Sampler:
           renoise: optional [num_blocks, n - 1, B, C_blk, C, H, W] re-noise draws (replays a recorded run);
             otherwise they are drawn on the host from ``numpy.random.default_rng((seed, block))``.
           on_chunk: called after each chunk with its index and outputs (streaming consumers, tests).
+          state: initial policy state (default ``init_state()``), e.g. with a head gate for ablations.
         """
         noise = jnp.asarray(noise, jnp.float32)
         b, f = noise.shape[:2]
@@ -179,7 +182,7 @@ class Sampler:
 
         ctx_kv = self.context_kv(params, context)
         cache = self.init_cache()
-        state = self.init_state()
+        state = self.init_state() if state is None else state
         out = np.empty(noise.shape, np.float32)
         bar = tqdm(range(nblk), desc="chunks", unit="chunk", disable=None if progress else True, dynamic_ncols=True)
         t0 = time.perf_counter()
@@ -222,7 +225,8 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
                 sel, aux = policy.select(call)
                 if clean:  # the clean pass may also hand its queries to on_write
                     aux = {"select": aux, "q": q if policy.needs_clean_queries else None}
-                return attend(q, k, v, ck, cv, sel, backend=backend), carry, aux
+                out = policy.post_attention(call, attend(q, k, v, ck, cv, sel, backend=backend))
+                return out, carry, aux
             return attn_fn
 
         def call_model(xt, i, clean=False):
