@@ -149,27 +149,34 @@ def selection_attention(
         mvalid = None if sel.mem_valid is None else sel.mem_valid[:, None, :, None, :]  # [B, 1, H, 1, M]
         carry = _block_update(carry, qg, sel.mem_k, sel.mem_v, mvalid)
 
-    bi = jnp.arange(b)[:, None, None]
-    hi = jnp.arange(h)[None, None, :]
+    # Gather kb selected slots per step (kb * T <= ~2048 keys): few, reasonably sized matmuls.
+    kb = max(1, min(kmax, 2048 // max(t, 1))) if kmax else 1
+    frames = sel.frames
+    if kmax % kb:
+        frames = jnp.pad(frames, ((0, 0), (0, 0), (0, 0), (0, kb - kmax % kb)), constant_values=-1)
+    bi = jnp.arange(b)[:, None, None, None]
+    hi = jnp.arange(h)[None, None, :, None]
 
     def body(j, carry):
-        slot = sel.frames[:, :, :, j]  # [B, G, H]
+        slot = jax.lax.dynamic_slice_in_dim(frames, j * kb, kb, axis=3)  # [B, G, H, kb]
         ok = slot >= 0
         slot = jnp.maximum(slot, 0)
-        kj = k_cache[bi, slot, :, hi, :].astype(jnp.float32)  # [B, G, H, T, D]
+        # advanced indices split by a slice: the broadcast index dims come first -> [B, G, H, kb, T, D]
+        kj = k_cache[bi, slot, :, hi, :].astype(jnp.float32)
         vj = v_cache[bi, slot, :, hi, :].astype(jnp.float32)
         m, l, acc = carry
-        s = jnp.einsum("bgqhd,bghkd->bghqk", qg, kj)
-        s = jnp.where(ok[..., None, None], s, _NEG)
+        s = jnp.einsum("bgqhd,bghjkd->bghqjk", qg, kj)
+        s = jnp.where(ok[:, :, :, None, :, None], s, _NEG).reshape(b, qf, h, tq, kb * t)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
-        acc = acc * jnp.moveaxis(corr, -1, 2)[..., None] + jnp.einsum("bghqk,bghkd->bgqhd", p, vj)
+        acc = acc * jnp.moveaxis(corr, -1, 2)[..., None] + jnp.einsum(
+            "bghqk,bghkd->bgqhd", p, vj.reshape(b, qf, h, kb * t, d))
         return m_new, l * corr + p.sum(-1), acc
 
     if kmax:
         used = jnp.max(jnp.sum(sel.frames >= 0, axis=-1))
-        carry = jax.lax.fori_loop(0, used, body, carry)
+        carry = jax.lax.fori_loop(0, (used + kb - 1) // kb, body, carry)
     _, l, acc = carry
     out = acc / jnp.moveaxis(l, -1, 2)[..., None]
     return out.reshape(b, sq, h, d).astype(q.dtype)
