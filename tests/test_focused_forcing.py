@@ -83,3 +83,39 @@ def test_bad_options():
         make_policy("focused_forcing", {"budget": "3"})
     with pytest.raises(ValueError, match="not a int"):
         make_policy("focused_forcing", {"min_budget": "x"})
+
+
+def test_longlive_variant_budgets_own_frame_and_full_budget_equivalence():
+    import dataclasses
+
+    from flax import nnx
+
+    import fkv_jax
+    from fkv_jax.policies import FocusedForcingLongLive
+
+    cfg = fkv_jax.model_preset("tiny")
+    graphdef, params = nnx.split(fkv_jax.init_model(cfg, seed=2), nnx.Param)
+    rng = np.random.default_rng(2)
+    ctx = rng.standard_normal((1, 5, 64), np.float32)
+    noise = rng.standard_normal((1, 27, 16, 8, 12), np.float32)
+    imp = np.array([[0.0, 1.0], [0.3, 0.6]])
+    pol = FocusedForcingLongLive(importance=imp, pooled_tokens=4)
+    outs = []
+    s = Sampler(graphdef, cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), policy=pol)
+    lat = s.generate(params, ctx, noise, seed=0, progress=False, on_chunk=lambda b, r: outs.append(jax.device_get(r)))
+    assert np.isfinite(lat).all() and s.trace_count == 1
+    budgets = importance_budgets(imp, 4, 12)
+    for chunk in range(6, 9):
+        sel = outs[chunk].select_aux["selected"][:, :, 0]  # [calls, L, C(query), H, hist + C]
+        np.testing.assert_array_equal(sel.sum(-1), np.broadcast_to(budgets[None, :, None, :], sel.shape[:-1]))
+        for f in range(3):  # the query frame's own frame is always kept
+            assert sel[:, :, f, :, 9 + f].all()
+        assert sel[..., :3].any(-1).all()  # and a front frame
+    assert not outs[5].select_aux["selected"].any()
+    # the whole window as budget == LongLive's plain sink 3 + window 12
+    full = dataclasses.replace(pol, min_budget=12, max_budget=12)
+    a = Sampler(graphdef, cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), policy=full).generate(
+        params, ctx, noise, seed=0, progress=False)
+    b = Sampler(graphdef, cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12),
+                policy=SinkWindow(12, 3)).generate(params, ctx, noise, seed=0, progress=False)
+    assert rel_err(a, b) <= 1e-5

@@ -21,7 +21,7 @@ from typing import Any
 
 from fkv_jax.policies.base import Call, Policy, dense_selection
 from fkv_jax.policies.dense import Full, SinkWindow, Window
-from fkv_jax.policies.focused_forcing import FocusedForcing, importance_budgets
+from fkv_jax.policies.focused_forcing import FocusedForcing, FocusedForcingLongLive, importance_budgets
 from fkv_jax.policies.forcing_kv import ForcingKV
 from fkv_jax.policies.heads import HeadTable, load_head_table, load_importance
 
@@ -31,6 +31,7 @@ POLICIES: dict[str, type[Policy]] = {
     "sink_window": SinkWindow,
     "forcing_kv": ForcingKV,
     "focused_forcing": FocusedForcing,
+    "focused_forcing_longlive": FocusedForcingLongLive,
 }
 
 
@@ -125,6 +126,6 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["Call", "FocusedForcing", "ForcingKV", "Full", "HeadTable", "POLICIES", "Policy", "SinkWindow",
+__all__ = ["Call", "FocusedForcing", "FocusedForcingLongLive", "ForcingKV", "Full", "HeadTable", "POLICIES", "Policy", "SinkWindow",
            "Window", "dense_selection", "importance_budgets", "load_head_table", "load_importance",
            "make_policy", "parse_options", "preset", "register"]

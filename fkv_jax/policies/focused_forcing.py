@@ -180,3 +180,76 @@ class FocusedForcing(Policy):
                            pad(jnp.broadcast_to(dense.frames, (b, 1, h, dense.frames.shape[-1])).repeat(c, 1)))
         aux = {"attn_z": attn_z, "selected": jnp.where(active, slot_mask, False)}
         return Selection(frames=frames), aux
+
+
+@dataclasses.dataclass(frozen=True)
+class FocusedForcingLongLive(FocusedForcing):
+    """Focused Forcing, LongLive variant: frames of the current chunk can be pruned too.
+
+    Per (query frame, head) it keeps the front frame (best of the first 3 history frames) and the query's
+    own frame; the remaining ``budget - 2`` are split between the other history frames and the other frames
+    of the chunk as ``prefix = need * n_prefix // (n_prefix + n_tail)`` (the rest to the chunk), each part
+    filled by score. LongLive's absolute RoPE is kept (no sink re-rotation). Scores are computed per call
+    over history and chunk frames together (diversity too, since the chunk's keys change every call).
+    Assumptions (no reference run of this variant exists): the z-scores span history + chunk frames, and
+    the chunk part is ranked by the same score S as the history.
+    """
+
+    name = "focused_forcing_longlive"
+    local_attn_size: int = 12
+    sink_size: int = 3
+    active_from_chunk: int = 6
+    sink_rerotation: bool = False
+
+    def _active(self, start_frame, c):
+        return start_frame >= self.active_from_chunk * c
+
+    def on_chunk_start(self, state, cache, start_frame):
+        sf = cache["slot_frame"]
+        hist = state["hist_slots"].shape[0]
+        key = jnp.where((sf >= 0) & (sf < start_frame), sf, jnp.iinfo(jnp.int32).max)
+        return dict(state, hist_slots=jnp.argsort(key)[:hist].astype(jnp.int32)), cache
+
+    def select(self, call: Call):
+        geom = call.geom
+        b, sq, h, d = call.q.shape
+        c, t = geom.frames_per_block, geom.tokens_per_frame
+        hist_slots = call.state["hist_slots"]
+        hist = hist_slots.shape[0]
+        groups = self._groups(geom)
+        budgets = jnp.asarray(self.budgets(geom.num_layers, geom.num_heads))[call.layer]  # [H]
+        need = jnp.clip(budgets - 2, 0, hist - 1 + c - 1)
+        n_prefix, n_tail = hist - 1, c - 1
+        prefix_q = need * n_prefix // (n_prefix + n_tail)
+        tail_q = jnp.minimum(need - prefix_q, n_tail)
+
+        kc = call.k_chunk.reshape(b, c, t, h, d).astype(jnp.float32)
+        kh = call.cache_k[:, hist_slots].astype(jnp.float32)  # [B, hist, T, H, D]
+        keys = jnp.concatenate([kh, kc], axis=1)  # [B, hist + C, T, H, D] candidates
+        qf = call.q.reshape(b, c, t, h, d).astype(jnp.float32)
+        q_bar = pool_tokens(jnp.moveaxis(qf, 3, 2), groups, self.pool_alpha).mean(-2)  # [B, C, H, D]
+        k_bar = pool_tokens(jnp.moveaxis(keys, 3, 2), groups, self.pool_alpha).mean(-2)  # [B, hist + C, H, D]
+        attn_z = zscore_rsqrt(jnp.einsum("bchd,bnhd->bchn", q_bar, k_bar) / np.sqrt(d), axis=-1)
+        div = jax.vmap(lambda k: key_diversity(k, jnp.ones((hist + c,), bool)))(keys)  # [B, H, hist + C]
+        score = self.attn_weight * attn_z + (1 - self.attn_weight) * zscore_std(div, axis=-1)[:, None]
+
+        pos = jnp.arange(hist + c)
+        front = jnp.argmax(score[..., :FRONT], axis=-1)  # [B, C, H]
+        own = hist + jnp.arange(c)[None, :, None]  # [1, C, 1]
+        fixed = (pos == front[..., None]) | (pos == own[..., None])  # [B, C, H, hist + C]
+        is_prefix = pos < hist
+
+        def top_in(group, quota):
+            s = jnp.where(group & ~fixed, score, -jnp.inf)
+            rank = (-s).argsort(-1, stable=True).argsort(-1, stable=True)
+            return (rank < quota[None, None, :, None]) & jnp.isfinite(s)
+
+        chosen = fixed | top_in(is_prefix, prefix_q) | top_in(~is_prefix, tail_q)
+        slot_mask = jnp.zeros((b, c, h, geom.num_slots), bool).at[..., hist_slots].set(chosen[..., :hist])
+        k_max = geom.num_slots
+        active = self._active(call.start_frame, c)
+        dense = jnp.broadcast_to(call.visible, (b, c, h, geom.num_slots))
+        frames = pack_mask(jnp.where(active, slot_mask, dense), k_max)
+        chunk_mask = jnp.where(active, chosen[..., hist:], True)
+        aux = {"attn_z": attn_z, "selected": jnp.where(active, chosen, False)}
+        return Selection(frames=frames, chunk_mask=chunk_mask), aux
