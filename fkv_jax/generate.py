@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local-attn-size", type=int, help="-1 = global cache, N = rolling window of N frames")
     g.add_argument("--sink-size", type=int, help="sink frames kept forever in rolling mode")
     g.add_argument("--cache-frames", type=int, help="capacity of a global cache (default: --frames)")
+    g.add_argument("--rope-mode", choices=("absolute", "window_relative"), default="absolute",
+                   help="absolute (upstream; at most 1024 latent frames) or window_relative (LongLive's infinite "
+                        "variant: rolling windows of any length)")
     g.add_argument("--denoising-steps", help="comma-separated nominal timesteps, e.g. 1000,750,500,250")
     g.add_argument("--latent-size", help="latent HxW, e.g. 60x104 (default: the model preset's; 480x832 video)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the re-noise draws")
@@ -276,7 +279,8 @@ def run(args) -> Path:
         cfg.grid_hw(latent_hw)
         policy = _policy(args, cfg)
         sampler = Sampler(graphdef, cfg, sampler_cfg, batch=batch, latent_hw=latent_hw, num_frames=frames,
-                          cache_frames=args.cache_frames, policy=policy, attention_backend=args.attention_backend)
+                          cache_frames=args.cache_frames, policy=policy, attention_backend=args.attention_backend,
+                          rope_mode=args.rope_mode)
         sampler.check_length(frames)
     except ValueError as e:
         raise UsageError(str(e)) from e

@@ -168,3 +168,30 @@ def test_length_errors(tiny_model, tiny_cfg):
     rolling.check_length(999)
     with pytest.raises(ValueError, match="RoPE"):
         rolling.check_length(1026)
+
+
+def test_window_relative_rope(tiny_model, tiny_cfg):
+    """Without a sink, window-relative RoPE only shifts every position by the same amount: same video.
+    With a sink it changes the sink's distance; and it lifts the 1024-frame limit of absolute RoPE."""
+    graphdef, params = tiny_model
+    rng = np.random.default_rng(5)
+    ctx = rng.standard_normal((1, 4, 64)).astype(np.float32)
+    noise = rng.standard_normal((1, 18, 16, 8, 12)).astype(np.float32)
+    from fkv_jax.policies import SinkWindow, Window
+
+    def run(policy, mode):
+        return Sampler(graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), policy=policy,
+                       rope_mode=mode).generate(params, ctx, noise, seed=1, progress=False)
+
+    assert rel_err(run(Window(9), "window_relative"), run(Window(9), "absolute")) <= 1e-5
+    a, r = run(SinkWindow(9, 3), "absolute"), run(SinkWindow(9, 3), "window_relative")
+    assert rel_err(r[:, :9], a[:, :9]) <= 1e-5  # identical until frames are evicted
+    assert rel_err(r[:, 12:], a[:, 12:]) > 1e-3
+    s = Sampler(graphdef, tiny_cfg, sampler_preset("longlive"), batch=1, latent_hw=(8, 12),
+                rope_mode="window_relative")
+    s.check_length(3000)
+    with pytest.raises(ValueError, match="window-relative"):
+        Sampler(graphdef, tiny_cfg, sampler_preset("longlive"), batch=1, latent_hw=(8, 12)).check_length(1050)
+    with pytest.raises(ValueError, match="needs a rolling cache"):
+        Sampler(graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=9,
+                rope_mode="window_relative")

@@ -31,7 +31,7 @@ from fkv_jax.attention import attend
 from fkv_jax.cache.kv_cache import CacheGeometry, init_cache, visible_slots, write
 from fkv_jax.config import ModelConfig, SamplerConfig
 from fkv_jax.model.embeddings import timestep_sinusoid_np
-from fkv_jax.model.rope import make_rope_tables
+from fkv_jax.model.rope import make_rope_tables, rotate_temporal
 from fkv_jax.policies.base import Call, Policy
 from fkv_jax.sampling.scheduler import Schedule, make_schedule
 
@@ -66,6 +66,7 @@ class Sampler:
         max_traces: int | None = None,
         policy: Policy | None = None,
         attention_backend: str = "xla",
+        rope_mode: str = "absolute",
     ):
         """
         Args:
@@ -73,6 +74,10 @@ class Sampler:
           cache_frames: capacity of a global cache (local_attn_size = -1), default ``num_frames``.
           policy: the KV selection policy (default: plain cache, i.e. every frame the window allows).
           attention_backend: a key of ``fkv_jax.attention.BACKENDS``.
+          rope_mode: ``absolute`` (upstream: keys cached after RoPE at their absolute frame, at most
+            ``rope_max_frames`` frames) or ``window_relative`` (LongLive's infinite variant: keys cached
+            un-rotated, re-rotated at every call by their rank in the window, queries at the window's end;
+            a rolling video can then go on indefinitely).
           max_traces: if set, the chunk step is wrapped in ``chex.assert_max_traces(n=max_traces)`` (chex counts
             traces per definition site, so call ``chex.clear_trace_counter()`` before building another one).
             ``trace_count`` always tells how often the step was traced.
@@ -93,12 +98,18 @@ class Sampler:
         self.geom = self.policy.geometry(base, num_frames)
         if self.geom.global_attn and not sized:
             raise ValueError("a global cache needs num_frames or cache_frames to size it")
+        if rope_mode not in ("absolute", "window_relative"):
+            raise ValueError(f"rope_mode must be 'absolute' or 'window_relative', got {rope_mode!r}")
+        if rope_mode == "window_relative" and self.geom.global_attn:
+            raise ValueError("window-relative RoPE needs a rolling cache (local_attn_size != -1)")
+        self.rope_mode = rope_mode
         self.cache_dtype = cache_dtype
         self.schedule: Schedule = make_schedule(sampler_cfg)
         self.rope = make_rope_tables(model_cfg.head_dim, (gh, gw), model_cfg.rope_max_frames)
         t_sin = timestep_sinusoid_np(self.schedule.timesteps, model_cfg.freq_dim)  # [n + 1, freq_dim]
         self._graphdef = graphdef
-        step = _make_chunk_step(graphdef, self.geom, self.schedule, self.rope, t_sin, self.policy, attention_backend)
+        step = _make_chunk_step(graphdef, self.geom, self.schedule, self.rope, t_sin, self.policy, attention_backend,
+                                rope_mode == "window_relative")
         self.trace_count = 0
 
         def counted(*args):
@@ -137,9 +148,10 @@ class Sampler:
             raise ValueError(
                 f"a global KV cache (local_attn_size=-1) of {self.geom.capacity_frames} frames cannot hold "
                 f"{num_frames} frames; raise the cache capacity or use a rolling window (local_attn_size=N)")
-        if num_frames > self.model_cfg.rope_max_frames:
+        if self.rope_mode == "absolute" and num_frames > self.model_cfg.rope_max_frames:
             raise ValueError(
-                f"{num_frames} latent frames exceed the absolute RoPE table of {self.model_cfg.rope_max_frames} frames")
+                f"{num_frames} latent frames exceed the absolute RoPE table of {self.model_cfg.rope_max_frames} "
+                f"frames; use a rolling window with window-relative RoPE (--rope-mode window_relative)")
 
     # ---- the rollout ----------------------------------------------------------------------------------
     def generate(
@@ -201,7 +213,7 @@ class Sampler:
 
 
 def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_sin_table: np.ndarray,
-                     policy: Policy, backend: str):
+                     policy: Policy, backend: str, relative: bool = False):
     n = schedule.num_steps
     sig = schedule.sigmas  # [n + 1]
     # after step i, re-noise with sigma_{i+1}; after the last step nothing (sigma 0 keeps x0 exactly)
@@ -211,9 +223,18 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
         """x: [B, C, Cin, H, W]; eps: [n - 1, B, C, Cin, H, W]; start_frame: int32[]."""
         model = nnx.merge(graphdef, params)
         b, c = x.shape[:2]
-        frame_pos = start_frame + jnp.arange(c, dtype=jnp.int32)
         state, cache = policy.on_chunk_start(state, cache, start_frame)
         visible = visible_slots(geom, cache, start_frame)  # [N]
+        if relative:
+            # queries sit right after the window's history; a cached frame sits at its rank in the window
+            frame_pos = jnp.minimum(start_frame, geom.num_slots) + jnp.arange(c, dtype=jnp.int32)
+            sf = cache["slot_frame"]
+            order = jnp.where(visible, sf, jnp.iinfo(jnp.int32).max)
+            slot_pos = jnp.argsort(jnp.argsort(order)).astype(jnp.int32)  # rank of each slot by frame
+            read_k = rotate_temporal(cache["k"], rope, slot_pos[None, None, :])
+        else:
+            frame_pos = start_frame + jnp.arange(c, dtype=jnp.int32)
+            read_k = cache["k"]
         tsin = jnp.asarray(t_sin_table)
 
         def make_attn_fn(clean: bool):
@@ -232,7 +253,7 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
         def call_model(xt, i, clean=False):
             ts = jnp.broadcast_to(tsin[i], (b, c, tsin.shape[-1]))
             flow, k_new, v_new, _, aux = model.forward(
-                xt, ts, ctx_kv, rope, frame_pos, (cache["k"], cache["v"], state["layers"]), make_attn_fn(clean),
+                xt, ts, ctx_kv, rope, frame_pos, (read_k, cache["v"], state["layers"]), make_attn_fn(clean),
                 carry=i)
             return flow, k_new, v_new, aux
 
@@ -250,6 +271,8 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
         # clean pass: t = 0 on the final x0; its K/V is what the cache keeps
         flow_c, k_new, v_new, clean_aux = call_model(x0, jnp.int32(n), clean=True)
         state, write_aux = policy.on_write(state, cache, k_new, v_new, start_frame, clean_aux)
+        if relative:  # the cache holds un-rotated keys
+            k_new = rotate_temporal(k_new, rope, -frame_pos[None, None, :])
         new_cache = write(geom, cache, k_new, v_new, start_frame)
         flows = jnp.concatenate([flows, flow_c[None]], axis=0)
         x0s = jnp.concatenate([x0s, (x0 - sig[n] * flow_c)[None]], axis=0)
