@@ -174,6 +174,9 @@ def _policy(args, cfg):
         if args.policy_opt or args.head_table or args.head_importance:
             raise UsageError("--policy-opt, --head-table and --head-importance need --policy")
         return None
+    if args.local_attn_size is not None or args.sink_size is not None:
+        raise UsageError("--local-attn-size/--sink-size describe the plain cache; with --policy set the window "
+                         "through --policy-opt (e.g. local_attn_size=12, sink_size=3)")
     if args.head_importance is not None and not args.head_importance.is_file():
         raise UsageError(f"--head-importance file not found: {args.head_importance}")
     return make_policy(args.policy, parse_options(args.policy_opt), head_table=args.head_table,

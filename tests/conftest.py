@@ -7,11 +7,18 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
+
+# Many tests build samplers with identical programs: a persistent compilation cache turns the repeats into
+# cache hits (the first test run on a machine fills it).
+jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / "fkv_jax_test_xla_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 DATA = Path(__file__).parent / "data"
 CHECKPOINT_PT = DATA / "convert" / "checkpoint.pt"
