@@ -17,6 +17,15 @@ from importlib import resources
 from typing import Any
 
 
+def _known_fields(cls, d: dict[str, Any], what: str) -> dict[str, Any]:
+    """The entries of ``d`` that are fields of ``cls`` (a ``description`` is allowed and dropped)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names - {"description"})
+    if unknown:
+        raise ValueError(f"unknown {what} config keys: {unknown}")
+    return {k: v for k, v in d.items() if k in names}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Sizes of a Wan2.1 causal DiT (``model_type='t2v'``)."""
@@ -81,11 +90,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - {"description"})
-        if unknown:
-            raise ValueError(f"unknown model config keys: {unknown}")
-        kw = {k: v for k, v in d.items() if k in names}
+        kw = _known_fields(cls, d, "model")
         for k in ("patch_size", "latent_hw"):
             if k in kw:
                 kw[k] = tuple(int(x) for x in kw[k])
@@ -120,11 +125,7 @@ class SamplerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SamplerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - {"description"})
-        if unknown:
-            raise ValueError(f"unknown sampler config keys: {unknown}")
-        kw = {k: v for k, v in d.items() if k in names}
+        kw = _known_fields(cls, d, "sampler")
         if "denoising_steps" in kw:
             kw["denoising_steps"] = tuple(float(x) for x in kw["denoising_steps"])
         return cls(**kw)

@@ -80,7 +80,9 @@ def _gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
 
-class SelfAttention(nnx.Module):
+class _Projections(nnx.Module):
+    """q, k, v, o Linear layers plus RMSNorms on q and k over the full width (Wan's attention parameters)."""
+
     def __init__(self, cfg: ModelConfig, *, rngs, dtype=jnp.float32):
         d = cfg.dim
         self.num_heads = cfg.num_heads
@@ -91,6 +93,8 @@ class SelfAttention(nnx.Module):
         self.norm_q = RMSNorm(d, cfg.eps, dtype=dtype)
         self.norm_k = RMSNorm(d, cfg.eps, dtype=dtype)
 
+
+class SelfAttention(_Projections):
     def qkv(self, x, cos, sin):
         """x: [B, S, D] -> q, k (rotated), v: [B, S, H, Dh]."""
         b, s, d = x.shape
@@ -101,17 +105,7 @@ class SelfAttention(nnx.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-class CrossAttention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs, dtype=jnp.float32):
-        d = cfg.dim
-        self.num_heads = cfg.num_heads
-        self.q = _linear(d, d, rngs, dtype)
-        self.k = _linear(d, d, rngs, dtype)
-        self.v = _linear(d, d, rngs, dtype)
-        self.o = _linear(d, d, rngs, dtype)
-        self.norm_q = RMSNorm(d, cfg.eps, dtype=dtype)
-        self.norm_k = RMSNorm(d, cfg.eps, dtype=dtype)
-
+class CrossAttention(_Projections):
     def kv(self, ctx):
         """Text K/V, computed once per prompt. ctx: [B, Lt, D] -> k, v: [B, Lt, H, Dh]."""
         b, lt, d = ctx.shape

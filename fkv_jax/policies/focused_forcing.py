@@ -51,6 +51,12 @@ def importance_budgets(importance: np.ndarray, min_budget: int, max_budget: int,
                       np.int32).reshape(s.shape)
 
 
+def history_order(slot_frame: jax.Array, start_frame: jax.Array, hist: int) -> jax.Array:
+    """int32[hist]: the slots of the ``hist`` oldest filled frames before the chunk, in frame order."""
+    key = jnp.where((slot_frame >= 0) & (slot_frame < start_frame), slot_frame, jnp.iinfo(jnp.int32).max)
+    return jnp.argsort(key)[:hist].astype(jnp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class FocusedForcing(Policy):
     name = "focused_forcing"
@@ -132,10 +138,7 @@ class FocusedForcing(Policy):
             ks = jnp.concatenate([rot.astype(ks.dtype), ks[..., 2 * ct:]], axis=-1)
             cache = dict(cache, k=cache["k"].at[:, :, : self.sink_size].set(ks))
             state = dict(state, sink_pos=state["sink_pos"] + delta)
-        # history slots in frame order: filled slots older than the chunk, oldest first
-        sf = cache["slot_frame"]
-        key = jnp.where((sf >= 0) & (sf < start_frame), sf, jnp.iinfo(jnp.int32).max)
-        order = jnp.argsort(key)[:hist].astype(jnp.int32)
+        order = history_order(cache["slot_frame"], start_frame, hist)
         keys = cache["k"][:, :, order]  # [L, B, hist, T, H, D]
         div = jax.vmap(jax.vmap(lambda k: key_diversity(k.astype(jnp.float32), jnp.ones((hist,), bool))))(keys)
         div_z = zscore_std(div, axis=-1)  # [L, B, H, hist]
@@ -205,10 +208,8 @@ class FocusedForcingLongLive(FocusedForcing):
         return start_frame >= self.active_from_chunk * c
 
     def on_chunk_start(self, state, cache, start_frame):
-        sf = cache["slot_frame"]
         hist = state["hist_slots"].shape[0]
-        key = jnp.where((sf >= 0) & (sf < start_frame), sf, jnp.iinfo(jnp.int32).max)
-        return dict(state, hist_slots=jnp.argsort(key)[:hist].astype(jnp.int32)), cache
+        return dict(state, hist_slots=history_order(cache["slot_frame"], start_frame, hist)), cache
 
     def select(self, call: Call):
         geom = call.geom
