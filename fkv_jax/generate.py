@@ -30,7 +30,12 @@ work; its output is noise-like latents, not a real video.
 
 Text: real checkpoints need the UMT5 encoder output as --text-embeddings FILE.npy ([B, L, text_dim]).
 The embedded model accepts --prompt/--prompts and turns each prompt into a deterministic stand-in
-embedding (a seeded hash of the text): the real text encoder is not part of this release yet.
+embedding (a seeded hash of the text).
+
+Text to video: --model-dir DIR (built by `python -m checkpoints_convert --wan-dir WAN2.1_DOWNLOAD --generator
+GEN.pt --output DIR`) encodes the prompts with UMT5, generates, decodes each chunk with the VAE as it is made
+and writes mp4 files (H.264, 16 fps) to --output-dir; --prompts FILE gives one video per line, --seeds and
+--batch-size multiply and group them, --switch-frames / --schedule switch prompts mid-video (LongLive).
 
 Replay: --noise-file FILE.npz with `noise` [B, F, C, H, W] and `renoise`
 [num_blocks, num_steps-1, B, frames_per_block, C, H, W] reproduces a recorded PyTorch rollout number for
@@ -75,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the re-noise draws")
     g.add_argument("--noise-file", type=Path, help=".npz with `noise` and `renoise` (replays a recorded rollout)")
     g = p.add_argument_group("KV selection policy")
-    g.add_argument("--policy", help="KV selection policy: full | window | sink_window | forcing_kv | focused_forcing "
+    g.add_argument("--policy", help="KV selection policy: full, window, sink_window, forcing_kv, focused_forcing, "
+                                    "focused_forcing_longlive, dummy_forcing, deep_forcing, h2o, snapkv, rkv "
                                     "(default: the plain cache of --local-attn-size / --sink-size)")
     g.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option (repeatable), upstream names, e.g. ar_start=1, sim_retention_ratio=0.33, "
@@ -90,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", type=Path, default=Path("outputs"),
                    help="where latents go when --save-latents is not given (default: ./outputs)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from fkv_jax.pipeline import add_arguments
+
+    add_arguments(p)  # --model-dir: prompts -> mp4 (text encoder, VAE, prompt switching)
     return p
 
 
@@ -215,6 +224,10 @@ def _enable_compilation_cache() -> None:
 
 
 def run(args) -> Path:
+    from fkv_jax.pipeline import run_cli, wants_pipeline
+
+    if wants_pipeline(args):  # --model-dir: the text-to-video pipeline (fkv_jax/pipeline.py)
+        return run_cli(args, UsageError)
     # Validate everything cheap first, import/compile later.
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         raise UsageError(f"--checkpoint directory not found: {args.checkpoint}")

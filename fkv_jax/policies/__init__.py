@@ -24,6 +24,9 @@ from fkv_jax.policies.dense import Full, SinkWindow, Window
 from fkv_jax.policies.focused_forcing import FocusedForcing, FocusedForcingLongLive, importance_budgets
 from fkv_jax.policies.forcing_kv import ForcingKV
 from fkv_jax.policies.heads import HeadTable, load_head_table, load_importance
+from fkv_jax.policies.deep_forcing import DeepForcing
+from fkv_jax.policies.dummy_forcing import DummyForcing
+from fkv_jax.policies.llm_baselines import H2O, RKV, SnapKV
 
 POLICIES: dict[str, type[Policy]] = {
     "full": Full,
@@ -32,6 +35,11 @@ POLICIES: dict[str, type[Policy]] = {
     "forcing_kv": ForcingKV,
     "focused_forcing": FocusedForcing,
     "focused_forcing_longlive": FocusedForcingLongLive,
+    "dummy_forcing": DummyForcing,
+    "deep_forcing": DeepForcing,
+    "h2o": H2O,
+    "snapkv": SnapKV,
+    "rkv": RKV,
 }
 
 
@@ -126,6 +134,6 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["Call", "FocusedForcing", "FocusedForcingLongLive", "ForcingKV", "Full", "HeadTable", "POLICIES", "Policy", "SinkWindow",
+__all__ = ["Call", "DeepForcing", "DummyForcing", "H2O", "RKV", "SnapKV", "FocusedForcing", "FocusedForcingLongLive", "ForcingKV", "Full", "HeadTable", "POLICIES", "Policy", "SinkWindow",
            "Window", "dense_selection", "importance_budgets", "load_head_table", "load_importance",
            "make_policy", "parse_options", "preset", "register"]

@@ -62,6 +62,9 @@ class Policy:
 
     name: str = "policy"
     needs_clean_queries: bool = False  # hand the clean pass's queries of every layer to on_write
+    # Whether the policy works with window-relative RoPE (cache keys un-rotated, re-rotated per call). Policies
+    # that keep keys outside the cache or score cached keys in on_write assume absolute RoPE.
+    supports_relative_rope: bool = False
 
     def geometry(self, base: CacheGeometry, num_frames: int | None = None) -> CacheGeometry:
         """The cache this policy needs, given the one the sampler config describes (and the video length)."""

@@ -13,6 +13,7 @@ class Full(Policy):
     """Global attention: every generated frame is kept (upstream ``local_attn_size = -1``)."""
 
     name = "full"
+    supports_relative_rope = True
     capacity_frames: int | None = None  # default: the video length
 
     def geometry(self, base, num_frames=None):
@@ -24,6 +25,7 @@ class Window(Policy):
     """Sliding window of ``local_attn_size`` frames (counting the current chunk), no sink."""
 
     name = "window"
+    supports_relative_rope = True
     local_attn_size: int = 12
 
     def geometry(self, base, num_frames=None):
@@ -36,6 +38,7 @@ class SinkWindow(Policy):
     ``local_attn_size`` frames counted the upstream way (sink and current chunk included)."""
 
     name = "sink_window"
+    supports_relative_rope = True
     local_attn_size: int = 12
     sink_size: int = 3
 

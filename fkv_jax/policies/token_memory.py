@@ -14,14 +14,19 @@ The shared mechanism of the LLM-style baselines (H2O, SnapKV, R-KV) and of Deep 
   that are not sink frames; for ``W < C`` some of them are the chunk's own frames, which the write drops);
 * scorer (pluggable, :meth:`TokenMemory.score_candidates`): one float per candidate and head;
 * budget allocator: ``uniform`` keeps the top ``M`` per head; ``adakv`` keeps the layer's global top ``M * H``
-  with a per-head floor of ``adakv_floor * M`` (Ada-KV), capped at ``ceil(adakv_cap * M)`` per head (the
-  per-head buffer size; Ada-KV's varlen cache has no cap). ``layer_schedule = "pyramid"`` gives layer ``l``
-  the PyramidKV budget ``M_l`` (same total). Per-head budgets are expressed by ``mem_valid``.
+  with a per-head floor of ``floor(adakv_floor * M)`` (Ada-KV's ``alpha * B / H``), capped at the per-head
+  buffer size ``Mc = ceil(adakv_cap * M)`` (the largest over layers; Ada-KV's varlen cache has no cap).
+  ``layer_schedule = "pyramid"`` gives layer ``l`` the PyramidKV budget ``M_l`` (same total over layers).
+  Per-head budgets are expressed by ``mem_valid``; the buffers are sized for the largest.
 
 ``M = round(memory_frames * T)`` tokens per head on average (``T`` tokens per frame). Attention mass (for the
 H2O / SnapKV / R-KV scorers) is the clean pass's own softmax over everything it read (chunk, sink, ring,
 memory), recomputed in ``on_write`` from the clean pass's queries (``needs_clean_queries``), one layer at a time
 and in blocks of queries, so no ``[queries x keys]`` matrix of the whole layer is ever materialised.
+
+RoPE: memory keys are stored as the cache stores them, rotated at their absolute frame (the sampler's
+``rope_mode="absolute"``). The ``window_relative`` mode caches un-rotated keys and re-rotates the cache at
+every call, which the memory (kept outside the cache) does not follow: not supported.
 """
 
 from __future__ import annotations

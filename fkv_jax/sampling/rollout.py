@@ -102,6 +102,8 @@ class Sampler:
             raise ValueError(f"rope_mode must be 'absolute' or 'window_relative', got {rope_mode!r}")
         if rope_mode == "window_relative" and self.geom.global_attn:
             raise ValueError("window-relative RoPE needs a rolling cache (local_attn_size != -1)")
+        if rope_mode == "window_relative" and policy is not None and not self.policy.supports_relative_rope:
+            raise ValueError(f"policy {self.policy.name} assumes absolute RoPE; use rope_mode='absolute'")
         self.rope_mode = rope_mode
         self.cache_dtype = cache_dtype
         self.schedule: Schedule = make_schedule(sampler_cfg)
