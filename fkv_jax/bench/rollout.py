@@ -4,23 +4,21 @@
     python -m fkv_jax.bench.rollout --model mid --chunks 100
 
 For each cache mode it runs ``--chunks`` chunks (every denoising step + the clean pass per chunk, one
-compiled call each), times every chunk after ``block_until_ready``, and prints the series, the ratio of
-late to early chunk time (median of the last 5 over the median of chunks 3-7, i.e. "chunk 100 vs chunk 5"),
-the resident KV bytes at the start and at the end, and the process RSS. A rolling window must stay flat;
-a global cache grows with the video.
+compiled call each). Every ``--every`` chunks (and at chunk 5 and the last chunk) the step is timed
+``--repeats`` times from the same state on copies of the cache, keeping the minimum (robust to other load
+on the machine). It prints the series, the ratio of the last chunk to chunk 5, the resident KV bytes at the
+start and at the end, and the process RSS. A rolling window must stay flat; a global cache grows.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
-
 import jax
 import numpy as np
 from flax import nnx
 
-from fkv_jax.bench.common import median, rss_mib
+from fkv_jax.bench.common import rss_mib, time_step
 from fkv_jax.config import model_preset, sampler_preset
 from fkv_jax.model.build import init_model
 from fkv_jax.sampling.rollout import Sampler
@@ -30,7 +28,8 @@ def cache_bytes(cache) -> int:
     return int(cache["k"].nbytes + cache["v"].nbytes)
 
 
-def time_rollout(graphdef, params, cfg, sampler_cfg, chunks: int, seed: int = 0) -> dict:
+def time_rollout(graphdef, params, cfg, sampler_cfg, chunks: int, seed: int = 0, every: int = 5,
+                 repeats: int = 3) -> dict:
     c = sampler_cfg.frames_per_block
     frames = chunks * c
     s = Sampler(graphdef, cfg, sampler_cfg, batch=1, latent_hw=cfg.latent_hw, num_frames=frames)
@@ -41,14 +40,15 @@ def time_rollout(graphdef, params, cfg, sampler_cfg, chunks: int, seed: int = 0)
     kv0, rss0 = cache_bytes(cache), float("nan")
     n = s.schedule.num_steps
     shape = (1, c, cfg.in_dim, *cfg.latent_hw)
-    times = []
+    times = {}
     for blk in range(chunks):
         x = rng.standard_normal(shape, np.float32)
         eps = rng.standard_normal((n - 1, *shape), np.float32)
-        t0 = time.perf_counter()
-        out, cache, state = s.chunk_step(params, cache, state, ctx_kv, x, eps, np.int32(blk * c))
+        args = (params, cache, state, ctx_kv, x, eps, np.int32(blk * c))
+        if blk == 0 or blk == 4 or blk == chunks - 1 or (blk + 1) % every == 0:
+            times[blk + 1] = time_step(s.chunk_step, args, repeats=repeats)
+        out, cache, state = s.chunk_step(*args)
         jax.block_until_ready((out.x0, cache["k"]))
-        times.append(time.perf_counter() - t0)
         if blk == 4:
             rss0 = rss_mib()
     return {"times": times, "kv_start": kv0, "kv_end": cache_bytes(cache), "rss_start": rss0, "rss_end": rss_mib(),
@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, default=100)
     p.add_argument("--window", type=int, default=12, help="rolling local_attn_size (default 12, LongLive)")
     p.add_argument("--sink", type=int, default=3, help="rolling sink_size (default 3)")
+    p.add_argument("--every", type=int, default=10, help="time every N-th chunk (default 10)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per sampled chunk, min kept (default 3)")
     args = p.parse_args(argv)
     if args.chunks < 10:
         p.error("--chunks must be >= 10 (early and late medians use 5 chunks each)")
@@ -78,21 +80,20 @@ def main(argv=None) -> int:
           f"jax {jax.__version__} on {jax.devices()[0].platform}")
     results = {}
     for name, sc in modes.items():
-        r = time_rollout(graphdef, params, cfg, sc, args.chunks)
+        r = time_rollout(graphdef, params, cfg, sc, args.chunks, every=args.every, repeats=args.repeats)
         results[name] = r
-        t = np.asarray(r["times"]) * 1e3
-        early, late = median(t[2:7]), median(t[-5:])
+        t = {k: v * 1e3 for k, v in r["times"].items()}
+        early, late = t[5], t[args.chunks]
         g = r["geom"]
         print(f"\n[{name}] slots: sink {g.sink} + ring {g.ring}; compiled {r['traces']}x")
-        print("  per-chunk ms (every 5th, from chunk 5): " + " ".join(f"{x:.0f}" for x in t[4::5]))
-        print(f"  chunk 5 (median 3-7): {early:.1f} ms   chunk {args.chunks} (median of last 5): {late:.1f} ms   "
-              f"late/early = {late / early:.3f}")
+        print("  per-chunk ms (chunk: min of repeats): " + " ".join(f"{k}:{v:.1f}" for k, v in sorted(t.items())))
+        print(f"  chunk 5: {early:.1f} ms   chunk {args.chunks}: {late:.1f} ms   late/early = {late / early:.3f}")
         print(f"  resident KV: {r['kv_start'] / 2**20:.2f} MiB at start, {r['kv_end'] / 2**20:.2f} MiB at end; "
               f"RSS {r['rss_start']:.0f} MiB after chunk 5 -> {r['rss_end']:.0f} MiB at the end")
-    tr, tg = np.asarray(results["rolling"]["times"]), np.asarray(results["global"]["times"])
-    print(f"\nglobal / rolling time at the last chunks: {median(tg[-5:]) / median(tr[-5:]):.2f}x; "
+    tr, tg = results["rolling"]["times"], results["global"]["times"]
+    print(f"\nglobal / rolling time at chunk {args.chunks}: {tg[args.chunks] / tr[args.chunks]:.2f}x; "
           f"KV bytes global / rolling: {results['global']['kv_end'] / results['rolling']['kv_end']:.1f}x")
-    flat = median(tr[-5:]) / median(tr[2:7])
+    flat = tr[args.chunks] / tr[5]
     print(f"rolling flatness (chunk {args.chunks} vs chunk 5): {flat:.3f} -> "
           f"{'PASS' if abs(flat - 1) <= 0.10 else 'FAIL'} (target within 10 %)")
     return 0
