@@ -1,0 +1,18 @@
+"""Multi-device execution on a ``(data, model)`` mesh: batch on ``data``, heads on ``model``.
+
+    mesh = make_mesh("data=2,model=4")                  # Auto axes; also the value of a --mesh flag
+    sampler = ShardedSampler(graphdef, cfg, sampler_cfg, mesh=mesh, batch=2, latent_hw=..., num_frames=...)
+    latents = sampler.generate(params, context, noise)  # same numbers as Sampler, sharded
+
+Multi-host: call ``jax.distributed.initialize()`` first on every host, then build the same mesh over
+``jax.devices()`` (all hosts' devices); see docs/kernels.md.
+"""
+
+from fkv_jax.parallel.attention import register_sharded, sharded_attention
+from fkv_jax.parallel.mesh import make_mesh, parse_mesh_spec
+from fkv_jax.parallel.sampler import ShardedSampler
+from fkv_jax.parallel.shardings import cache_shardings, param_shardings, param_spec
+
+__all__ = ["ShardedSampler", "cache_shardings", "make_mesh", "param_shardings", "param_spec", "parse_mesh_spec",
+           "register_sharded",
+           "sharded_attention"]
