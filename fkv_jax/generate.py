@@ -90,7 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "table: selfforcing, longlive, causalforcing, raven, realtime_14b")
     g.add_argument("--head-importance", type=Path, help="Focused Forcing head importance JSON "
                                                          '({"<layer * num_heads + head>": score})')
-    g.add_argument("--attention-backend", default="xla", help="attention backend (default: xla)")
+    g.add_argument("--attention-backend", default="xla",
+                   help="attention backend: xla (reference, everywhere), pallas_tpu, mosaic_gpu (Hopper), triton, "
+                        "auto (picks by platform) (default: xla)")
+    g = p.add_argument_group("devices")
+    g.add_argument("--mesh", help="shard over a device mesh, e.g. data=2,model=4 (batch on data, heads on model)")
+    g.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first (then --mesh spans every host)")
     g = p.add_argument_group("output")
     g.add_argument("--save-latents", type=Path, help="write final latents [B, F, C, H, W] float32 .npy here")
     g.add_argument("--output-dir", type=Path, default=Path("outputs"),
@@ -255,6 +261,10 @@ def run(args) -> Path:
         raise UsageError(str(e)) from e
 
     _enable_compilation_cache()
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
     from flax import nnx
 
     from fkv_jax.config import model_preset
@@ -294,9 +304,14 @@ def run(args) -> Path:
     try:
         cfg.grid_hw(latent_hw)
         policy = _policy(args, cfg)
-        sampler = Sampler(graphdef, cfg, sampler_cfg, batch=batch, latent_hw=latent_hw, num_frames=frames,
-                          cache_frames=args.cache_frames, policy=policy, attention_backend=args.attention_backend,
-                          rope_mode=args.rope_mode)
+        kw = dict(batch=batch, latent_hw=latent_hw, num_frames=frames, cache_frames=args.cache_frames, policy=policy,
+                  attention_backend=args.attention_backend, rope_mode=args.rope_mode)
+        if args.mesh:
+            from fkv_jax.parallel import ShardedSampler, make_mesh
+
+            sampler = ShardedSampler(graphdef, cfg, sampler_cfg, mesh=make_mesh(args.mesh), **kw)
+        else:
+            sampler = Sampler(graphdef, cfg, sampler_cfg, **kw)
         sampler.check_length(frames)
     except ValueError as e:
         raise UsageError(str(e)) from e

@@ -128,3 +128,18 @@ def test_bad_replay_files(converted, ref, tmp_path, capsys):
     assert generate_main([*base, "--text-embeddings", str(ctx), "--noise-file", str(tmp_path / "bad2.npz")]) == 2
     assert "`renoise` has shape" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_mesh_flag_runs_sharded_and_matches(tmp_path):
+    """--mesh on 2 forced CPU devices gives the single-device numbers (subprocess: XLA_FLAGS before jax)."""
+    import os
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", FKV_JAX_CACHE_DIR="")
+    outs = []
+    for extra in ([], ["--mesh", "data=1,model=2"]):
+        out = tmp_path / f"lat{len(outs)}.npy"
+        r = subprocess.run([sys.executable, "-m", "fkv_jax.generate", "--frames", "6", "--save-latents", str(out),
+                            "--no-progress", *extra], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        outs.append(np.load(out))
+    assert rel_err(outs[1], outs[0]) <= 1e-5

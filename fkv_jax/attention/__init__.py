@@ -20,6 +20,8 @@ BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": selection_attention}
 def attend(q, k_chunk, v_chunk, k_cache, v_cache, selection: Selection, backend: str = "xla") -> jax.Array:
     """Softmax attention of a chunk's queries over its own (allowed) keys, the selected cache slots and
     the valid memory tokens. Shapes: q, k_chunk, v_chunk [B, C*T, H, Dh]; k_cache, v_cache [B, N, T, H, Dh]."""
+    if backend not in BACKENDS:
+        import fkv_jax.kernels  # noqa: F401  (registers pallas_tpu, mosaic_gpu, triton, auto)
     try:
         fn = BACKENDS[backend]
     except KeyError:
