@@ -110,8 +110,9 @@ class Sampler:
         self.rope = make_rope_tables(model_cfg.head_dim, (gh, gw), model_cfg.rope_max_frames)
         t_sin = timestep_sinusoid_np(self.schedule.timesteps, model_cfg.freq_dim)  # [n + 1, freq_dim]
         self._graphdef = graphdef
-        step = _make_chunk_step(graphdef, self.geom, self.schedule, self.rope, t_sin, self.policy, attention_backend,
-                                rope_mode == "window_relative")
+        step, prefill = _make_chunk_step(graphdef, self.geom, self.schedule, self.rope, t_sin, self.policy,
+                                         attention_backend, rope_mode == "window_relative")
+        self.prefill_step = jax.jit(prefill, donate_argnums=(1, 2))
         self.trace_count = 0
 
         def counted(*args):
@@ -167,6 +168,7 @@ class Sampler:
         progress: bool = True,
         on_chunk: Callable[[int, ChunkOutput], None] | None = None,
         state=None,
+        initial_latents: jax.Array | None = None,
     ) -> np.ndarray:
         """Generate latents [B, F, C, H, W] (float32 numpy).
 
@@ -177,6 +179,9 @@ class Sampler:
             otherwise they are drawn on the host from ``numpy.random.default_rng((seed, block))``.
           on_chunk: called after each chunk with its index and outputs (streaming consumers, tests).
           state: initial policy state (default ``init_state()``), e.g. with a head gate for ablations.
+          initial_latents: [B, F0, C, H, W] clean frames to continue from (video extension, upstream's
+            ``initial_latent``): they are pushed through the model at t = 0 chunk by chunk to fill the cache
+            and copied to the output; generation starts at frame F0 (a multiple of frames_per_block).
         """
         noise = jnp.asarray(noise, jnp.float32)
         b, f = noise.shape[:2]
@@ -198,7 +203,20 @@ class Sampler:
         cache = self.init_cache()
         state = self.init_state() if state is None else state
         out = np.empty(noise.shape, np.float32)
-        bar = tqdm(range(nblk), desc="chunks", unit="chunk", disable=None if progress else True, dynamic_ncols=True)
+        first = 0
+        if initial_latents is not None:
+            init = jnp.asarray(initial_latents, jnp.float32)
+            if init.ndim != 5 or init.shape[0] != b or init.shape[2:] != noise.shape[2:] or init.shape[1] % c \
+                    or init.shape[1] >= f:
+                raise ValueError(f"initial_latents must be [B={b}, F0, {noise.shape[2]}, {noise.shape[3]}, "
+                                 f"{noise.shape[4]}] with F0 a multiple of {c} below {f}, got {tuple(init.shape)}")
+            first = init.shape[1] // c
+            for blk in range(first):
+                cache, state = self.prefill_step(params, cache, state, ctx_kv, init[:, blk * c:(blk + 1) * c],
+                                                 jnp.int32(blk * c))
+            out[:, :first * c] = np.asarray(init)
+        bar = tqdm(range(first, nblk), desc="chunks", unit="chunk", disable=None if progress else True,
+                   dynamic_ncols=True)
         t0 = time.perf_counter()
         for blk in bar:
             eps = renoise[blk] if renoise is not None else (
@@ -208,7 +226,7 @@ class Sampler:
             out[:, blk * c:(blk + 1) * c] = np.asarray(res.x0)
             if on_chunk is not None:
                 on_chunk(blk, res)
-            done = (blk + 1) * c
+            done = (blk + 1 - first) * c
             bar.set_postfix(frames=done, fps=f"{done / (time.perf_counter() - t0):.2f}")
         self.last_cache, self.last_state = cache, state
         return out
@@ -216,22 +234,21 @@ class Sampler:
 
 def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_sin_table: np.ndarray,
                      policy: Policy, backend: str, relative: bool = False):
+    """The jitted bodies: ``chunk_step`` (denoise + clean pass + write) and ``prefill_step`` (clean pass + write)."""
     n = schedule.num_steps
     sig = schedule.sigmas  # [n + 1]
     # after step i, re-noise with sigma_{i+1}; after the last step nothing (sigma 0 keeps x0 exactly)
     re_sig = np.concatenate([schedule.renoise_sigmas, np.zeros(1, np.float32)]).astype(np.float32)
 
-    def chunk_step(params, cache, state, ctx_kv, x, eps, start_frame):
-        """x: [B, C, Cin, H, W]; eps: [n - 1, B, C, Cin, H, W]; start_frame: int32[]."""
+    def begin(params, cache, state, ctx_kv, start_frame, b, c):
+        """Per-chunk setup; returns the updated (state, cache) and ``call_model(x, step, clean) -> flow, k, v, aux``."""
         model = nnx.merge(graphdef, params)
-        b, c = x.shape[:2]
         state, cache = policy.on_chunk_start(state, cache, start_frame)
         visible = visible_slots(geom, cache, start_frame)  # [N]
         if relative:
             # queries sit right after the window's history; a cached frame sits at its rank in the window
             frame_pos = jnp.minimum(start_frame, geom.num_slots) + jnp.arange(c, dtype=jnp.int32)
-            sf = cache["slot_frame"]
-            order = jnp.where(visible, sf, jnp.iinfo(jnp.int32).max)
+            order = jnp.where(visible, cache["slot_frame"], jnp.iinfo(jnp.int32).max)
             slot_pos = jnp.argsort(jnp.argsort(order)).astype(jnp.int32)  # rank of each slot by frame
             read_k = rotate_temporal(cache["k"], rope, slot_pos[None, None, :])
         else:
@@ -259,6 +276,20 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
                 carry=i)
             return flow, k_new, v_new, aux
 
+        def clean_and_store(x0):
+            """The clean pass (t = 0) on x0; its K/V is what the cache keeps."""
+            flow_c, k_new, v_new, clean_aux = call_model(x0, jnp.int32(n), clean=True)
+            new_state, write_aux = policy.on_write(state, cache, k_new, v_new, start_frame, clean_aux)
+            if relative:  # the cache holds un-rotated keys
+                k_new = rotate_temporal(k_new, rope, -frame_pos[None, None, :])
+            return flow_c, clean_aux, write(geom, cache, k_new, v_new, start_frame), new_state, write_aux
+
+        return call_model, clean_and_store
+
+    def chunk_step(params, cache, state, ctx_kv, x, eps, start_frame):
+        """x: [B, C, Cin, H, W]; eps: [n - 1, B, C, Cin, H, W]; start_frame: int32[]."""
+        b, c = x.shape[:2]
+        call_model, clean_and_store = begin(params, cache, state, ctx_kv, start_frame, b, c)
         eps_pad = jnp.concatenate([eps, jnp.zeros((1, *x.shape), eps.dtype)], axis=0)  # [n, ...]
 
         def denoise(xt, inp):
@@ -270,19 +301,20 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
         xs = (jnp.arange(n, dtype=jnp.int32), jnp.asarray(sig[:n]), jnp.asarray(re_sig), eps_pad)
         _, (flows, x0s, auxs) = jax.lax.scan(denoise, x, xs)
         x0 = x0s[-1]
-        # clean pass: t = 0 on the final x0; its K/V is what the cache keeps
-        flow_c, k_new, v_new, clean_aux = call_model(x0, jnp.int32(n), clean=True)
-        state, write_aux = policy.on_write(state, cache, k_new, v_new, start_frame, clean_aux)
-        if relative:  # the cache holds un-rotated keys
-            k_new = rotate_temporal(k_new, rope, -frame_pos[None, None, :])
-        new_cache = write(geom, cache, k_new, v_new, start_frame)
+        flow_c, clean_aux, new_cache, state, write_aux = clean_and_store(x0)
         flows = jnp.concatenate([flows, flow_c[None]], axis=0)
         x0s = jnp.concatenate([x0s, (x0 - sig[n] * flow_c)[None]], axis=0)
         select_aux = jax.tree.map(lambda a, b_: jnp.concatenate([a, b_[None]], axis=0), auxs, clean_aux["select"])
         out = ChunkOutput(x0=x0, flows=flows, x0s=x0s, select_aux=select_aux, write_aux=write_aux)
         return out, new_cache, state
 
-    return chunk_step
+    def prefill_step(params, cache, state, ctx_kv, x0, start_frame):
+        """Only the clean pass over given clean frames x0 [B, C, Cin, H, W]: fills the cache (video extension)."""
+        _, clean_and_store = begin(params, cache, state, ctx_kv, start_frame, *x0.shape[:2])
+        _, _, new_cache, state, _ = clean_and_store(x0)
+        return new_cache, state
+
+    return chunk_step, prefill_step
 
 
 jax.tree_util.register_dataclass(ChunkOutput, data_fields=["x0", "flows", "x0s", "select_aux", "write_aux"],
