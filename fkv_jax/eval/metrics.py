@@ -1,0 +1,122 @@
+"""Quality metrics for generated toy-world videos, against a reference rollout or the simulator's truth.
+
+Frames are float [T, 3, H, W] in [-1, 1]. Ground truth comes from :class:`fkv_jax.toyworld.world.Episode`.
+Sprites are found in generated frames by colour (each scene's sprites have distinct palette colours).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fkv_jax.toyworld.analysis import colour_centroids, palette_labels
+from fkv_jax.toyworld.world import COLOUR_NAMES, SHAPES, Episode, WorldConfig, coverage
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of frames in [-1, 1] (peak 1 after mapping to [0, 1]); inf when identical."""
+    mse = float(np.mean(((np.asarray(a, np.float64) - b) / 2) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def _box(x: np.ndarray, k: int) -> np.ndarray:
+    """Mean over k x k windows ('valid') of [..., H, W]."""
+    c = np.cumsum(np.cumsum(np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 0), (1, 0)]), -2), -1)
+    return (c[..., k:, k:] - c[..., :-k, k:] - c[..., k:, :-k] + c[..., :-k, :-k]) / (k * k)
+
+
+def ssim(a: np.ndarray, b: np.ndarray, k: int = 7) -> float:
+    """Mean SSIM (7x7 box windows, per channel, data range 1) of frames in [-1, 1]."""
+    x, y = (np.asarray(a, np.float64) + 1) / 2, (np.asarray(b, np.float64) + 1) / 2
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mx, my = _box(x, k), _box(y, k)
+    vx, vy = _box(x * x, k) - mx * mx, _box(y * y, k) - my * my
+    cxy = _box(x * y, k) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def chunk_discontinuity(frames: np.ndarray, frames_per_block: int = 3) -> float:
+    """Mean |frame difference| across chunk boundaries over the mean within chunks (1 = seamless)."""
+    d = np.abs(np.diff(np.asarray(frames, np.float64), axis=0)).mean(axis=(1, 2, 3))  # [T - 1]
+    boundary = (np.arange(1, len(frames)) % frames_per_block) == 0  # diff t-1 -> t crosses into a new chunk
+    if not boundary.any() or boundary.all():
+        return float("nan")
+    return float(d[boundary].mean() / max(d[~boundary].mean(), 1e-12))
+
+
+def _fully_visible(ep: Episode, thresh: float = 0.9) -> np.ndarray:
+    return ep.visible_frac >= thresh  # [T, N]
+
+
+def position_error(frames: np.ndarray, ep: Episode, start: int = 0) -> float:
+    """Mean distance (pixels) between each sprite's true centre and the centroid of its colour in the frame,
+    over frames >= start where the sprite is fully visible. A sprite whose colour is missing counts the
+    frame diagonal (the worst error)."""
+    cents = colour_centroids(frames)  # [T, K, 2]
+    vis = _fully_visible(ep)
+    diag = float(np.hypot(*frames.shape[-2:]))
+    errs = []
+    for n, cid in enumerate(ep.colour_ids):
+        for t in range(start, len(frames)):
+            if vis[t, n]:
+                c = cents[t, cid]
+                errs.append(diag if np.isnan(c).any() else float(np.hypot(*(c - ep.positions[t, n]))))
+    return float(np.mean(errs)) if errs else float("nan")
+
+
+def classify_shape(mask: np.ndarray, cfg: WorldConfig = WorldConfig()) -> str | None:
+    """The shape whose rendering (the world's own anti-aliased coverage > 0.5, centred on the blob's centroid,
+    best of a few sub-pixel offsets) overlaps a blob mask [H, W] best (IoU)."""
+    if mask.sum() < 4 or mask.shape != (cfg.size, cfg.size):
+        return None
+    yy, xx = np.mgrid[0:mask.shape[0], 0:mask.shape[1]] + 0.5
+    cx, cy = (mask * xx).sum() / mask.sum(), (mask * yy).sum() / mask.sum()
+    best, best_iou = None, -1.0
+    for s in SHAPES:
+        for dx in (-0.5, 0.0, 0.5):
+            for dy in (-0.5, 0.0, 0.5):
+                tmpl = coverage(s, cx + dx, cy + dy, cfg) > 0.5
+                iou = (tmpl & mask).sum() / max((tmpl | mask).sum(), 1)
+                if iou > best_iou:
+                    best, best_iou = s, iou
+    return best
+
+
+def prompt_alignment(frames: np.ndarray, ep: Episode, start: int = 0) -> dict:
+    """Over frames >= start: fraction of (frame, sprite) pairs with the sprite fully visible in truth whose
+    colour shows, fraction of those whose blob has the prompted shape, and the mean number of pixels per
+    frame in colours the prompt does not name."""
+    lab = palette_labels(frames)  # [T, H, W]
+    vis = _fully_visible(ep)
+    colour_ok, shape_ok = [], []
+    for n, (cid, sid) in enumerate(zip(ep.colour_ids, ep.shape_ids)):
+        for t in range(start, len(frames)):
+            if vis[t, n]:
+                m = lab[t] == 2 + cid
+                colour_ok.append(m.sum() >= 4)
+                shape_ok.append(classify_shape(m) == SHAPES[sid])
+    others = [2 + i for i in range(len(COLOUR_NAMES)) if i not in set(ep.colour_ids.tolist())]
+    extra = float(np.isin(lab[start:], others).sum((-2, -1)).mean())
+    return {"colour": float(np.mean(colour_ok)) if colour_ok else float("nan"),
+            "shape": float(np.mean(shape_ok)) if shape_ok else float("nan"),
+            "extra_colour_pixels": extra}
+
+
+def identity_after_occlusion(frames: np.ndarray, ep: Episode, start: int = 0) -> float:
+    """Fraction of re-appearances (a sprite hidden for >= 2 frames becomes fully visible again, at a frame
+    >= start) where the generated frame shows that sprite's colour with its shape (identity kept)."""
+    lab = palette_labels(frames)
+    hidden = ~ep.visible
+    full = _fully_visible(ep)
+    hits = []
+    for n, (cid, sid) in enumerate(zip(ep.colour_ids, ep.shape_ids)):
+        run, pending = 0, False
+        for t in range(len(frames)):
+            run = run + 1 if hidden[t, n] else 0
+            pending = pending or run >= 2
+            if full[t, n] and pending:
+                pending = False
+                if t >= start:
+                    m = lab[t] == 2 + cid
+                    hits.append(bool(m.sum() >= 4 and classify_shape(m) == SHAPES[sid]))
+    return float(np.mean(hits)) if hits else float("nan")

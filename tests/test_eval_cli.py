@@ -1,0 +1,40 @@
+"""The evaluation CLI end to end on a tiny setting (a toy-architecture model with untrained weights)."""
+
+import json
+
+import pytest
+
+from fkv_jax.eval.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def random_toy_weights(tmp_path_factory):
+    from fkv_jax.toyworld.train import TrainConfig, export_weights, init_params, toy_model_config
+
+    cfg = toy_model_config()
+    _, params = init_params(cfg, 0)
+    return export_weights(tmp_path_factory.mktemp("toy") / "w", params, cfg, TrainConfig(), {"note": "untrained"})
+
+
+def test_eval_cli_tiny(random_toy_weights, tmp_path):
+    out = tmp_path / "eval"
+    vb = tmp_path / "vbench"
+    assert main(["--weights", str(random_toy_weights), "--frames", "9", "--episodes", "1", "--policies",
+                 "sink_window", "--output-dir", str(out), "--vbench-dir", str(vb)]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["policies"]) == {"full", "sink_window"}
+    row = report["policies"]["sink_window"]
+    for key in ("denoise_fps", "e2e_fps", "kv_mib", "psnr_vs_full", "ssim_vs_full", "position_error_px",
+                "colour_shown", "identity_after_occlusion", "chunk_discontinuity", "worst_gt_degradation"):
+        assert key in row
+    assert report["policies"]["full"]["speedup"] == 1.0
+    assert "| sink_window |" in (out / "eval.md").read_text()
+    assert (out / "frontier.png").is_file() or (out / "PLOTS_SKIPPED.txt").is_file()
+    videos = sorted(p.name for p in (vb / "sink_window").iterdir())
+    assert len(videos) == 1 and videos[0].endswith("-0.mp4")
+
+
+def test_eval_cli_bad_lengths(random_toy_weights, tmp_path, capsys):
+    assert main(["--weights", str(random_toy_weights), "--frames", "10", "--policies", "sink_window",
+                 "--output-dir", str(tmp_path), "--no-plots"]) == 2
+    assert "multiples of 3" in capsys.readouterr().err
