@@ -8,7 +8,8 @@ Run ``python -m checkpoints_convert --help``. Python API::
     p = plan({name: shape, ...})                                                # shapes only: p.cfg, p.names
 
 Modules: :mod:`readers` (files), :mod:`layouts` (names), :mod:`plan` (sizes + validation), :mod:`lora`,
-:mod:`wan_keymap` (Wan name -> Flax param path), :mod:`convert` (orchestration), ``__main__`` (CLI).
+:mod:`wan_keymap` (Wan name -> Flax param path), :mod:`convert` (orchestration), ``__main__`` (CLI);
+:mod:`components` (VAE / UMT5 text encoder / whole model folder, with :mod:`vae_keymap` and :mod:`umt5_keymap`).
 """
 
 from checkpoints_convert.convert import convert, load_wan_state_dict

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from checkpoints_convert.convert import convert
+from checkpoints_convert.components import KINDS, convert_any, convert_model_dir
 from checkpoints_convert.errors import ConvertError
 
 DESCRIPTION = """\
@@ -27,6 +27,14 @@ Input formats (--input):
       scale_shift_table/condition_embedder) and mapped back to Wan names. Its config.json gives the
       head count.
   bf16/fp16 tensors are read and upcast to float32 before conversion.
+  Wan2.1 VAE (Wan2.1_VAE.pth, or a diffusers AutoencoderKLWan folder / .safetensors) and the UMT5 text
+      encoder (models_t5_umt5-xxl-enc-bf16.pth, or Hugging Face UMT5EncoderModel .safetensors) are detected
+      from their tensor names (--kind transformer|vae|umt5 overrides) and converted to DIR/config.json +
+      DIR/params/ as well (fkv_jax.vae.VAE.load / fkv_jax.text.TextEncoder.load). UMT5 heads come from the
+      position-bias tables (--num-heads is checked against them).
+  A whole model folder: --wan-dir WAN2.1_DOWNLOAD --generator GEN.pt --output DIR writes DIR/transformer,
+      DIR/vae, DIR/text_encoder and DIR/tokenizer (a copy of google/umt5-xxl), what
+      `python -m fkv_jax.generate --model-dir DIR "a prompt"` reads.
 
 Sizes (dim, ffn_dim, layers, text_dim, freq_dim, in/out channels, patch) are read from tensor shapes;
 the head count and text length cannot be: they come from --num-heads/--text-len, --preset or a config.json
@@ -40,6 +48,8 @@ examples:
   python -m checkpoints_convert --input self_forcing_dmd.pt --output ckpt/self_forcing --dtype bfloat16
   python -m checkpoints_convert --input longlive_base.pt --lora lora.pt --output ckpt/longlive
   python -m checkpoints_convert --input Wan2.1-T2V-1.3B-Diffusers/transformer --output ckpt/wan --preset wan2.1-t2v-1.3b
+  python -m checkpoints_convert --input Wan2.1-T2V-1.3B/Wan2.1_VAE.pth --output ckpt/vae
+  python -m checkpoints_convert --wan-dir Wan2.1-T2V-1.3B --generator self_forcing_dmd.pt --output models/self_forcing
 
 exit codes: 0 success, 2 bad input or options (one 'error: ...' message on stderr)
 """
@@ -53,8 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
-        "--input", required=True, metavar="PATH", help=".pt, .safetensors, .safetensors.index.json or a directory"
+        "--input", metavar="PATH", help=".pt, .pth, .safetensors, .safetensors.index.json or a directory"
     )
+    ap.add_argument(
+        "--kind", choices=KINDS, help="what --input holds (default: detected from its tensor names)"
+    )
+    ap.add_argument(
+        "--wan-dir", metavar="DIR", help="the Wan2.1-T2V-1.3B download: with --generator, builds a whole model folder"
+    )
+    ap.add_argument("--generator", metavar="PATH", help="with --wan-dir: the causal transformer (e.g. self_forcing_dmd.pt)")
     ap.add_argument(
         "--output", required=True, metavar="DIR", help="output checkpoint directory (must not exist, or be empty)"
     )
@@ -89,24 +106,31 @@ def main(argv: list[str] | None = None) -> int:
     """Run the converter; returns the process exit code (0 ok, 2 bad input)."""
     args = build_parser().parse_args(argv)
     try:
-        convert(
-            args.input,
-            args.output,
-            num_heads=args.num_heads,
-            text_len=args.text_len,
-            key=args.key,
-            dtype=args.dtype,
-            lora=args.lora,
-            lora_alpha=args.lora_alpha,
-            preset=args.preset,
-            overwrite=args.overwrite,
-            progress=True,
-            log=print,
-        )
+        run_args(args)
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_args(args) -> None:
+    """Dispatch parsed arguments: a whole model folder (--wan-dir), a VAE / text encoder, or a transformer."""
+    if (args.input is None) == (args.wan_dir is None):
+        raise ConvertError("give either --input PATH (one checkpoint) or --wan-dir DIR --generator PATH (a model folder)")
+    if args.wan_dir is not None:
+        if args.generator is None:
+            raise ConvertError("--wan-dir needs --generator PATH (the causal transformer, e.g. self_forcing_dmd.pt)")
+        if args.kind is not None:
+            raise ConvertError("--kind applies to --input, not to --wan-dir")
+        convert_model_dir(args.wan_dir, args.generator, args.output, key=args.key, num_heads=args.num_heads,
+                          text_len=args.text_len, dtype=args.dtype, lora=args.lora, lora_alpha=args.lora_alpha,
+                          preset=args.preset, overwrite=args.overwrite, progress=True, log=print)
+        return
+    if args.generator is not None:
+        raise ConvertError("--generator goes with --wan-dir; for one checkpoint use --input")
+    convert_any(args.input, args.output, kind=args.kind, num_heads=args.num_heads, text_len=args.text_len,
+                key=args.key, dtype=args.dtype, lora=args.lora, lora_alpha=args.lora_alpha, preset=args.preset,
+                overwrite=args.overwrite, progress=True, log=print)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ from fkv_jax.model.transformer import CausalWanModel
 
 FORMAT = "fkv_jax.transformer"
 FORMAT_VERSION = 1
+# Every converted-checkpoint kind (``config.json`` "format" -> what it is), for clear errors on a wrong directory.
+KIND_NAMES = {FORMAT: "transformer", "fkv_jax.vae": "VAE", "fkv_jax.text_encoder": "text encoder (UMT5)",
+              "fkv_jax.model_dir": "model folder (transformer/, vae/, text_encoder/, tokenizer/: use --model-dir)"}
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -101,9 +104,10 @@ def _shapes(tree: Mapping) -> dict[str, tuple[int, ...]]:
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
-    """Whether ``path/config.json`` declares a converted fkv_jax checkpoint (the only thing overwrite replaces)."""
+    """Whether ``path/config.json`` declares a converted fkv_jax checkpoint of any kind (transformer, VAE, text
+    encoder; the only thing overwrite replaces)."""
     try:
-        return json.loads((path / CONFIG_FILE).read_text()).get("format") == FORMAT
+        return str(json.loads((path / CONFIG_FILE).read_text()).get("format", "")).startswith("fkv_jax.")
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -148,18 +152,32 @@ def save_transformer(
     are created, and removed again on failure). An existing non-empty ``path`` is replaced only with
     ``overwrite=True`` and only if it is itself an fkv_jax checkpoint.
     """
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict()}
+    return save_checkpoint_dir(path, config, params, dtype, source, abstract_params(cfg), overwrite=overwrite)
+
+
+def save_checkpoint_dir(
+    path: str | Path,
+    config: Mapping[str, Any],
+    params: Mapping,
+    dtype: Any,
+    source: Mapping[str, Any],
+    expected: Mapping,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """The atomic writer behind every converted-checkpoint kind (transformer, VAE, text encoder).
+
+    ``config`` holds ``format``, ``format_version`` and the kind's own fields; ``dtype`` and ``source`` are
+    added. ``params`` must have exactly the shapes of ``expected`` (a param tree of arrays or
+    ``ShapeDtypeStruct``). Same guarantees as :func:`save_transformer`.
+    """
     path = check_output_dir(path, overwrite)
     name = _dtype_name(dtype)
     np_dtype = jnp.dtype(DTYPES[name])
-    _check_tree(_shapes(params), _shapes(abstract_params(cfg)), "params")
+    _check_tree(_shapes(params), _shapes(expected), "params")
     params = jax.tree.map(lambda a: np.asarray(a).astype(np_dtype, copy=False), dict(params))
-    config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": cfg.to_dict(),
-        "dtype": name,
-        "source": dict(source),
-    }
+    config = {**config, "dtype": name, "source": dict(source)}
     tag = uuid.uuid4().hex[:8]
     tmp = path.with_name(f".{path.name}.tmp-{tag}")
     old = path.with_name(f".{path.name}.old-{tag}")
@@ -195,29 +213,8 @@ def save_transformer(
 
 def read_info(path: str | Path) -> CheckpointInfo:
     """Parse and check ``DIR/config.json`` of a converted checkpoint."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    cfg_file = path / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise CheckpointError(
-            f"{cfg_file} is missing: {path} is not a converted fkv_jax checkpoint "
-            "(convert one with `python -m checkpoints_convert`)"
-        )
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{cfg_file}: format is {found!r}, expected {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{cfg_file}: format_version {meta.get('format_version')!r} is not supported (this build reads "
-            f"{FORMAT_VERSION})"
-        )
-    if meta.get("dtype") not in DTYPES:
-        raise CheckpointError(f"{cfg_file}: dtype {meta.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+    meta = read_meta(path, FORMAT, FORMAT_VERSION)
+    cfg_file = Path(path) / CONFIG_FILE
     try:
         cfg = ModelConfig.from_dict(meta["model"])
     except (KeyError, TypeError, ValueError) as e:
@@ -229,6 +226,13 @@ def load_params(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, dict]
     """Restore the pure param dict (jax arrays) of a converted checkpoint, cast to ``dtype`` if given."""
     path = Path(path).absolute()
     info = read_info(path)
+    return info.cfg, restore_checkpoint_params(path, abstract_params(info.cfg), info.dtype, dtype)
+
+
+def restore_checkpoint_params(path: str | Path, expected: Mapping, stored_dtype: str, dtype: Any = None) -> dict:
+    """Restore ``path/params`` (any checkpoint kind) into the tree of ``expected`` (shapes checked by name),
+    stored as ``stored_dtype`` (config.json's "dtype"), cast to ``dtype`` if given."""
+    path = Path(path).absolute()
     params_dir = path / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir} is missing: the checkpoint has no parameters")
@@ -237,17 +241,17 @@ def load_params(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, dict]
             stored = _flatten(ckptr.metadata(params_dir).item_metadata.tree)
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for a damaged directory
             raise CheckpointError(f"cannot read the Orbax checkpoint in {params_dir}: {e}") from None
-        expected = abstract_params(info.cfg)
         _check_tree({k: tuple(m.shape) for k, m in stored.items()}, _shapes(expected), f"stored params in {path}")
-        bad = sorted(k for k, m in stored.items() if jnp.dtype(m.dtype).name != info.dtype)
+        bad = sorted(k for k, m in stored.items() if jnp.dtype(m.dtype).name != stored_dtype)
         if bad:
-            raise CheckpointError(f"{path}: params {bad[:5]} are not stored as {info.dtype} as config.json says")
+            raise CheckpointError(f"{path}: params {bad[:5]} are not stored as {stored_dtype} as config.json says")
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, DTYPES[info.dtype], sharding=sharding), expected)
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, DTYPES[stored_dtype], sharding=sharding),
+                              expected)
         params = ckptr.restore(params_dir, target)
-    if dtype is not None and _dtype_name(dtype) != info.dtype:
+    if dtype is not None and _dtype_name(dtype) != stored_dtype:
         params = jax.tree.map(lambda a: a.astype(DTYPES[_dtype_name(dtype)]), params)
-    return info.cfg, params
+    return params
 
 
 def load_transformer(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, CausalWanModel]:
@@ -261,3 +265,30 @@ def load_transformer(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, 
     nnx.replace_by_pure_dict(state, params)
     return cfg, nnx.merge(gdef, state)
 
+
+def read_meta(path: str | Path, fmt: str, version: int = 1) -> dict[str, Any]:
+    """``DIR/config.json`` of a converted checkpoint of kind ``fmt`` (e.g. ``"fkv_jax.vae"``), checked: format,
+    version and dtype. Another kind's directory is a :class:`CheckpointError` naming what it holds."""
+    path = Path(path)
+    want = KIND_NAMES.get(fmt, fmt)
+    if not path.is_dir():
+        raise CheckpointError(f"{want} directory {path} does not exist")
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is missing: {path} is not a converted fkv_jax {want} "
+                              "(convert one with `python -m checkpoints_convert`)")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if found != fmt:
+        if found in KIND_NAMES:
+            raise CheckpointError(f"{path} holds a converted {KIND_NAMES[found]} (format {found!r}), not a {want}")
+        raise CheckpointError(f"{cfg_file}: format is {found!r}, expected {fmt!r}")
+    if meta.get("format_version") != version:
+        raise CheckpointError(f"{cfg_file}: format_version {meta.get('format_version')!r} is not supported "
+                              f"(this build reads {version})")
+    if meta.get("dtype") not in DTYPES:
+        raise CheckpointError(f"{cfg_file}: dtype {meta.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+    return meta

@@ -1,0 +1,498 @@
+"""Text -> mp4, end to end: UMT5 encode -> AR rollout (with LongLive prompt switches) -> streaming VAE decode -> mp4.
+
+A model folder (``python -m checkpoints_convert --wan-dir WAN2.1_DOWNLOAD --generator GEN.pt --output DIR``)::
+
+    DIR/transformer/    converted causal DiT          DIR/vae/         converted Wan2.1 VAE
+    DIR/text_encoder/   converted UMT5 encoder        DIR/tokenizer/   the google/umt5-xxl tokenizer files
+
+Order of work (and of memory): every input is checked first (model folder, prompts, output folder, schedule);
+then all prompts are encoded and the text encoder is dropped (UMT5-XXL is the largest part); then the
+transformer and the VAE are loaded once for all videos. Each chunk the sampler emits is decoded at once
+(the VAE's feature cache carries over between chunks) and its frames are appended to the mp4, so an
+interrupted run leaves a playable file with everything generated so far.
+
+Python API::
+
+    from fkv_jax.pipeline import TextToVideo
+    t2v = TextToVideo("models/self_forcing", num_frames=21)
+    t2v.generate(["a corgi surfing a wave"], ["out/corgi.mp4"], seeds=[0])
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
+
+
+class PipelineError(ValueError):
+    """Bad input for the text-to-video pipeline (reported before any heavy work)."""
+
+
+# ---- the model folder ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDir:
+    """A checked model folder: every component present and of the right kind, sizes consistent."""
+
+    root: Path
+    model_cfg: Any  # fkv_jax.config.ModelConfig
+    model_dtype: str  # the transformer's stored dtype
+    vae_cfg: Any  # fkv_jax.vae.VAEConfig
+    text_cfg: Any  # fkv_jax.text.UMT5Config
+    tokenizer_file: Path
+
+    def path(self, component: str) -> Path:
+        return self.root / component
+
+    @classmethod
+    def check(cls, root: str | Path) -> "ModelDir":
+        """Read only the config files (cheap); a :class:`PipelineError` names the first problem found."""
+        from fkv_jax.checkpoint import CheckpointError, read_info
+        from fkv_jax.text import TokenizerError, find_tokenizer_file, read_text_encoder_config
+        from fkv_jax.vae import read_vae_config
+
+        root = Path(root)
+        if not root.is_dir():
+            raise PipelineError(f"--model-dir {root} does not exist")
+        missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+        if missing:
+            raise PipelineError(
+                f"--model-dir {root} lacks {', '.join(m + '/' for m in missing)} (build the folder with "
+                "`python -m checkpoints_convert --wan-dir WAN2.1_DOWNLOAD --generator GEN.pt --output DIR`)")
+        try:
+            info = read_info(root / "transformer")
+            model_cfg = info.cfg
+            vae_cfg = read_vae_config(root / "vae")
+            text_cfg = read_text_encoder_config(root / "text_encoder")
+            tok = find_tokenizer_file(root / "tokenizer")
+        except (CheckpointError, TokenizerError) as e:
+            raise PipelineError(str(e)) from None
+        if text_cfg.dim != model_cfg.text_dim:
+            raise PipelineError(f"the text encoder's width {text_cfg.dim} is not the transformer's text_dim "
+                                f"{model_cfg.text_dim}")
+        if vae_cfg.z_dim != model_cfg.out_dim:
+            raise PipelineError(f"the VAE's z_dim {vae_cfg.z_dim} is not the transformer's out_dim {model_cfg.out_dim}")
+        return cls(root, model_cfg, info.dtype, vae_cfg, text_cfg, tok)
+
+
+# ---- prompts and schedules ---------------------------------------------------------------------------------
+
+
+def read_prompt_lines(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.exists() or path.is_dir():
+        raise PipelineError(f"--prompts file not found: {path}")
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise PipelineError(f"cannot read --prompts file {path}: {e}") from None
+    prompts = [ln for ln in lines if ln]
+    if not prompts:
+        raise PipelineError(f"--prompts file {path} has no prompts (it is empty)")
+    return prompts
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise PipelineError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise PipelineError(f"{flag} is empty")
+    return values
+
+
+_START_KEYS = ("start_frame", "start", "frame")
+
+
+def _segments_to_schedule(segments, where: str):
+    from fkv_jax.sampling.recache import PromptSchedule
+
+    prompts, starts = [], []
+    for i, seg in enumerate(segments):
+        if isinstance(seg, str):
+            seg = {"prompt": seg}
+        if not isinstance(seg, dict) or not isinstance(seg.get("prompt"), str) or not seg["prompt"].strip():
+            raise PipelineError(f"{where}: segment {i} needs a non-empty \"prompt\" (got {seg!r})")
+        start = next((seg[k] for k in _START_KEYS if k in seg), None)
+        if i == 0 and start not in (None, 0):
+            raise PipelineError(f"{where}: the first prompt starts at frame 0, not {start}")
+        if i > 0 and not isinstance(start, int):
+            raise PipelineError(f"{where}: segment {i} needs an integer \"start_frame\" (latent frame)")
+        prompts.append(seg["prompt"].strip())
+        if i > 0:
+            starts.append(start)
+    try:
+        return PromptSchedule(tuple(prompts), tuple(starts))
+    except ValueError as e:
+        raise PipelineError(f"{where}: {e}") from None
+
+
+def read_schedule_file(path: str | Path):
+    """A prompt schedule from YAML / JSON (a list of ``{prompt, start_frame}`` or ``{prompts: [...],
+    switch_frames: [...]}``) or JSONL (one ``{"prompt": ..., "start_frame": ...}`` per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"--schedule file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".jsonl":
+            data = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except ImportError:
+        raise PipelineError("reading a YAML schedule needs PyYAML (pip install pyyaml); or use .json / .jsonl") from None
+    except Exception as e:  # noqa: BLE001 - json / yaml / OS errors are all bad input here
+        raise PipelineError(f"cannot read --schedule {path}: {type(e).__name__}: {e}") from None
+    if isinstance(data, dict) and "prompts" in data:
+        prompts, frames = data.get("prompts"), data.get("switch_frames", [])
+        if not isinstance(prompts, list) or not isinstance(frames, list):
+            raise PipelineError(f"--schedule {path}: prompts and switch_frames must be lists")
+        data = [{"prompt": p, **({"start_frame": frames[i - 1]} if 0 < i <= len(frames) else {})}
+                for i, p in enumerate(prompts)]
+        if len(frames) != len(prompts) - 1:
+            raise PipelineError(f"--schedule {path}: {len(prompts)} prompts need {len(prompts) - 1} switch_frames, "
+                                f"got {len(frames)}")
+    if not isinstance(data, list) or not data:
+        raise PipelineError(f"--schedule {path} holds no prompt segments")
+    return _segments_to_schedule(data, f"--schedule {path}")
+
+
+def slug(text: str, max_len: int = 48) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return (s[:max_len].rstrip("-") or "video")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One video: its prompt schedule, its seed and where it goes."""
+
+    schedule: Any  # PromptSchedule
+    seed: int
+    path: Path
+
+
+# ---- the pipeline ------------------------------------------------------------------------------------------
+
+
+class TextToVideo:
+    """Prompts in, mp4 files out. See the module docstring; everything heavy is loaded lazily, once."""
+
+    def __init__(self, model_dir: str | Path | ModelDir, sampler_cfg=None, *, num_frames: int = 21,
+                 latent_hw: tuple[int, int] | None = None, batch_size: int = 1, cache_frames: int | None = None,
+                 policy=None, attention_backend: str = "xla", global_sink: bool = True, fps: float = 16,
+                 progress: bool = True, log: Callable[[str], None] | None = None):
+        from fkv_jax.config import sampler_preset
+
+        self.dir = model_dir if isinstance(model_dir, ModelDir) else ModelDir.check(model_dir)
+        self.sampler_cfg = sampler_cfg if sampler_cfg is not None else sampler_preset("self_forcing")
+        self.num_frames, self.batch_size, self.cache_frames = num_frames, batch_size, cache_frames
+        self.latent_hw = tuple(latent_hw or self.dir.model_cfg.latent_hw)
+        self.policy, self.backend, self.global_sink = policy, attention_backend, global_sink
+        self.fps, self.progress = fps, progress
+        self.log = log or (lambda s: print(s, file=sys.stderr))
+        self._params = None
+        self._vae = None
+        self.sampler = self._build_sampler()
+
+    def _build_sampler(self):
+        """The sampler, built on the abstract model (nothing loaded, nothing compiled): this checks the whole
+        geometry (latent size, cache, policy, video length) before any heavy work."""
+        from flax import nnx
+
+        from fkv_jax.checkpoint import DTYPES
+        from fkv_jax.model.build import abstract_model
+        from fkv_jax.sampling.rollout import Sampler
+
+        if self.batch_size < 1:
+            raise PipelineError(f"--batch-size must be >= 1, got {self.batch_size}")
+        graphdef = nnx.split(abstract_model(self.dir.model_cfg, DTYPES[self.dir.model_dtype]), nnx.Param)[0]
+        try:
+            sampler = Sampler(graphdef, self.dir.model_cfg, self.sampler_cfg, batch=self.batch_size,
+                              latent_hw=self.latent_hw, num_frames=self.num_frames, cache_frames=self.cache_frames,
+                              policy=self.policy, attention_backend=self.backend)
+            sampler.check_length(self.num_frames)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        return sampler
+
+    # -- text ---------------------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Every distinct prompt -> its embedding ``[tokens, text_dim]`` (trimmed to its length; zero-padded to
+        text_len when used). Loads the text encoder, encodes, and frees it again."""
+        from fkv_jax.text import TextEncoder
+
+        unique = list(dict.fromkeys(prompts))
+        t0 = time.perf_counter()
+        enc = TextEncoder.load(self.dir.path("text_encoder"))
+        from fkv_jax.text.tokenizer import UMT5Tokenizer
+
+        tok = UMT5Tokenizer(self.dir.path("tokenizer"), self.dir.model_cfg.text_len)
+        out = {}
+        for p in unique:  # one prompt per call: one executable whatever the number of prompts
+            ids, mask = tok([p])
+            out[p] = enc.encode_ids(ids, mask)[0, : int(mask.sum())].copy()
+        del enc
+        gc.collect()
+        self.log(f"text:   {len(unique)} prompt(s) encoded in {time.perf_counter() - t0:.1f} s "
+                 f"(UMT5 {self.dir.text_cfg.name}, text_len {self.dir.model_cfg.text_len}); encoder freed")
+        return out
+
+    def _context(self, emb: dict[str, np.ndarray], prompts: Sequence[str]) -> np.ndarray:
+        cfg = self.dir.model_cfg
+        ctx = np.zeros((len(prompts), cfg.text_len, cfg.text_dim), np.float32)
+        for i, p in enumerate(prompts):
+            ctx[i, : len(emb[p])] = emb[p]
+        return ctx
+
+    # -- models -------------------------------------------------------------------------------------------
+    def params(self):
+        """The transformer's parameters (loaded once; the sampler was built on the same graph)."""
+        if self._params is None:
+            from flax import nnx
+
+            from fkv_jax.checkpoint import load_transformer
+
+            t0 = time.perf_counter()
+            _, model = load_transformer(self.dir.path("transformer"))
+            graphdef, self._params = nnx.split(model, nnx.Param)
+            assert graphdef == self.sampler._graphdef, "the loaded model's graph is not the one the sampler was built on"
+            self.log(f"model:  {self.dir.path('transformer')} loaded in {time.perf_counter() - t0:.1f} s")
+        return self._params
+
+    def vae(self):
+        if self._vae is None:
+            from fkv_jax.vae import VAE
+
+            self._vae = VAE.load(self.dir.path("vae"))
+        return self._vae
+
+    # -- videos -------------------------------------------------------------------------------------------
+    def run(self, jobs: Sequence[Job], *, save_latents: str | Path | None = None) -> list[Path]:
+        """Generate every job (in batches of ``batch_size``); returns the mp4 paths written."""
+        from fkv_jax.video import check_output_folder
+
+        if not jobs:
+            raise PipelineError("nothing to generate")
+        for job in jobs:
+            try:
+                job.schedule.check_length(self.num_frames)
+            except ValueError as e:
+                raise PipelineError(str(e)) from None
+            check_output_folder(job.path.parent)
+        for start in range(0, len(jobs), self.batch_size):
+            if len({j.schedule.switch_frames for j in jobs[start: start + self.batch_size]}) > 1:
+                raise PipelineError("videos generated together must share their switch frames; use --batch-size 1")
+        emb = self.encode([p for job in jobs for p in job.schedule.prompts])
+        params, vae = self.params(), self.vae()
+        all_lat = []
+        for start in range(0, len(jobs), self.batch_size):
+            group = list(jobs[start: start + self.batch_size])
+            lat = self._run_batch(group, emb, params, vae, first=start, total=len(jobs))
+            all_lat.append(lat[: len(group)])
+        latents = np.concatenate(all_lat)
+        if save_latents is not None:
+            from fkv_jax.generate import _save_npy_atomic
+
+            _save_npy_atomic(Path(save_latents), latents)
+            self.log(f"latents: {save_latents} {list(latents.shape)} (model space, before the VAE's de-normalisation)")
+        return [job.path for job in jobs]
+
+    def _run_batch(self, group: list[Job], emb, params, vae, *, first: int, total: int) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        from fkv_jax.sampling.recache import rollout
+        from fkv_jax.video import VideoWriter
+
+        sampler = self.sampler
+        b, cfg, c = self.batch_size, self.dir.model_cfg, self.sampler_cfg.frames_per_block
+        n = sampler.schedule.num_steps
+        padded = group + [group[-1]] * (b - len(group))  # a short last batch reuses the compiled batch size
+        switch = padded[0].schedule.switch_frames  # shared by the batch (checked in run)
+        segments = len(switch) + 1
+        contexts = [self._context(emb, [j.schedule.prompts[s] for j in padded]) for s in range(segments)]
+        shape = (cfg.in_dim, *self.latent_hw)
+        noise = np.concatenate([np.random.default_rng(j.seed).standard_normal((1, self.num_frames, *shape), np.float32)
+                                for j in padded])
+
+        def renoise(blk):
+            return np.concatenate([np.random.default_rng((j.seed, blk)).standard_normal((n - 1, 1, c, *shape), np.float32)
+                                   for j in padded], axis=1)
+
+        writers = [VideoWriter(j.path, fps=self.fps) for j in group]
+        decoder = vae.stream()
+        nblk = self.num_frames // c
+        label = f"video {first + 1}" + (f"-{first + len(group)}" if len(group) > 1 else "") + f"/{total}"
+        bar = tqdm(total=nblk, desc=label, unit="chunk", disable=None if self.progress else True, dynamic_ncols=True)
+        t0, frames = time.perf_counter(), 0
+        completed = False
+
+        def on_chunk(blk, res):
+            nonlocal frames
+            video = decoder(res.x0)  # [B, T', H, W, 3] in [-1, 1]
+            for w, v in zip(writers, video):
+                w.write(v)
+            frames += video.shape[1]
+            bar.update(1)
+            bar.set_postfix(frames=frames, fps=f"{frames / (time.perf_counter() - t0):.2f}")
+
+        def on_switch(start_frame, seg, cache):
+            bar.write(f"frame {start_frame}: prompt {seg + 1}/{segments} (KV re-cache, "
+                      f"global_sink={self.global_sink})")
+
+        try:
+            lat = rollout(sampler, params, contexts, noise, switch_frames=switch, global_sink=self.global_sink,
+                          renoise=renoise, on_chunk=on_chunk, on_switch=on_switch, backend=self.backend)
+            completed = True
+        finally:
+            bar.close()
+            for w in writers:
+                w.close()
+            dt = time.perf_counter() - t0
+            for w in writers:
+                state = "wrote" if completed else "interrupted; kept"
+                self.log(f"{state} {w.path} ({w.frames_written} frames, {w.frames_written / self.fps:.1f} s of video) "
+                         f"in {dt:.1f} s")
+        return lat
+
+    def generate(self, prompts: Sequence[str], paths: Sequence[str | Path], seeds: Sequence[int] | None = None,
+                 switch_frames: Sequence[int] = ()) -> list[Path]:
+        """Convenience: one video per path. With ``switch_frames``, ``prompts`` is one video's schedule."""
+        from fkv_jax.sampling.recache import PromptSchedule
+
+        seeds = list(seeds) if seeds is not None else [0] * len(paths)
+        if switch_frames:
+            scheds = [PromptSchedule(tuple(prompts), tuple(switch_frames))] * len(paths)
+        else:
+            scheds = [PromptSchedule((p,)) for p in prompts]
+        return self.run([Job(s, seed, Path(p)) for s, seed, p in zip(scheds, seeds, paths)])
+
+
+# ---- the CLI (hooked into `python -m fkv_jax.generate`) -----------------------------------------------------
+
+PIPELINE_FLAGS = ("seeds", "batch_size", "switch_frames", "schedule", "no_global_sink", "fps")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("text to video (--model-dir): prompts -> mp4")
+    g.add_argument("--model-dir", type=Path, help="model folder from `python -m checkpoints_convert --wan-dir ... "
+                                                  "--generator ...` (transformer/, vae/, text_encoder/, tokenizer/)")
+    g.add_argument("--seeds", help="comma-separated seeds: one video per prompt and seed (default: --seed)")
+    g.add_argument("--batch-size", type=int, help="videos generated together (default 1)")
+    g.add_argument("--switch-frames", help="LongLive prompt switching: latent frames at which the 2nd, 3rd, ... "
+                                           "line of --prompts starts, e.g. 40,80 (one video)")
+    g.add_argument("--schedule", type=Path, help="prompt schedule file (.yaml/.json: [{prompt, start_frame}, ...] "
+                                                 "or {prompts, switch_frames}; .jsonl: one segment per line)")
+    g.add_argument("--no-global-sink", action="store_true",
+                   help="on a switch, re-cache the sink too (LongLive global_sink: false)")
+    g.add_argument("--fps", type=float, help="frame rate of the mp4 (default 16)")
+
+
+def wants_pipeline(args) -> bool:
+    """Whether the pipeline handles these arguments (``--model-dir`` or one of its own flags was given)."""
+    return getattr(args, "model_dir", None) is not None or any(
+        getattr(args, f, None) not in (None, False) for f in PIPELINE_FLAGS)
+
+
+def _jobs_from_args(args, out_dir: Path) -> list[Job]:
+    from fkv_jax.sampling.recache import PromptSchedule
+
+    if args.prompt and args.prompt_arg:
+        raise PipelineError("give the prompt either positionally or with --prompt, not both")
+    prompt = args.prompt or args.prompt_arg
+    given = [n for n, v in (("PROMPT", prompt), ("--prompts", args.prompts), ("--schedule", args.schedule)) if v]
+    if len(given) != 1:
+        raise PipelineError("give exactly one of PROMPT, --prompts FILE and --schedule FILE" +
+                            (f" (got {', '.join(given)})" if given else ""))
+    seeds = parse_int_list(args.seeds, "--seeds") if args.seeds else [args.seed]
+    if args.schedule is not None:
+        if args.switch_frames:
+            raise PipelineError("--switch-frames goes with --prompts; a --schedule file holds its own frames")
+        schedules = [read_schedule_file(args.schedule)]
+    elif args.prompts is not None:
+        lines = read_prompt_lines(args.prompts)
+        if args.switch_frames:
+            frames = parse_int_list(args.switch_frames, "--switch-frames")
+            try:
+                schedules = [PromptSchedule(tuple(lines), tuple(frames))]
+            except ValueError as e:
+                raise PipelineError(f"--prompts {args.prompts} with --switch-frames: {e}") from None
+        else:
+            schedules = [PromptSchedule((ln,)) for ln in lines]
+    else:
+        if not prompt.strip():
+            raise PipelineError("empty prompt")
+        if args.switch_frames:
+            raise PipelineError("--switch-frames needs --prompts FILE (one prompt per segment)")
+        schedules = [PromptSchedule((prompt.strip(),))]
+    jobs = []
+    for i, sched in enumerate(schedules):
+        for seed in seeds:
+            tag = f"_seed{seed}" if len(seeds) > 1 else ""
+            jobs.append(Job(sched, seed, out_dir / f"{i:03d}_{slug(sched.prompts[0])}{tag}.mp4"))
+    return jobs
+
+
+def run_cli(args, usage_error: type[Exception] = PipelineError) -> Path:
+    """``python -m fkv_jax.generate --model-dir DIR ...``: check everything, then generate; returns the output
+    folder. Bad input raises ``usage_error`` (one line, before any heavy work)."""
+    from fkv_jax.video import VideoError
+
+    try:
+        if args.model_dir is None:
+            used = [f"--{f.replace('_', '-')}" for f in PIPELINE_FLAGS if getattr(args, f, None) not in (None, False)]
+            raise PipelineError(f"{', '.join(used)} need(s) --model-dir DIR")
+        clash = [n for n, v in (("--checkpoint", args.checkpoint), ("--text-embeddings", args.text_embeddings),
+                                ("--noise-file", args.noise_file)) if v is not None]
+        if clash:
+            raise PipelineError(f"--model-dir encodes prompts and draws noise itself; drop {', '.join(clash)}")
+        from fkv_jax.video import check_output_folder
+
+        model_dir = ModelDir.check(args.model_dir)
+        jobs = _jobs_from_args(args, args.output_dir)
+        from fkv_jax.generate import _enable_compilation_cache, _parse_hw, _policy, _sampler_config
+
+        sampler_cfg = _sampler_config(args)
+        latent_hw = _parse_hw(args.latent_size) if args.latent_size else None
+        policy = _policy(args, model_dir.model_cfg)
+        if any(j.schedule.switch_frames for j in jobs) and policy is not None:
+            raise PipelineError("prompt switching (KV re-cache) works with the plain cache only; drop --policy")
+        t2v = TextToVideo(model_dir, sampler_cfg, num_frames=21 if args.frames is None else args.frames,
+                          latent_hw=latent_hw,
+                          batch_size=1 if args.batch_size is None else min(args.batch_size, len(jobs)),
+                          cache_frames=args.cache_frames, policy=policy,
+                          attention_backend=getattr(args, "attention_backend", "xla"),
+                          global_sink=not args.no_global_sink, fps=args.fps or 16, progress=not args.no_progress)
+        for j in jobs:
+            j.schedule.check_length(t2v.num_frames)
+        check_output_folder(args.output_dir)  # last: creates the folder
+        if args.save_latents is not None:
+            check_output_folder(args.save_latents.parent)
+    except (PipelineError, VideoError, ValueError) as e:
+        if isinstance(e, usage_error):
+            raise
+        raise usage_error(str(e)) from None
+    _enable_compilation_cache()
+    m, v, (h, w) = model_dir.model_cfg, model_dir.vae_cfg, t2v.latent_hw
+    print(f"model:  {model_dir.root} ({m.name}: dim {m.dim}, {m.num_layers} layers); {len(jobs)} video(s) of "
+          f"{t2v.num_frames} latent frames ({v.num_video_frames(t2v.num_frames)} video frames at "
+          f"{v.spatial_factor * h}x{v.spatial_factor * w}) -> {args.output_dir}", file=sys.stderr)
+    t2v.run(jobs, save_latents=args.save_latents)
+    return args.output_dir

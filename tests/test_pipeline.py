@@ -1,0 +1,189 @@
+"""Text -> mp4 end to end on a tiny model folder built the way users build theirs:
+
+    python -m checkpoints_convert --wan-dir WAN --generator GEN.pt --output DIR
+    python -m fkv_jax.generate --model-dir DIR "a prompt"
+
+WAN is assembled from the test data: the tiny VAE and UMT5 fixtures under their Wan2.1 file names and the tiny
+tokenizer as ``google/umt5-xxl``; GEN is the tiny Self Forcing checkpoint. Latents are 4x6 (32x48 video).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from checkpoints_convert.__main__ import main as convert_main
+from conftest import CHECKPOINT_PT
+from fkv_jax.config import sampler_preset
+from fkv_jax.decode import main as decode_main
+from fkv_jax.generate import main as generate_main
+from fkv_jax.pipeline import PipelineError, read_schedule_file
+from fkv_jax.video import read_video
+
+DATA = Path(__file__).parent / "data"
+# LongLive-style rolling cache (window 9 = sink 3 + 3 + chunk 3), the geometry tests/test_recache.py compiles
+SMALL = ["--latent-size", "4x6", "--preset", "longlive", "--local-attn-size", "9", "--sink-size", "3", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def same_compilation_cache(monkeypatch):
+    """The CLI points JAX's persistent cache at FKV_JAX_CACHE_DIR; keep the test session's (the cache directory
+    is part of XLA's compile options, so another one would also change every cache key)."""
+    import jax
+
+    monkeypatch.setenv("FKV_JAX_CACHE_DIR", jax.config.jax_compilation_cache_dir or "")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    wan = root / "Wan2.1-T2V-1.3B"
+    (wan / "google").mkdir(parents=True)
+    shutil.copy(DATA / "vae" / "vae.pth", wan / "Wan2.1_VAE.pth")
+    shutil.copy(DATA / "text" / "umt5.pth", wan / "models_t5_umt5-xxl-enc-bf16.pth")
+    shutil.copytree(DATA / "text" / "tokenizer", wan / "google" / "umt5-xxl")
+    out = root / "model"
+    assert convert_main(["--wan-dir", str(wan), "--generator", str(CHECKPOINT_PT), "--output", str(out),
+                         "--num-heads", "2", "--text-len", "16"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "text_encoder", "tokenizer", "transformer", "vae"]
+    return out
+
+
+def test_prompt_to_mp4_and_the_decode_cli(model_dir, tmp_path):
+    out = tmp_path / "videos"
+    assert generate_main(["--model-dir", str(model_dir), "A red cat, surfing!", "--frames", "6", *SMALL,
+                          "--output-dir", str(out), "--save-latents", str(tmp_path / "lat.npy")]) == 0
+    frames, meta = read_video(out / "000_a-red-cat-surfing.mp4")
+    assert frames.shape == (1 + 4 * 5, 32, 48, 3) and meta["fps"] == 16 and meta["codec"] == "h264"
+    lat = np.load(tmp_path / "lat.npy")
+    assert lat.shape == (1, 6, 16, 4, 6)
+    # the saved latents decode (whole video, decode CLI) to what was streamed into the mp4
+    assert decode_main(["--vae", str(model_dir / "vae"), "--latents", str(tmp_path / "lat.npy"),
+                        "--output", str(tmp_path / "v.npy"), "--no-progress"]) == 0
+    v = np.load(tmp_path / "v.npy")[0].transpose(1, 2, 3, 0)
+    luma = np.array([0.299, 0.587, 0.114])
+    ref, got = np.round((v + 1) * 127.5) @ luma, frames.astype(np.float64) @ luma
+    assert np.abs(ref - got).mean() < 8 and np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.98
+
+
+def test_prompt_file_batches_and_seeds(model_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n\na blue dog on the sky\na ball\n")
+    out = tmp_path / "v"
+    assert generate_main(["--model-dir", str(model_dir), "--prompts", str(prompts), "--batch-size", "2",
+                          "--frames", "3", *SMALL, "--output-dir", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000_a-red-cat.mp4", "001_a-blue-dog-on-the-sky.mp4", "002_a-ball.mp4"]
+    videos = [read_video(out / n)[0] for n in names]
+    assert all(v.shape == (9, 32, 48, 3) for v in videos)
+    assert np.abs(videos[0].astype(int) - videos[1].astype(int)).mean() > 1  # different prompts, different videos
+
+
+def test_prompt_switching_with_seeds(model_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    out = tmp_path / "v"
+    assert generate_main(["--model-dir", str(model_dir), "--prompts", str(prompts), "--switch-frames", "9",
+                          "--frames", "12", "--seeds", "1,2", *SMALL, "--output-dir", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000_a-red-cat_seed1.mp4", "000_a-red-cat_seed2.mp4"]
+    assert all(read_video(out / n)[0].shape == (45, 32, 48, 3) for n in names)
+
+
+def _boom_after(monkeypatch, calls: int, exc):
+    """Make the streaming decoder (called once per chunk, inside the chunk callback) fail at call ``calls``."""
+    from fkv_jax.vae.codec import StreamingDecoder
+
+    orig, n = StreamingDecoder.__call__, {"calls": 0}
+
+    def call(self, latents):
+        n["calls"] += 1
+        if n["calls"] == calls:
+            raise exc
+        return orig(self, latents)
+
+    monkeypatch.setattr(StreamingDecoder, "__call__", call)
+
+
+def test_interrupted_generation_leaves_a_playable_file(model_dir, tmp_path, monkeypatch, capsys):
+    from fkv_jax.pipeline import TextToVideo
+
+    _boom_after(monkeypatch, 2, RuntimeError("crash in the chunk callback"))
+    sc = dataclasses.replace(sampler_preset("longlive"), local_attn_size=9)
+    t2v = TextToVideo(model_dir, sc, num_frames=6, latent_hw=(4, 6), progress=False)
+    with pytest.raises(RuntimeError, match="crash"):
+        t2v.generate(["a red cat"], [tmp_path / "a.mp4"], seeds=[0])
+    assert read_video(tmp_path / "a.mp4")[0].shape[0] == 9  # the chunk decoded before the crash
+    _boom_after(monkeypatch, 2, KeyboardInterrupt())  # Ctrl-C through the CLI: exit 130, file kept
+    assert generate_main(["--model-dir", str(model_dir), "a dog", "--frames", "6", *SMALL,
+                          "--output-dir", str(tmp_path / "o")]) == 130
+    assert read_video(tmp_path / "o" / "000_a-dog.mp4")[0].shape[0] == 9
+    assert "interrupted; kept" in capsys.readouterr().err
+
+
+def _copy(model_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    return d
+
+
+@pytest.mark.parametrize("case", ["tokenizer", "vae_as_transformer", "vae_as_checkpoint", "unwritable", "empty_prompts",
+                                  "switch_without_prompts", "schedule_mismatch", "no_model_dir"])
+def test_bad_input_is_one_error_line_before_any_work(model_dir, tmp_path, monkeypatch, capsys, case):
+    from fkv_jax.pipeline import TextToVideo
+
+    monkeypatch.setattr(TextToVideo, "encode", lambda *a: pytest.fail("heavy work started"))
+    args = ["--model-dir", str(model_dir), "a cat", "--output-dir", str(tmp_path / "out"), *SMALL]
+    if case == "tokenizer":
+        d = _copy(model_dir, tmp_path)
+        (d / "tokenizer" / "tokenizer.json").unlink()
+        args[1], want = str(d), "neither tokenizer.json nor spiece.model"
+    elif case == "vae_as_transformer":
+        d = _copy(model_dir, tmp_path)
+        shutil.rmtree(d / "transformer")
+        shutil.copytree(d / "vae", d / "transformer")
+        args[1], want = str(d), "holds a converted VAE"
+    elif case == "vae_as_checkpoint":
+        args, want = ["--checkpoint", str(model_dir / "vae"), "--text-embeddings", str(tmp_path / "x.npy")], \
+            "holds a converted VAE"
+        np.save(tmp_path / "x.npy", np.zeros((1, 4, 64), np.float32))
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("not a folder")
+        args[4], want = str(tmp_path / "file" / "videos"), "cannot create output folder"
+    elif case == "empty_prompts":
+        (tmp_path / "p.txt").write_text("\n  \n")
+        args[2:3], want = ["--prompts", str(tmp_path / "p.txt")], "has no prompts"
+    elif case == "switch_without_prompts":
+        args, want = args + ["--switch-frames", "3"], "--switch-frames needs --prompts"
+    elif case == "schedule_mismatch":
+        (tmp_path / "s.json").write_text(json.dumps({"prompts": ["a", "b", "c"], "switch_frames": [3]}))
+        args[2:3], want = ["--schedule", str(tmp_path / "s.json")], "3 prompts need 2 switch_frames"
+    else:
+        args, want = ["--seeds", "1,2", "a cat"], "need(s) --model-dir"
+    assert generate_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_schedule_files(tmp_path):
+    (tmp_path / "s.yaml").write_text("- prompt: a cat\n- prompt: a dog\n  start_frame: 40\n- {prompt: a car, start: 80}\n")
+    s = read_schedule_file(tmp_path / "s.yaml")
+    assert s.prompts == ("a cat", "a dog", "a car") and s.switch_frames == (40, 80)
+    (tmp_path / "s.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "start_frame": 12}\n')
+    assert read_schedule_file(tmp_path / "s.jsonl").switch_frames == (12,)
+    (tmp_path / "s2.yaml").write_text("prompts: [a, b]\nswitch_frames: [9]\n")
+    assert read_schedule_file(tmp_path / "s2.yaml").switch_frames == (9,)
+    assert s.segment_of_chunk(39) == 0 and s.segment_of_chunk(42) == 1 and s.segment_of_chunk(81) == 2
+    for text, msg in (("- prompt: a\n- prompt: b\n", "needs an integer"), ("- prompt: a\n  start_frame: 3\n",
+                                                                           "starts at frame 0"),
+                      ("- prompt: a\n- {prompt: b, start_frame: 9}\n- {prompt: c, start_frame: 5}\n", "increasing"),
+                      ("[", "cannot read")):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(PipelineError, match=msg):
+            read_schedule_file(tmp_path / "bad.yaml")
