@@ -1,0 +1,206 @@
+"""The toy-world testbed: simulator ground truth, tokenizer/text encoder, block-causal training masks,
+training (loss goes down, resume equals an uninterrupted run) and the shipped model's rollouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fkv_jax.config import ModelConfig
+from fkv_jax.toyworld import attention as tfa
+from fkv_jax.toyworld.analysis import colour_pixels, colour_report
+from fkv_jax.toyworld.text import VOCAB, init_text_encoder, tokenize
+from fkv_jax.toyworld.world import (COLOUR_NAMES, COLOURS, PILLAR_COLOUR, Scene, Sprite, WorldConfig, make_episode,
+                                    simulate)
+
+# ---- the world ---------------------------------------------------------------------------------------------
+
+
+def _rgb_at(frames, t, x, y):
+    return (frames[t, :, int(y), int(x)] + 1) / 2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ground_truth_matches_frames(seed):
+    ep = make_episode(seed, 30, pillar=seed % 2 == 0)
+    n = len(ep.scene.sprites)
+    assert ep.frames.shape == (30, 3, 32, 32) and ep.frames.dtype == np.float32
+    assert ep.frames.min() >= -1 and ep.frames.max() <= 1
+    assert ep.positions.shape == (30, n, 2) and ep.visible_frac.shape == (30, n)
+    counts = colour_pixels(ep.frames)  # [T, colours]
+    checked_full = checked_hidden = 0
+    for i, s in enumerate(ep.scene.sprites):
+        c = COLOUR_NAMES.index(s.colour)
+        assert ep.colour_ids[i] == c and ep.prompt.count(s.colour) == 1
+        for t in range(30):
+            if ep.visible_frac[t, i] > 0.999:  # fully visible: its colour is at its centre
+                x, y = ep.positions[t, i]
+                np.testing.assert_allclose(_rgb_at(ep.frames, t, x, y), COLOURS[s.colour], atol=1e-5)
+                assert counts[t, c] >= 20
+                checked_full += 1
+            elif ep.visible_frac[t, i] == 0:  # hidden (gap, pillar or another sprite): not drawn anywhere
+                assert counts[t, c] == 0
+                checked_hidden += 1
+    assert checked_full > 0
+    if seed in (0, 1, 2):
+        assert checked_hidden + checked_full > 0
+
+
+def test_deterministic_from_seed():
+    a, b, c = make_episode(7, 12), make_episode(7, 12), make_episode(8, 12)
+    np.testing.assert_array_equal(a.frames, b.frames)
+    assert a.prompt == b.prompt
+    assert not np.array_equal(a.frames, c.frames)
+
+
+def test_exit_through_the_edge_and_come_back():
+    cfg = WorldConfig()
+    ep = simulate(Scene((Sprite("square", "red", 24.0, 16.0, 2.0, 0.0),)), 30, cfg)
+    vis = ep.visible_frac[:, 0]
+    hidden = np.flatnonzero(vis == 0)
+    assert len(hidden) >= 3, vis  # it spends a few frames in the hidden gap ...
+    assert vis[hidden[-1] + 1] > 0 and ep.positions[hidden[-1] + 1, 0, 0] < 8  # ... and re-enters on the left
+    red = COLOUR_NAMES.index("red")
+    assert (colour_pixels(ep.frames[hidden])[:, red] == 0).all()
+    assert (ep.frames[hidden] == -1).all()  # nothing else in the scene: empty frames
+    # constant horizontal velocity, on the ring
+    dx = np.diff(ep.positions[:, 0, 0]) % cfg.ring
+    np.testing.assert_allclose(dx, 2.0, atol=1e-4)
+
+
+def test_bounce_occlusion_and_pillar():
+    cfg = WorldConfig()
+    # vertical bounce: y stays within the walls and the vertical velocity flips
+    ep = simulate(Scene((Sprite("circle", "green", 16.0, 25.0, 0.0, 1.5),)), 10, cfg)
+    y = ep.positions[:, 0, 1]
+    assert y.max() <= cfg.size - cfg.radius + 1e-5 and (np.diff(y) < 0).any() and (np.diff(y) > 0).any()
+    # draw order: the later sprite covers the earlier one at the same place
+    ep = simulate(Scene((Sprite("square", "red", 16.0, 16.0, 0.0, 0.0), Sprite("square", "blue", 16.0, 16.0, 0.0, 0.0))), 1)
+    assert ep.visible_frac[0, 0] == 0 and ep.visible_frac[0, 1] == 1
+    np.testing.assert_allclose(_rgb_at(ep.frames, 0, 16, 16), COLOURS["blue"], atol=1e-5)
+    # the pillar hides a sprite behind it
+    ep = simulate(Scene((Sprite("circle", "yellow", 15.0, 16.0, 0.0, 0.0),), pillar=(10, 20)), 1)
+    assert ep.visible_frac[0, 0] == 0 and ep.prompt.endswith("with a pillar")
+    np.testing.assert_allclose(_rgb_at(ep.frames, 0, 15, 16), PILLAR_COLOUR, atol=1e-5)
+
+
+# ---- text -----------------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_and_text_encoder():
+    ids, lens = tokenize(["a red circle and a blue square", "a green cross with a pillar"], 16)
+    assert ids.shape == (2, 16) and list(lens) == [7, 6]
+    assert VOCAB[ids[0, 1]] == "red" and (ids[0, 7:] == 0).all()
+    with pytest.raises(ValueError, match="outside the toy vocabulary"):
+        tokenize(["a purple circle"], 16)
+    with pytest.raises(ValueError, match="more than text_len"):
+        tokenize(["a red circle " * 6], 16)
+    enc = init_text_encoder(32, 16, seed=0)
+    ctx = np.asarray(enc(jnp.asarray(ids)))
+    assert ctx.shape == (2, 16, 32)
+    assert (ctx[0, 7:] == 0).all() and (ctx[1, 6:] == 0).all() and (np.abs(ctx[0, :7]).sum(-1) > 0).all()
+    # colour/shape binding: swapping the colours changes the shape tokens' context
+    swapped = np.asarray(enc(jnp.asarray(tokenize(["a blue circle and a red square"], 16)[0])))
+    assert not np.allclose(swapped[0, 2], ctx[0, 2])
+
+
+# ---- block-causal masks ------------------------------------------------------------------------------------------
+
+
+def test_teacher_forcing_mask_rules():
+    f, c, t = 9, 3, 4
+    m = tfa.teacher_forcing_mask(f, c, t)
+    s = f * t
+    idx = np.arange(2 * s)
+    blk = (idx % s) // (c * t)
+    noisy = idx >= s
+    qb, kb = blk[:, None], blk[None, :]
+    assert not (m & (kb > qb)).any()  # never a later block
+    assert not (m[~noisy][:, noisy]).any()  # clean tokens never read noisy ones
+    assert not (m[noisy][:, noisy] & (kb != qb)[noisy][:, noisy]).any()  # noisy: only its own noisy block
+    assert not (m[noisy][:, ~noisy] & (kb == qb)[noisy][:, ~noisy]).any()  # noisy: not its own clean block
+    np.testing.assert_array_equal(m[:s, :s], tfa.block_causal_mask(f, c, t))  # clean half = block-causal
+    assert m.diagonal().all()
+
+
+def test_teacher_forcing_attention_equals_masked_dense():
+    f, c, t = 9, 3, 4
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 2 * f * t, 2, 8)) for i in range(3))
+    ref = tfa.dense_masked_attention(q, k, v, tfa.teacher_forcing_mask(f, c, t))
+    out = tfa.teacher_forcing_attention(q, k, v, f // c)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+
+TINY = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=32, text_dim=16, text_len=16, in_dim=3,
+                   out_dim=3, patch_size=(1, 8, 8), latent_hw=(32, 32), name="toy-test")
+
+
+def test_training_forward_is_block_causal():
+    """Changing the frames of a later block changes nothing in the flow of earlier blocks."""
+    from fkv_jax.model.rope import make_rope_tables
+    from fkv_jax.toyworld.train import forward_teacher_forcing, init_params, merge
+
+    graphdefs, params = init_params(TINY, seed=0)
+    params = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype),
+                          params)  # leave the zero init so every path is live
+    model, enc = merge(graphdefs, params)
+    rope = make_rope_tables(TINY.head_dim, TINY.grid_hw(TINY.latent_hw))
+    rng = np.random.default_rng(1)
+    xc, xn = (jnp.asarray(rng.standard_normal((1, 9, 3, 32, 32)), jnp.float32) for _ in range(2))
+    t = jnp.full((1, 9), 500.0)
+    ctx = enc(jnp.asarray(tokenize(["a red circle"], 16)[0]))
+    fwd = jax.jit(lambda xc, xn: forward_teacher_forcing(model, ctx, xc, xn, t, rope, 3))
+    base = np.asarray(fwd(xc, xn))
+    changed = np.asarray(fwd(xc.at[:, 6:].add(1.0), xn.at[:, 3:].add(1.0)))  # clean block 2, noisy blocks 1-2
+    np.testing.assert_allclose(changed[:, :3], base[:, :3], atol=1e-5)  # block 0 untouched
+    assert not np.allclose(changed[:, 3:6], base[:, 3:6])
+    changed = np.asarray(fwd(xc.at[:, :3].add(1.0), xn))  # clean block 0 is history for blocks 1, 2 only
+    np.testing.assert_allclose(changed[:, :3], base[:, :3], atol=1e-5)
+    assert not np.allclose(changed[:, 3:], base[:, 3:])
+
+
+def test_training_reduces_loss_and_resumes_exactly(tmp_path):
+    from fkv_jax.toyworld.train import TrainConfig, load_run_params, train
+
+    tc = TrainConfig(steps=12, batch=2, frames=6, lr=3e-3, warmup=2, ckpt_every=6, eval_every=6, seed=3)
+    full = train(tc, tmp_path / "a", progress=False, cfg=TINY)
+    logs = [__import__("json").loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logs] == [6, 12]
+    assert logs[-1]["eval_loss"] < logs[0]["eval_loss"] and full["train_loss"] < 1.5
+    # interrupted after 6 steps, then resumed: the same parameters as the uninterrupted run
+    train(tc, tmp_path / "b", progress=False, cfg=TINY, stop_after=6)
+    train(tc, tmp_path / "b", progress=False, cfg=TINY, resume=True)
+    (sa, pa), (sb, pb) = (load_run_params(tmp_path / d, which="params", cfg=TINY) for d in "ab")
+    assert sa == sb == 12
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), pa, pb)
+    with pytest.raises(SystemExit, match="different training config"):
+        train(dataclasses.replace(tc, lr=1e-3), tmp_path / "b", progress=False, cfg=TINY, resume=True)
+
+
+# ---- the shipped model ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "fkv_jax/toyworld/weights/params.npz").is_file(),
+                    reason="the toy-world weights are not trained and shipped yet (python -m fkv_jax.toyworld.train)")
+def test_shipped_weights_generate_the_prompted_sprites():
+    from fkv_jax.toyworld.model import WEIGHTS_DIR, generate_video, load_toy_model
+
+    assert (WEIGHTS_DIR / "params.npz").stat().st_size <= 10 * 2**20
+    cfg, model, enc = load_toy_model()
+    assert (cfg.in_dim, cfg.patch_size, cfg.latent_hw) == (3, (1, 4, 4), (32, 32))
+    prompts = ["a red circle and a blue square", "a yellow triangle", "a green cross and a magenta circle"]
+    frames = generate_video(prompts, num_frames=6, seed=0)
+    assert frames.shape == (3, 6, 3, 32, 32) and np.isfinite(frames).all()
+    for video, prompt in zip(frames, prompts):
+        rep = colour_report(video, prompt)
+        # every prompted colour shows in most frames, the others hardly at all
+        assert min(rep["shown"].values()) >= 0.5, (prompt, rep)
+        assert rep["other_pixels_per_frame"] <= 0.25 * rep["prompted_pixels_per_frame"], (prompt, rep)
