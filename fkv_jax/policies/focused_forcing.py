@@ -31,7 +31,7 @@ import numpy as np
 from fkv_jax.attention.selection import Selection, pack_mask
 from fkv_jax.policies.base import Call, Policy, dense_selection
 from fkv_jax.policies.retain import window_geometry
-from fkv_jax.policies.scores import key_diversity, pool_tokens, zscore_rsqrt, zscore_std
+from fkv_jax.policies.scores import key_diversity, pooled_attention_z, zscore_std
 from fkv_jax.model.rope import _angles, rope_split
 
 FRONT = 3  # the front frame is the best of the first 3 history frames
@@ -159,12 +159,8 @@ class FocusedForcing(Policy):
         extra = jnp.clip(budgets - (c + 1), 0, hist - 1)  # [H]
         k_extra = int(np.clip(self.budgets(geom.num_layers, geom.num_heads).max() - (c + 1), 0, hist - 1))
 
-        qf = call.q.reshape(b, c, t, h, d).astype(jnp.float32)
-        q_bar = pool_tokens(jnp.moveaxis(qf, 3, 2), groups, self.pool_alpha).mean(-2)  # [B, C, H, D]
-        kh = call.cache_k[:, hist_slots].astype(jnp.float32)  # [B, hist, T, H, D]
-        k_bar = pool_tokens(jnp.moveaxis(kh, 3, 2), groups, self.pool_alpha).mean(-2)  # [B, hist, H, D]
-        attn = jnp.einsum("bchd,bnhd->bchn", q_bar, k_bar) / np.sqrt(d)
-        attn_z = zscore_rsqrt(attn, axis=-1)  # [B, C, H, hist]
+        attn_z = pooled_attention_z(call.q.reshape(b, c, t, h, d), call.cache_k[:, hist_slots], groups,
+                                    self.pool_alpha)  # [B, C, H, hist]
         score = self.attn_weight * attn_z + (1 - self.attn_weight) * call.layer_state["div_z"][:, None]
         front = jnp.argmax(score[..., :FRONT], axis=-1)  # [B, C, H], first maximum on ties
         pos = jnp.arange(hist)
@@ -227,10 +223,7 @@ class FocusedForcingLongLive(FocusedForcing):
         kc = call.k_chunk.reshape(b, c, t, h, d).astype(jnp.float32)
         kh = call.cache_k[:, hist_slots].astype(jnp.float32)  # [B, hist, T, H, D]
         keys = jnp.concatenate([kh, kc], axis=1)  # [B, hist + C, T, H, D] candidates
-        qf = call.q.reshape(b, c, t, h, d).astype(jnp.float32)
-        q_bar = pool_tokens(jnp.moveaxis(qf, 3, 2), groups, self.pool_alpha).mean(-2)  # [B, C, H, D]
-        k_bar = pool_tokens(jnp.moveaxis(keys, 3, 2), groups, self.pool_alpha).mean(-2)  # [B, hist + C, H, D]
-        attn_z = zscore_rsqrt(jnp.einsum("bchd,bnhd->bchn", q_bar, k_bar) / np.sqrt(d), axis=-1)
+        attn_z = pooled_attention_z(call.q.reshape(b, c, t, h, d), keys, groups, self.pool_alpha)
         div = jax.vmap(lambda k: key_diversity(k, jnp.ones((hist + c,), bool)))(keys)  # [B, H, hist + C]
         score = self.attn_weight * attn_z + (1 - self.attn_weight) * zscore_std(div, axis=-1)[:, None]
 

@@ -58,3 +58,16 @@ def key_diversity(keys: jax.Array, valid: jax.Array, eps: float = 1e-6) -> jax.A
     m_hat = m * jax.lax.rsqrt(jnp.square(m).sum(-1, keepdims=True) + eps)
     cos = (keys * m_hat[None]).sum(-1) * jax.lax.rsqrt(jnp.square(keys).sum(-1) + eps)  # [N, T, H]
     return -cos.mean(1).T  # [H, N]
+
+
+def pooled_attention_z(q: jax.Array, keys: jax.Array, groups: int, alpha: float = 0.5) -> jax.Array:
+    """Focused Forcing's attention score: per query frame and head, the mean over pooled group pairs of
+    pooled q . pooled k / sqrt(D) for every candidate frame, z-scored over the candidates.
+
+    q: [B, C, T, H, D] queries by frame; keys: [B, N, T, H, D] candidate frames. Returns [B, C, H, N].
+    """
+    d = q.shape[-1]
+    # the mean over group pairs of dot products is the dot product of the group means
+    q_bar = pool_tokens(jnp.moveaxis(q.astype(jnp.float32), 3, 2), groups, alpha).mean(-2)  # [B, C, H, D]
+    k_bar = pool_tokens(jnp.moveaxis(keys.astype(jnp.float32), 3, 2), groups, alpha).mean(-2)  # [B, N, H, D]
+    return zscore_rsqrt(jnp.einsum("bchd,bnhd->bchn", q_bar, k_bar) / jnp.sqrt(jnp.float32(d)), axis=-1)
