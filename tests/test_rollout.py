@@ -210,3 +210,12 @@ def test_prefill_from_initial_latents_continues_the_same_video(tiny_model, tiny_
     assert rel_err(cont[:, 3:], full[:, 3:]) <= 1e-6
     with pytest.raises(ValueError, match="initial_latents must be"):
         s.generate(params, ctx, noise, initial_latents=full[:, :2], progress=False)
+
+
+def test_one_executable_for_every_chunk(tiny_model, tiny_cfg, ref):
+    """Not only one trace: one XLA executable (a fresh, uncommitted first cache would compile a second one)."""
+    graphdef, params = tiny_model
+    s = Sampler(graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=9)
+    s.generate(params, ref["context"], ref["global/noise"], seed=0, progress=False)
+    assert s.trace_count == 1
+    assert s.chunk_step._cache_size() == 1

@@ -126,11 +126,13 @@ class Sampler:
 
     # ---- pieces ---------------------------------------------------------------------------------------
     def init_cache(self):
-        return init_cache(self.geom, self.cache_dtype)
+        """An empty cache, committed to the default device (so the first chunk compiles the same executable as
+        every later one, whose cache comes back committed from the step)."""
+        return jax.device_put(init_cache(self.geom, self.cache_dtype), jax.devices()[0])
 
     def init_state(self):
-        """The policy's initial state (fixed shapes)."""
-        return self.policy.init_state(self.geom)
+        """The policy's initial state (fixed shapes), committed like the cache."""
+        return jax.device_put(self.policy.init_state(self.geom), jax.devices()[0])
 
     def context_kv(self, params, context: jax.Array):
         """Text K/V of every layer [L, B, Lt, H, Dh], computed once per prompt batch."""
