@@ -17,9 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class UsageError(Exception):
-    """Bad input: one ``error: ...`` line, exit code 2."""
+from fkv_jax.cli import UsageError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,16 +101,7 @@ def run(args) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(build_parser, run, argv)
 
 
 if __name__ == "__main__":

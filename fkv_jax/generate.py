@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fkv_jax.cli import UsageError, run_cli
+
 DESCRIPTION = """\
 Generate latent videos autoregressively, chunk by chunk, with a fixed-shape KV cache.
 
@@ -106,10 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)  # --model-dir: prompts -> mp4 (text encoder, VAE, prompt switching)
     return p
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line, exit code 2, before any heavy work."""
 
 
 def _stand_in_embedding(prompt: str, text_len: int, text_dim: int) -> np.ndarray:
@@ -344,16 +342,7 @@ def run(args) -> Path:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fkv_jax.generate import UsageError, _parse_hw, _resolve_text
+from fkv_jax.cli import UsageError, run_cli
+from fkv_jax.generate import _parse_hw, _resolve_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,13 +129,7 @@ def run(args) -> Path:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,23 @@
+"""Shared command-line plumbing: bad input is one ``error: ...`` line and exit code 2, Ctrl-C is 130."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit code 2, before any heavy work."""
+
+
+def run_cli(build_parser: Callable, run: Callable, argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
