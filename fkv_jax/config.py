@@ -109,10 +109,16 @@ class SamplerConfig:
     sink_size: int = 0
     context_noise: float = 0.0
     name: str = "custom"
+    # "renoise": after step i take x0 and add fresh noise at sigma_{i+1} (upstream's few-step sampler, made for
+    # distilled generators); "euler": deterministic flow-ODE step x + (sigma_{i+1} - sigma_i) v (for plain,
+    # non-distilled flow-matching models); the last step returns x0 in both.
+    solver: str = "renoise"
 
     def __post_init__(self):
         if not self.denoising_steps:
             raise ValueError("denoising_steps is empty")
+        if self.solver not in ("renoise", "euler"):
+            raise ValueError(f"solver must be 'renoise' or 'euler', got {self.solver!r}")
         if self.frames_per_block < 1:
             raise ValueError(f"frames_per_block must be >= 1, got {self.frames_per_block}")
         if self.context_noise != 0:

@@ -111,7 +111,7 @@ class Sampler:
         t_sin = timestep_sinusoid_np(self.schedule.timesteps, model_cfg.freq_dim)  # [n + 1, freq_dim]
         self._graphdef = graphdef
         step, prefill = _make_chunk_step(graphdef, self.geom, self.schedule, self.rope, t_sin, self.policy,
-                                         attention_backend, rope_mode == "window_relative")
+                                         attention_backend, rope_mode == "window_relative", sampler_cfg.solver)
         self.prefill_step = jax.jit(prefill, donate_argnums=(1, 2))
         self.trace_count = 0
 
@@ -235,10 +235,11 @@ class Sampler:
 
 
 def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_sin_table: np.ndarray,
-                     policy: Policy, backend: str, relative: bool = False):
+                     policy: Policy, backend: str, relative: bool = False, solver: str = "renoise"):
     """The jitted bodies: ``chunk_step`` (denoise + clean pass + write) and ``prefill_step`` (clean pass + write)."""
     n = schedule.num_steps
     sig = schedule.sigmas  # [n + 1]
+    euler = solver == "euler"
     # after step i, re-noise with sigma_{i+1}; after the last step nothing (sigma 0 keeps x0 exactly)
     re_sig = np.concatenate([schedule.renoise_sigmas, np.zeros(1, np.float32)]).astype(np.float32)
 
@@ -298,6 +299,8 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
             i, s, s_next, e = inp
             flow, _, _, aux = call_model(xt, i)
             x0 = xt - s * flow
+            if euler:  # the noise the flow implies: x_{next} = x_t + (s_next - s) * flow
+                e = xt + (1 - s) * flow
             return (1 - s_next) * x0 + s_next * e, (flow, x0, aux)
 
         xs = (jnp.arange(n, dtype=jnp.int32), jnp.asarray(sig[:n]), jnp.asarray(re_sig), eps_pad)
