@@ -64,3 +64,18 @@ def colour_report(frames: np.ndarray, prompt: str, min_pixels: int = 4) -> dict:
     others = [i for i, c in enumerate(COLOUR_NAMES) if c not in want]
     return {"shown": shown, "other_pixels_per_frame": float(counts[:, others].sum(-1).mean()),
             "prompted_pixels_per_frame": float(counts[:, [COLOUR_NAMES.index(c) for c in want]].sum(-1).mean())}
+
+
+def motion_report(frames: np.ndarray, max_step: float = 3.0, min_pixels: int = 4) -> dict:
+    """Temporal coherence of one video [T, 3, H, W] from colour centroids.
+
+    ``smooth``: fraction of (colour, consecutive frame pair) with the colour shown in both frames whose
+    centroid moved at most ``max_step`` pixels (real toy-world videos: ~1, apart from a sprite wrapping or
+    being half hidden). ``persist``: fraction of (colour, t) shown at t that is still shown at t + 1.
+    """
+    c = colour_centroids(frames, min_pixels)  # [T, K, 2]
+    shown = ~np.isnan(c[..., 0])
+    both = shown[1:] & shown[:-1]
+    d = np.linalg.norm(c[1:] - c[:-1], axis=-1)
+    return {"smooth": float((d[both] <= max_step).mean()) if both.any() else float("nan"),
+            "persist": float(both.sum() / max(shown[:-1].sum(), 1))}
