@@ -60,8 +60,8 @@ def toy_model_config() -> ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 800
-    batch: int = 4
+    steps: int = 1400
+    batch: int = 16
     frames: int = 15  # frames per training clip (a multiple of frames_per_block)
     frames_per_block: int = 3
     lr: float = 1e-3
@@ -75,6 +75,7 @@ class TrainConfig:
     seed: int = 0
     ckpt_every: int = 100
     eval_every: int = 100
+    init: str = ""  # start from exported weights (a directory with params.npz) instead of a random init
 
 
 # ---- parameters ----------------------------------------------------------------------------------------
@@ -300,6 +301,13 @@ def train(tc: TrainConfig, out: Path, *, resume: bool = False, export: Path | No
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     graphdefs, params = init_params(cfg, tc.seed)
+    if tc.init:
+        from fkv_jax.toyworld.model import load_params
+
+        init_cfg, loaded = load_params(tc.init)
+        if init_cfg != cfg:
+            raise SystemExit(f"--init {tc.init} holds a different model config: {init_cfg} vs {cfg}")
+        params = jax.tree.map(lambda ref, x: jnp.asarray(x, ref.dtype), params, loaded)
     tx, train_step, eval_loss = make_train_step(graphdefs, cfg, tc)
     state = {"params": params, "ema": jax.tree.map(jnp.copy, params), "opt": tx.init(params),
              "step": jnp.int32(0)}
@@ -376,9 +384,12 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=TrainConfig.batch)
     p.add_argument("--frames", type=int, default=TrainConfig.frames)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    p.add_argument("--init", default="", help="start from exported weights (DIR with params.npz), e.g. a first stage")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    tc = TrainConfig(steps=a.steps, seed=a.seed, batch=a.batch, frames=a.frames, lr=a.lr)
+    tc = TrainConfig(steps=a.steps, seed=a.seed, batch=a.batch, frames=a.frames, lr=a.lr, warmup=a.warmup,
+                     init=str(Path(a.init).resolve()) if a.init else "")
     summary = train(tc, a.out, resume=a.resume, export=a.export, progress=not a.no_progress)
     print(json.dumps(summary, indent=2))
 
