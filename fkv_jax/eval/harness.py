@@ -31,8 +31,8 @@ from fkv_jax.eval import metrics as M
 from fkv_jax.policies import HeadTable, make_policy
 from fkv_jax.sampling.rollout import Sampler
 
-# Forcing-KV on the toy model: 64 tokens per frame split in 8 segments, 8 of 24 kept (one frame's worth).
-TOY_POLICY_OPTIONS = {"forcing_kv": {"num_frame_patch": "8"}, "focused_forcing": {}}
+# Forcing-KV on the toy model: 16 tokens per frame split in 4 row segments, 4 of 12 kept (one frame's worth).
+TOY_POLICY_OPTIONS = {"forcing_kv": {"num_frame_patch": "4"}, "focused_forcing": {}}
 
 
 @dataclasses.dataclass
