@@ -60,8 +60,8 @@ def toy_model_config() -> ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1400
-    batch: int = 16
+    steps: int = 1600
+    batch: int = 8
     frames: int = 15  # frames per training clip (a multiple of frames_per_block)
     frames_per_block: int = 3
     lr: float = 1e-3
