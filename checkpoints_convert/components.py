@@ -28,7 +28,7 @@ from checkpoints_convert.convert import PROGRESS_MIN_TENSORS, convert
 from checkpoints_convert.errors import ConvertError
 from checkpoints_convert.plan import _fmt, _listing, plan
 from checkpoints_convert.readers import Source, open_checkpoint, resolve_dir
-from fkv_jax.checkpoint import DTYPES, CheckpointError, _flatten, check_output_dir
+from fkv_jax.checkpoint import DTYPES, CheckpointError, _flatten, check_output_dir, swap_into_place
 
 KINDS = ("transformer", "vae", "umt5")
 # Files of the Wan2.1 download (Wan-AI/Wan2.1-T2V-1.3B) that the model folder is built from.
@@ -298,14 +298,7 @@ def convert_model_dir(wan_dir: str | Path, generator: str | Path, output: str | 
                 "source": {"wan_dir": str(wan_dir.absolute()), "generator": str(Path(generator).absolute())}}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         check_output_dir(out, overwrite)
-        if out.exists():
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            if old.exists():
-                old.rename(out)
-            raise
+        swap_into_place(tmp, out, old)
         done = True
     except CheckpointError as e:
         raise ConvertError(str(e)) from None

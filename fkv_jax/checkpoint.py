@@ -112,6 +112,19 @@ def _is_checkpoint_dir(path: Path) -> bool:
         return False
 
 
+def swap_into_place(tmp: Path, dest: Path, old: Path) -> None:
+    """Move the finished directory ``tmp`` to ``dest``; an existing ``dest`` is parked at ``old`` first and
+    put back if the move fails (the caller deletes ``old`` afterwards)."""
+    if dest.exists():
+        dest.rename(old)
+    try:
+        tmp.rename(dest)
+    except BaseException:
+        if old.exists():
+            old.rename(dest)
+        raise
+
+
 def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Raise unless ``path`` can receive a checkpoint: absent, empty, or (with ``overwrite``) a converted checkpoint."""
     path = Path(path).absolute()
@@ -190,14 +203,7 @@ def save_checkpoint_dir(
             ckptr.save(tmp / PARAMS_DIR, params)
             ckptr.wait_until_finished()
         check_output_dir(path, overwrite)  # re-check: something may have appeared while writing
-        if path.exists():
-            path.rename(old)
-        try:
-            tmp.rename(path)
-        except BaseException:
-            if old.exists():
-                old.rename(path)
-            raise
+        swap_into_place(tmp, path, old)
         done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
