@@ -103,14 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the converter; returns the process exit code (0 ok, 2 bad input)."""
-    args = build_parser().parse_args(argv)
-    try:
-        run_args(args)
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """Run the converter; returns the process exit code (0 ok, 2 bad input, 130 interrupted: nothing written)."""
+    from fkv_jax.cli import run_cli
+
+    return run_cli(build_parser, run_args, argv, errors=(ConvertError,))
 
 
 def run_args(args) -> None:
