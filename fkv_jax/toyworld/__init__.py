@@ -7,7 +7,7 @@ sampler code as the real checkpoints), so that generation quality can be measure
 * :mod:`fkv_jax.toyworld.model`: ``load_toy_model``, ``toy_context``, ``generate_video`` (the shipped weights);
 * :mod:`fkv_jax.toyworld.analysis`, :mod:`fkv_jax.toyworld.video`: reading frames back, mp4 / png output.
 
-``python -m fkv_jax.toyworld "a red circle and a blue square" --frames 24 --out toy.mp4`` makes a video.
+``python -m fkv_jax.generate "a red circle and a blue square" --frames 24`` makes a video with it (the default model).
 """
 
 from fkv_jax.toyworld.world import COLOUR_NAMES, SHAPES, Episode, Scene, Sprite, WorldConfig, make_episode, simulate

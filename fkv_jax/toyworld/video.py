@@ -1,4 +1,4 @@
-"""Writing toy-world frames for viewing: mp4 (H.264, yuv420p, via imageio-ffmpeg) and PNG (no dependency).
+"""Writing toy-world frames for viewing: mp4 (through :mod:`fkv_jax.video`) and PNG (no dependency).
 
 Frames are float ``[T, 3, H, W]`` in ``[-1, 1]``; they are upscaled by nearest neighbour (32x32 -> 256x256
 by default) so the pixels stay crisp in a player.
@@ -6,6 +6,7 @@ by default) so the pixels stay crisp in a player.
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -34,39 +35,28 @@ def tile(videos: np.ndarray, pad: int = 1) -> np.ndarray:
 
 
 def save_mp4(path: str | Path, frames: np.ndarray, fps: int = 8, scale: int = 8) -> Path:
-    """Write ``frames`` [T, 3, H, W] (or [B, T, 3, H, W], tiled side by side) as an H.264 yuv420p mp4."""
-    try:
-        import imageio_ffmpeg
-    except ImportError as e:  # pragma: no cover - optional dependency
-        raise ImportError("writing mp4 needs imageio-ffmpeg: pip install imageio-ffmpeg") from e
+    """Write ``frames`` [T, 3, H, W] (or [B, T, 3, H, W], tiled side by side) as an H.264 yuv420p mp4.
+
+    The file is written under a temporary name and renamed when complete (no half-written mp4 on failure).
+    """
+    from fkv_jax.video import write_video
+
     frames = np.asarray(frames)
     if frames.ndim == 5:
         frames = tile(frames)
     img = to_uint8(frames, scale)  # [T, H, W, 3]
-    t, h, w, _ = img.shape
+    h, w = img.shape[1:3]
     if h % 2 or w % 2:  # yuv420p needs even sizes
         img = np.pad(img, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-        h, w = img.shape[1:3]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-                                         macro_block_size=1, quality=None,
-                                         output_params=["-crf", "12", "-preset", "medium"])
-    writer.send(None)
-    for fr in img:
-        writer.send(np.ascontiguousarray(fr))
-    writer.close()
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix or '.mp4'}")
+    try:
+        write_video(tmp, img, fps=fps)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
-
-
-def read_mp4(path: str | Path) -> np.ndarray:
-    """Decode an mp4 back to uint8 [T, H, W, 3] (checks and viewing)."""
-    import imageio_ffmpeg
-
-    gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-    meta = next(gen)
-    w, h = meta["size"]
-    return np.stack([np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen])
 
 
 def save_png(path: str | Path, image: np.ndarray) -> Path:
