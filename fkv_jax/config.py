@@ -113,12 +113,17 @@ class SamplerConfig:
     # distilled generators); "euler": deterministic flow-ODE step x + (sigma_{i+1} - sigma_i) v (for plain,
     # non-distilled flow-matching models); the last step returns x0 in both.
     solver: str = "renoise"
+    # what the model outputs: "flow" (v = eps - x0; Wan and every upstream model) or "x0" (the clean frames,
+    # then v = (x_t - x0) / sigma; the toy-world model, whose 8x8x3 pixel patches are as wide as its width)
+    prediction: str = "flow"
 
     def __post_init__(self):
         if not self.denoising_steps:
             raise ValueError("denoising_steps is empty")
         if self.solver not in ("renoise", "euler"):
             raise ValueError(f"solver must be 'renoise' or 'euler', got {self.solver!r}")
+        if self.prediction not in ("flow", "x0"):
+            raise ValueError(f"prediction must be 'flow' or 'x0', got {self.prediction!r}")
         if self.frames_per_block < 1:
             raise ValueError(f"frames_per_block must be >= 1, got {self.frames_per_block}")
         if self.context_noise != 0:

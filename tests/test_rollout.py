@@ -243,3 +243,31 @@ def test_euler_solver_follows_the_flow_ode(tiny_model, tiny_cfg, ref):
     np.testing.assert_allclose(other, lat, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="solver"):
         dataclasses.replace(sc, solver="heun")
+
+
+def test_x0_prediction_reads_the_output_as_clean_frames(tiny_model, tiny_cfg, ref):
+    """prediction="x0": the model output is x0 and the flow is (x_t - x0) / sigma, at every step."""
+    graphdef, params = tiny_model
+    noise = ref["global/noise"][:, :3]
+    base = dataclasses.replace(sampler_preset("self_forcing"), solver="euler")
+    runs = {}
+    for pred in ("flow", "x0"):
+        s = Sampler(graphdef, tiny_cfg, dataclasses.replace(base, prediction=pred), batch=1, latent_hw=(8, 12),
+                    num_frames=3)
+        outs = []
+        lat = s.generate(params, ref["context"], noise, seed=0, progress=False,
+                         on_chunk=lambda b, r: outs.append((np.asarray(r.flows), np.asarray(r.x0s))))
+        runs[pred] = (lat, *outs[0])
+    sig, n = s.schedule.sigmas, s.schedule.num_steps
+    # the first call sees the same input in both modes: the raw output (flow mode's `flows[0]`) is x0 here
+    np.testing.assert_allclose(runs["x0"][2][0], runs["flow"][1][0], rtol=1e-5, atol=1e-5)
+    lat, flows, x0s = runs["x0"]
+    x = noise
+    for i in range(n):
+        np.testing.assert_allclose(flows[i], (x - x0s[i]) / sig[i], rtol=1e-4, atol=1e-4)
+        # the Euler step written with x0; the last step returns x0
+        x = x0s[i] + sig[i + 1] / sig[i] * (x - x0s[i]) if i < n - 1 else x0s[i]
+    np.testing.assert_allclose(lat, x, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(lat, runs["flow"][0], atol=1e-3)
+    with pytest.raises(ValueError, match="prediction"):
+        dataclasses.replace(base, prediction="eps")

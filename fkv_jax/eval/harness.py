@@ -112,7 +112,7 @@ def evaluate(policies: list[str], *, episodes: int = 2, frames: int = 120, conte
 
     cfg, model, enc = load_toy_model(weights)
     graphdef, params = nnx.split(model, nnx.Param)
-    sc = toy_sampler_config()
+    sc = toy_sampler_config(weights)
     c = sc.frames_per_block
     if frames % c or context_frames % c or not 0 < context_frames < frames:
         raise ValueError(f"--frames ({frames}) and --context-frames ({context_frames}) must be multiples of {c}, "

@@ -39,7 +39,9 @@ from fkv_jax.sampling.scheduler import Schedule, make_schedule
 @dataclasses.dataclass(frozen=True)
 class ChunkOutput:
     x0: jax.Array  # [B, C, Cin, H, W] the chunk's final latents
-    flows: jax.Array  # [n + 1, B, C, Cin, H, W] flow of every model call (the last one is the clean pass)
+    # [n + 1, B, C, Cin, H, W] flow of every model call (for prediction="x0" the flow it implies); the last
+    # entry is the raw output of the clean pass
+    flows: jax.Array
     x0s: jax.Array  # [n + 1, B, C, Cin, H, W] x0 of every model call
     select_aux: Any = None  # the policy's select() aux, stacked [n + 1 calls, L, ...]
     write_aux: Any = None  # the policy's on_write() aux
@@ -111,7 +113,8 @@ class Sampler:
         t_sin = timestep_sinusoid_np(self.schedule.timesteps, model_cfg.freq_dim)  # [n + 1, freq_dim]
         self._graphdef = graphdef
         step, prefill = _make_chunk_step(graphdef, self.geom, self.schedule, self.rope, t_sin, self.policy,
-                                         attention_backend, rope_mode == "window_relative", sampler_cfg.solver)
+                                         attention_backend, rope_mode == "window_relative", sampler_cfg.solver,
+                                         sampler_cfg.prediction)
         self.prefill_step = jax.jit(prefill, donate_argnums=(1, 2))
         self.trace_count = 0
 
@@ -235,11 +238,23 @@ class Sampler:
 
 
 def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_sin_table: np.ndarray,
-                     policy: Policy, backend: str, relative: bool = False, solver: str = "renoise"):
+                     policy: Policy, backend: str, relative: bool = False, solver: str = "renoise",
+                     prediction: str = "flow"):
     """The jitted bodies: ``chunk_step`` (denoise + clean pass + write) and ``prefill_step`` (clean pass + write)."""
     n = schedule.num_steps
     sig = schedule.sigmas  # [n + 1]
     euler = solver == "euler"
+    if prediction not in ("flow", "x0"):
+        raise ValueError(f"prediction must be 'flow' or 'x0', got {prediction!r}")
+    if prediction == "x0" and (sig[:n] <= 0).any():
+        raise ValueError("prediction='x0' needs every denoising step at a noise level > 0 (the flow is "
+                         "(x_t - x0) / sigma)")
+
+    def flow_and_x0(out, xt, s):
+        """(flow, x0) from the model output at noise level s > 0."""
+        if prediction == "x0":
+            return (xt - out) / s, out
+        return out, xt - s * out
     # after step i, re-noise with sigma_{i+1}; after the last step nothing (sigma 0 keeps x0 exactly)
     re_sig = np.concatenate([schedule.renoise_sigmas, np.zeros(1, np.float32)]).astype(np.float32)
 
@@ -297,8 +312,8 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
 
         def denoise(xt, inp):
             i, s, s_next, e = inp
-            flow, _, _, aux = call_model(xt, i)
-            x0 = xt - s * flow
+            out, _, _, aux = call_model(xt, i)
+            flow, x0 = flow_and_x0(out, xt, s)
             if euler:  # the noise the flow implies: x_{next} = x_t + (s_next - s) * flow
                 e = xt + (1 - s) * flow
             return (1 - s_next) * x0 + s_next * e, (flow, x0, aux)
@@ -307,8 +322,8 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
         _, (flows, x0s, auxs) = jax.lax.scan(denoise, x, xs)
         x0 = x0s[-1]
         flow_c, clean_aux, new_cache, state, write_aux = clean_and_store(x0)
-        flows = jnp.concatenate([flows, flow_c[None]], axis=0)
-        x0s = jnp.concatenate([x0s, (x0 - sig[n] * flow_c)[None]], axis=0)
+        flows = jnp.concatenate([flows, flow_c[None]], axis=0)  # the clean pass: the raw model output
+        x0s = jnp.concatenate([x0s, (flow_c if prediction == "x0" else x0 - sig[n] * flow_c)[None]], axis=0)
         select_aux = jax.tree.map(lambda a, b_: jnp.concatenate([a, b_[None]], axis=0), auxs, clean_aux["select"])
         out = ChunkOutput(x0=x0, flows=flows, x0s=x0s, select_aux=select_aux, write_aux=write_aux)
         return out, new_cache, state

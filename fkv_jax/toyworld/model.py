@@ -34,10 +34,25 @@ def _sampler_json() -> dict:
     return json.loads(SAMPLER_JSON.read_text())
 
 
-def toy_sampler_config(**overrides) -> SamplerConfig:
-    """The toy model's default sampler (``fkv_jax/toyworld/toy_sampler.json``), with optional overrides."""
+def toy_sampler_config(weights: str | Path | None = None, **overrides) -> SamplerConfig:
+    """The toy model's default sampler (``fkv_jax/toyworld/toy_sampler.json``), with optional overrides.
+
+    ``prediction`` (what the model outputs, x0 or flow) comes from the weights' ``config.json`` (the
+    training config it was trained with), the shipped weights by default.
+    """
     sc = SamplerConfig.from_dict(_sampler_json()["sampler"])
+    pred = weights_prediction(weights)
+    if pred is not None:
+        sc = dataclasses.replace(sc, prediction=pred)
     return dataclasses.replace(sc, **overrides) if overrides else sc
+
+
+def weights_prediction(weights: str | Path | None = None) -> str | None:
+    """``"x0"`` or ``"flow"``: the output a toy weights directory was trained to predict (None: unknown)."""
+    meta_file = Path(weights if weights is not None else WEIGHTS_DIR) / "config.json"
+    if not meta_file.is_file():
+        return None
+    return json.loads(meta_file.read_text()).get("train", {}).get("prediction", "flow")
 
 
 def default_renoise() -> str:
@@ -132,7 +147,7 @@ def generate_video(prompts: list[str], num_frames: int, seed: int = 0, sampler_c
       frames float32 [B, T, 3, H, W] in [-1, 1].
     """
     cfg, model, enc = load_toy_model(None if weights is None else str(weights))
-    sc = sampler_cfg or toy_sampler_config()
+    sc = sampler_cfg or toy_sampler_config(weights)
     ctx = toy_context(prompts, enc, cfg)
     graphdef, params = _split(model)
     sampler = _sampler(graphdef, cfg, sc, len(prompts), num_frames)

@@ -75,6 +75,10 @@ class TrainConfig:
     seed: int = 0
     ckpt_every: int = 100
     eval_every: int = 100
+    # "x0": the model outputs the clean frames (loss on x0); "flow": it outputs v = eps - x0 (Wan's convention).
+    # x0 because an 8x8x3 patch (192 values) is as wide as the model: predicting the noise-dominated flow
+    # through a linear head of that rank left residual noise in the samples
+    prediction: str = "x0"
     init: str = ""  # start from exported weights (a directory with params.npz) instead of a random init
 
 
@@ -109,10 +113,10 @@ def merge(graphdefs, params) -> tuple[CausalWanModel, ToyTextEncoder]:
 
 def forward_teacher_forcing(model: CausalWanModel, context: jax.Array, x_clean: jax.Array, x_noisy: jax.Array,
                             t_noisy: jax.Array, rope, frames_per_block: int) -> jax.Array:
-    """Flow of the noisy frames given the clean ones, through the model's own modules.
+    """Model output (x0 or flow, see ``TrainConfig.prediction``) of the noisy frames given the clean ones.
 
     x_clean, x_noisy: [B, F, C, H, W]; t_noisy: [B, F] timesteps (float, 0..1000); context [B, L, text_dim].
-    Returns the flow [B, F, C, H, W] of the noisy half.
+    Returns the output [B, F, C, H, W] of the noisy half.
     """
     cfg = model.cfg
     b, f, c, hh, ww = x_clean.shape
@@ -164,8 +168,9 @@ def make_loss_fn(graphdefs, cfg: ModelConfig, tc: TrainConfig):
         x_noisy = (1 - sigma) * frames + sigma * eps
         hist_std = tc.history_noise * jax.random.uniform(k3, (b, 1, 1, 1, 1))
         x_clean = frames + hist_std * jax.random.normal(k4, frames.shape)
-        flow = forward_teacher_forcing(model, enc(ids), x_clean, x_noisy, t, rope, tc.frames_per_block)
-        return jnp.mean(jnp.square(flow - (eps - frames)))
+        out = forward_teacher_forcing(model, enc(ids), x_clean, x_noisy, t, rope, tc.frames_per_block)
+        target = frames if tc.prediction == "x0" else eps - frames
+        return jnp.mean(jnp.square(out - target))
 
     return loss_fn
 
@@ -385,11 +390,14 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=TrainConfig.frames)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    p.add_argument("--prediction", choices=("x0", "flow"), default=TrainConfig.prediction,
+                   help="what the model learns to output: x0 (the clean frames, default) or flow (v = eps - x0); "
+                        "recorded in the exported config.json, which the samplers read")
     p.add_argument("--init", default="", help="start from exported weights (DIR with params.npz), e.g. a first stage")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     tc = TrainConfig(steps=a.steps, seed=a.seed, batch=a.batch, frames=a.frames, lr=a.lr, warmup=a.warmup,
-                     init=str(Path(a.init).resolve()) if a.init else "")
+                     prediction=a.prediction, init=str(Path(a.init).resolve()) if a.init else "")
     summary = train(tc, a.out, resume=a.resume, export=a.export, progress=not a.no_progress)
     print(json.dumps(summary, indent=2))
 
