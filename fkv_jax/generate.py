@@ -1,6 +1,7 @@
 """Command line: generate latent videos with the AR KV-cache sampler.
 
-    python -m fkv_jax.generate                          # embedded tiny model, runs on CPU in seconds
+    python -m fkv_jax.generate                          # embedded toy-world model -> outputs/*.mp4, CPU, seconds
+    python -m fkv_jax.generate "a green triangle and a cyan cross" --frames 48
     python -m fkv_jax.generate --checkpoint DIR --text-embeddings ctx.npy --frames 21 --save-latents out.npy
     python -m fkv_jax.generate --checkpoint DIR --text-embeddings ctx.npy --noise-file noise.npz \\
         --frames 15 --local-attn-size 9 --sink-size 3 --save-latents out.npy   # replay a PyTorch run
@@ -26,13 +27,18 @@ from fkv_jax.cli import UsageError, run_cli
 DESCRIPTION = """\
 Generate latent videos autoregressively, chunk by chunk, with a fixed-shape KV cache.
 
-Model: --checkpoint DIR loads a checkpoint converted by `python -m checkpoints_convert`. Without it, an
-embedded tiny random-weight model (preset 'tiny') runs on CPU in seconds so you can see the whole loop
-work; its output is noise-like latents, not a real video.
+Model: --checkpoint DIR loads a checkpoint converted by `python -m checkpoints_convert`. Without it, the
+embedded default model runs: the toy-world causal Wan shipped with the package (same transformer, cache,
+sampler and policies as the real models, 32x32 pixel frames of moving sprites, trained here with
+`python -m fkv_jax.toyworld.train`; see docs/toyworld.md). It draws the sprites its prompt names, e.g.
+"a red circle and a blue square", and writes one mp4 per prompt to --output-dir in a few seconds on a CPU.
+Its words (fkv_jax.toyworld.text.VOCAB): a, and, with, pillar, red, green, blue, yellow, magenta, cyan,
+circle, square, triangle, cross. --toy-weights DIR uses
+weights you trained instead; --model-preset NAME (e.g. tiny) runs a random-weight model of that preset,
+whose output is noise-like latents: useful to time the loop at real-model shapes.
 
 Text: real checkpoints need the UMT5 encoder output as --text-embeddings FILE.npy ([B, L, text_dim]).
-The embedded model accepts --prompt/--prompts and turns each prompt into a deterministic stand-in
-embedding (a seeded hash of the text).
+A --model-preset random model turns each prompt into a deterministic stand-in embedding (a seeded hash).
 
 Text to video: --model-dir DIR (built by `python -m checkpoints_convert --wan-dir WAN2.1_DOWNLOAD --generator
 GEN.pt --output DIR`) encodes the prompts with UMT5, generates, decodes each chunk with the VAE as it is made
@@ -60,16 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fkv_jax.generate", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", type=Path, help="converted checkpoint directory (default: embedded tiny model)")
-    g.add_argument("--model-preset", default="tiny", help="model preset of the embedded random model (default: tiny)")
+    g.add_argument("--checkpoint", type=Path, help="converted checkpoint directory (default: the embedded toy-world "
+                                                     "model)")
+    g.add_argument("--toy-weights", type=Path, help="toy-world weights directory from `python -m fkv_jax.toyworld."
+                                                     "train --export DIR` (default: the shipped weights)")
+    g.add_argument("--model-preset", help="run a random-weight model of this preset instead (e.g. tiny, 1.3b)")
     g = p.add_argument_group("text")
     g.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help="prompt (same as --prompt)")
     g.add_argument("--prompt", help="prompt text (embedded model only, see above)")
     g.add_argument("--prompts", type=Path, help="file with one prompt per line: one video per line, as a batch")
     g.add_argument("--text-embeddings", type=Path, help=".npy [B, L, text_dim] text encoder output")
     g = p.add_argument_group("sampling")
-    g.add_argument("--preset", default="self_forcing", help="sampler preset: self_forcing | longlive | causvid")
-    g.add_argument("--frames", type=int, help="latent frames to generate (default 21; from --noise-file if given)")
+    g.add_argument("--preset", help="sampler preset: self_forcing | longlive | causvid (default: self_forcing; the "
+                                    "toy model's own sampler, fkv_jax/toyworld/toy_sampler.json, for the toy model)")
+    g.add_argument("--frames", type=int, help="latent frames to generate (default 21 (toy model: 48); from "
+                                              "--noise-file if given)")
     g.add_argument("--frames-per-block", type=int, help="latent frames per AR chunk (default from the preset: 3)")
     g.add_argument("--local-attn-size", type=int, help="-1 = global cache, N = rolling window of N frames")
     g.add_argument("--sink-size", type=int, help="sink frames kept forever in rolling mode")
@@ -102,12 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--save-latents", type=Path, help="write final latents [B, F, C, H, W] float32 .npy here")
     g.add_argument("--output-dir", type=Path, default=Path("outputs"),
-                   help="where latents go when --save-latents is not given (default: ./outputs)")
+                   help="where the toy model's mp4 files (one per prompt) and, without --save-latents, the latents "
+                        "of other models go (default: ./outputs)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     from fkv_jax.pipeline import add_arguments
 
     add_arguments(p)  # --model-dir: prompts -> mp4 (text encoder, VAE, prompt switching)
     return p
+
+
+DEFAULT_PROMPT = "a red circle and a blue square"
 
 
 def _stand_in_embedding(prompt: str, text_len: int, text_dim: int) -> np.ndarray:
@@ -130,7 +145,52 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
         raise UsageError(f"cannot read {what} file {path}: {e}") from e
 
 
-def _resolve_text(args, cfg, is_embedded: bool) -> np.ndarray:
+def model_kind(args) -> str:
+    """Which model the flags select: "checkpoint", "random" (--model-preset) or "toy" (the default)."""
+    if args.checkpoint is not None and args.model_preset is not None:
+        raise UsageError("--checkpoint and --model-preset are two different models; give one")
+    if args.toy_weights is not None and (args.checkpoint is not None or args.model_preset is not None):
+        raise UsageError("--toy-weights selects the toy-world model; it cannot go with --checkpoint or --model-preset")
+    if args.checkpoint is not None and not args.checkpoint.is_dir():
+        raise UsageError(f"--checkpoint directory not found: {args.checkpoint}")
+    return "checkpoint" if args.checkpoint is not None else "random" if args.model_preset is not None else "toy"
+
+
+def load_model(args, kind: str):
+    """(ModelConfig, CausalWanModel, toy text encoder or None, description) for ``model_kind(args)``."""
+    if kind == "checkpoint":
+        from fkv_jax.checkpoint import load_transformer
+
+        try:
+            cfg, model = load_transformer(args.checkpoint)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot load --checkpoint {args.checkpoint}: {e}") from e
+        return cfg, model, None, f"checkpoint {args.checkpoint}"
+    if kind == "random":
+        from fkv_jax.config import model_preset
+        from fkv_jax.model.build import init_model
+
+        try:
+            cfg = model_preset(args.model_preset)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        return cfg, init_model(cfg, seed=0), None, f"random-weight model '{cfg.name}'"
+    from fkv_jax.toyworld.model import load_toy_model
+
+    try:
+        cfg, model, text_encoder = load_toy_model(None if args.toy_weights is None else str(args.toy_weights))
+    except (OSError, ValueError, KeyError) as e:
+        where = "--toy-weights" if args.toy_weights is not None else "the shipped toy-world weights"
+        raise UsageError(f"cannot load {where}: {e}") from e
+    return cfg, model, text_encoder, f"toy-world model ({args.toy_weights or 'shipped weights'})"
+
+
+def _resolve_text(args, cfg, model_kind: str, text_encoder=None) -> tuple[np.ndarray, list[str]]:
+    """(context [B, L, text_dim] float32, prompts) from PROMPT / --prompts / --text-embeddings.
+
+    model_kind: "toy" (prompts go through the toy text encoder), "random" (seeded stand-in embeddings) or
+    "checkpoint" (only --text-embeddings).
+    """
     if args.prompt and args.prompt_arg:
         raise UsageError("give the prompt either positionally or with --prompt, not both")
     prompt = args.prompt or args.prompt_arg
@@ -144,10 +204,11 @@ def _resolve_text(args, cfg, is_embedded: bool) -> np.ndarray:
         if ctx.ndim != 3 or ctx.shape[2] != cfg.text_dim or ctx.shape[1] > cfg.text_len:
             raise UsageError(f"--text-embeddings {args.text_embeddings} has shape {ctx.shape}; expected "
                              f"[B, L<={cfg.text_len}, {cfg.text_dim}] for this model")
-        return ctx.astype(np.float32)
-    if not is_embedded:
+        return ctx.astype(np.float32), [f"video{i}" for i in range(ctx.shape[0])]
+    if model_kind == "checkpoint":
         raise UsageError("this checkpoint needs the text encoder output: pass --text-embeddings FILE.npy "
-                         "([B, L, text_dim] UMT5 output); prompts are only accepted by the embedded model")
+                         "([B, L, text_dim] UMT5 output), or use --model-dir DIR for prompts -> mp4; "
+                         "prompts alone are only accepted by the embedded models")
     if args.prompts is not None:
         if not args.prompts.is_file():
             raise UsageError(f"--prompts file not found: {args.prompts}")
@@ -155,14 +216,30 @@ def _resolve_text(args, cfg, is_embedded: bool) -> np.ndarray:
         if not prompts:
             raise UsageError(f"--prompts file {args.prompts} has no prompts")
     else:
-        prompts = [prompt or "a red circle and a blue square bouncing"]
-    return np.stack([_stand_in_embedding(p, cfg.text_len, cfg.text_dim) for p in prompts])
+        prompts = [prompt if prompt is not None else DEFAULT_PROMPT]
+    if model_kind == "toy":
+        from fkv_jax.toyworld.model import toy_context
+
+        try:
+            return toy_context(prompts, text_encoder, cfg), prompts
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+    return np.stack([_stand_in_embedding(p, cfg.text_len, cfg.text_dim) for p in prompts]), prompts
 
 
-def _sampler_config(args):
+def base_sampler_config(args, toy: bool):
+    """--preset (default self_forcing; the toy sampler for the toy model)."""
     from fkv_jax.config import sampler_preset
 
-    sc = sampler_preset(args.preset)
+    if args.preset is None and toy:
+        from fkv_jax.toyworld.model import toy_sampler_config
+
+        return toy_sampler_config(args.toy_weights)
+    return sampler_preset(args.preset or "self_forcing")
+
+
+def _sampler_config(args, toy: bool):
+    sc = base_sampler_config(args, toy)
     over = {}
     if args.frames_per_block is not None:
         over["frames_per_block"] = args.frames_per_block
@@ -233,8 +310,7 @@ def run(args) -> Path:
     if wants_pipeline(args):  # --model-dir: the text-to-video pipeline (fkv_jax/pipeline.py)
         return run_cli(args, UsageError)
     # Validate everything cheap first, import/compile later.
-    if args.checkpoint is not None and not args.checkpoint.is_dir():
-        raise UsageError(f"--checkpoint directory not found: {args.checkpoint}")
+    kind = model_kind(args)
     noise_npz = None
     if args.noise_file is not None:
         if not args.noise_file.is_file():
@@ -246,15 +322,22 @@ def run(args) -> Path:
         missing = [k for k in ("noise", "renoise") if k not in noise_npz]
         if missing:
             raise UsageError(f"--noise-file {args.noise_file} lacks key(s) {missing} (has {sorted(noise_npz)})")
-    out_path = args.save_latents or (args.output_dir / "latents.npy")
+    out_path = args.save_latents or (None if kind == "toy" else args.output_dir / "latents.npy")
+    for folder in {x for x in (out_path.parent if out_path else None,
+                               args.output_dir if kind == "toy" else None) if x is not None}:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create output folder {folder}: {e.strerror or e}") from e
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"output folder {folder} is not writable")
+    if args.fps is not None and kind != "toy":
+        raise UsageError("--fps sets the frame rate of an mp4: it applies to the toy-world model and --model-dir; "
+                         "--checkpoint and --model-preset write latents")
+    if args.fps is not None and args.fps <= 0:
+        raise UsageError(f"--fps must be positive, got {args.fps}")
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create output folder {out_path.parent}: {e}") from e
-    if not os.access(out_path.parent, os.W_OK):
-        raise UsageError(f"output folder {out_path.parent} is not writable")
-    try:
-        sampler_cfg = _sampler_config(args)
+        sampler_cfg = _sampler_config(args, toy=kind == "toy")
     except ValueError as e:
         raise UsageError(str(e)) from e
 
@@ -265,25 +348,12 @@ def run(args) -> Path:
         jax.distributed.initialize()
     from flax import nnx
 
-    from fkv_jax.config import model_preset
-    from fkv_jax.model.build import init_model
     from fkv_jax.sampling.rollout import Sampler
 
     t0 = time.perf_counter()
-    if args.checkpoint is not None:
-        from fkv_jax.checkpoint import load_transformer
-
-        try:
-            cfg, model = load_transformer(args.checkpoint)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load --checkpoint {args.checkpoint}: {e}") from e
-        what = f"checkpoint {args.checkpoint}"
-    else:
-        cfg = model_preset(args.model_preset)
-        model = init_model(cfg, seed=0)
-        what = f"embedded random-weight model '{cfg.name}'"
+    cfg, model, text_encoder, what = load_model(args, kind)
     graphdef, params = nnx.split(model, nnx.Param)
-    ctx = _resolve_text(args, cfg, is_embedded=args.checkpoint is None)
+    ctx, prompts = _resolve_text(args, cfg, kind, text_encoder)
     batch = ctx.shape[0]
 
     c = sampler_cfg.frames_per_block
@@ -297,7 +367,7 @@ def run(args) -> Path:
             noise = noise[:, :args.frames]
         frames, latent_hw = noise.shape[1], tuple(noise.shape[3:])
     else:
-        frames = args.frames if args.frames is not None else 21
+        frames = args.frames if args.frames is not None else (48 if kind == "toy" else 21)
         latent_hw = _parse_hw(args.latent_size) if args.latent_size else cfg.latent_hw
     try:
         cfg.grid_hw(latent_hw)
@@ -330,14 +400,26 @@ def run(args) -> Path:
     if args.policy:
         mode = f"policy {args.policy}, {mode}"
     print(f"model: {what}; {frames} latent frames of {latent_hw[0]}x{latent_hw[1]}, batch {batch}; cache: {mode}, "
-          f"{geom.kv_bytes() / 2**20:.1f} MiB KV; steps {list(np.round(sampler.schedule.timesteps[:-1], 3))}",
+          f"{geom.kv_bytes() / 2**20:.1f} MiB KV; steps {[round(float(t), 1) for t in sampler.schedule.timesteps[:-1]]}",
           file=sys.stderr)
     lat = sampler.generate(params, ctx, noise, renoise=renoise, seed=args.seed,
                            progress=not args.no_progress)
-    _save_npy_atomic(out_path, lat)
+    written = []
+    if out_path is not None:
+        _save_npy_atomic(out_path, lat)
+        written.append(f"{out_path} {list(lat.shape)} float32")
+    if kind == "toy":  # pixel frames in [-1, 1]: one mp4 per prompt
+        from fkv_jax.pipeline import slug
+        from fkv_jax.toyworld.video import save_mp4
+
+        for i, prompt in enumerate(prompts):
+            path = save_mp4(args.output_dir / f"{i:03d}_{slug(prompt)}.mp4", np.clip(lat[i], -1, 1),
+                             fps=args.fps or 8)
+            written.append(str(path))
+        out_path = args.output_dir
     dt = time.perf_counter() - t0
-    print(f"wrote {out_path} {list(lat.shape)} float32 in {dt:.1f} s ({sampler.trace_count} compilation(s) of "
-          f"the chunk step)", file=sys.stderr)
+    print(f"wrote {', '.join(written)} in {dt:.1f} s ({sampler.trace_count} compilation(s) of the chunk step)",
+          file=sys.stderr)
     return out_path
 
 

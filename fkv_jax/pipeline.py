@@ -387,7 +387,7 @@ class TextToVideo:
 
 # ---- the CLI (hooked into `python -m fkv_jax.generate`) -----------------------------------------------------
 
-PIPELINE_FLAGS = ("seeds", "batch_size", "switch_frames", "schedule", "no_global_sink", "fps")
+PIPELINE_FLAGS = ("seeds", "batch_size", "switch_frames", "schedule", "no_global_sink")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -402,7 +402,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "or {prompts, switch_frames}; .jsonl: one segment per line)")
     g.add_argument("--no-global-sink", action="store_true",
                    help="on a switch, re-cache the sink too (LongLive global_sink: false)")
-    g.add_argument("--fps", type=float, help="frame rate of the mp4 (default 16)")
+    g.add_argument("--fps", type=float, help="frame rate of the mp4 (default 16; the toy-world model: 8)")
 
 
 def wants_pipeline(args) -> bool:

@@ -2,11 +2,14 @@
 
     python -m fkv_jax.profile heads --frames 21 --output heads.json            # Forcing-KV static/dynamic
     python -m fkv_jax.profile importance --frames 9 --output importance.json   # per-head ablation scores
+    python -m fkv_jax.profile heads --prompts toy_prompts.txt --seeds 2 --frames 45 --output heads.json
     python -m fkv_jax.profile heads --checkpoint DIR --text-embeddings a.npy --text-embeddings b.npy ...
 
 ``heads`` writes a table in the upstream Forcing-KV JSON format (usable with ``--head-table``);
 ``importance`` writes ``{"<layer * num_heads + head>": score}`` (usable with ``--head-importance``).
 Both run the real sampler on calibration inputs: one run per text embedding file (or prompt) and seed.
+The default model is the embedded toy-world model (as for ``python -m fkv_jax.generate``), profiled with its
+own sampler and a global cache; ``--model-preset tiny`` profiles a random-weight model.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fkv_jax.cli import UsageError, run_cli
-from fkv_jax.generate import _parse_hw, _resolve_text
+from fkv_jax.generate import _parse_hw, _resolve_text, base_sampler_config, load_model, model_kind
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,15 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--checkpoint", type=Path, help="converted checkpoint (default: embedded tiny model)")
-    common.add_argument("--model-preset", default="tiny", help="preset of the embedded random model")
+    common.add_argument("--checkpoint", type=Path, help="converted checkpoint (default: the embedded toy-world model)")
+    common.add_argument("--toy-weights", type=Path, help="toy-world weights directory (default: the shipped ones)")
+    common.add_argument("--model-preset", help="profile a random-weight model of this preset instead (e.g. tiny)")
     common.add_argument("--text-embeddings", type=Path, action="append", default=[],
                         help=".npy [1, L, text_dim] calibration context (repeatable: one run each)")
-    common.add_argument("--prompts", type=Path, help="file of calibration prompts (embedded model only)")
-    common.add_argument("--prompt", help="one calibration prompt (embedded model only)")
+    common.add_argument("--prompts", type=Path, help="file of calibration prompts (embedded models only)")
+    common.add_argument("--prompt", help="one calibration prompt (embedded models only)")
     common.add_argument("--frames", type=int, default=21, help="latent frames per calibration rollout")
     common.add_argument("--latent-size", help="latent HxW (default: the model preset's)")
-    common.add_argument("--preset", default="self_forcing", help="sampler preset (its steps and shift are used)")
+    common.add_argument("--preset", help="sampler preset (its steps and shift are used; default self_forcing, "
+                                          "the toy sampler for the toy model)")
     common.add_argument("--seeds", type=int, default=1, help="noise seeds per calibration input (default 1)")
     common.add_argument("--seed", type=int, default=0, help="first seed")
     common.add_argument("--output", type=Path, required=True, help="JSON file to write")
@@ -53,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> Path:
-    if args.checkpoint is not None and not args.checkpoint.is_dir():
-        raise UsageError(f"--checkpoint directory not found: {args.checkpoint}")
+    kind = model_kind(args)
     if args.frames < 6 or args.frames % 3:
         raise UsageError(f"--frames must be a multiple of 3 and at least 6, got {args.frames}")
     try:
@@ -62,37 +66,29 @@ def run(args) -> Path:
     except OSError as e:
         raise UsageError(f"cannot create {args.output.parent}: {e}") from e
 
+    import dataclasses
+
     from flax import nnx
 
-    from fkv_jax.config import model_preset, sampler_preset
-    from fkv_jax.model.build import init_model
     from fkv_jax.policies.heads import save_importance
     from fkv_jax.policies.profile import head_importance, profile_static_dynamic
     from fkv_jax.sampling.rollout import Sampler
 
-    if args.checkpoint is not None:
-        from fkv_jax.checkpoint import load_transformer
-
-        try:
-            cfg, model = load_transformer(args.checkpoint)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load --checkpoint {args.checkpoint}: {e}") from e
-    else:
-        cfg = model_preset(args.model_preset)
-        model = init_model(cfg, seed=0)
+    cfg, model, text_encoder, _ = load_model(args, kind)
     graphdef, params = nnx.split(model, nnx.Param)
     contexts = []
     if args.text_embeddings:
         for f in args.text_embeddings:
-            contexts.append(_resolve_text(argparse.Namespace(prompt=None, prompt_arg=None, prompts=None,
-                                                             text_embeddings=f), cfg, False))
+            ns = argparse.Namespace(prompt=None, prompt_arg=None, prompts=None, text_embeddings=f)
+            contexts.append(_resolve_text(ns, cfg, kind, text_encoder)[0])
     else:
         ns = argparse.Namespace(prompt=args.prompt, prompt_arg=None, prompts=args.prompts, text_embeddings=None)
-        batch = _resolve_text(ns, cfg, args.checkpoint is None)
+        batch = _resolve_text(ns, cfg, kind, text_encoder)[0]
         contexts = [batch[i:i + 1] for i in range(batch.shape[0])]
     latent_hw = _parse_hw(args.latent_size) if args.latent_size else cfg.latent_hw
     try:
-        sampler_cfg = sampler_preset(args.preset)
+        # the profilers read every cached frame: a global cache whatever the preset's window
+        sampler_cfg = dataclasses.replace(base_sampler_config(args, kind == "toy"), local_attn_size=-1, sink_size=0)
         cfg.grid_hw(latent_hw)
     except ValueError as e:
         raise UsageError(str(e)) from e

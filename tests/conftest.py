@@ -76,3 +76,13 @@ def load_tiny(path, num_layers):
     graphdef, params = nnx.split(abstract_model(cfg), nnx.Param)
     nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, to_flax_params(load_wan_state_dict(path), cfg)))
     return cfg, graphdef, params
+
+
+@pytest.fixture(scope="session")
+def random_toy_weights(tmp_path_factory):
+    """An exported toy-world weights directory with the toy architecture and untrained (random) weights."""
+    from fkv_jax.toyworld.train import TrainConfig, export_weights, init_params, toy_model_config
+
+    cfg = toy_model_config()
+    _, params = init_params(cfg, 0)
+    return export_weights(tmp_path_factory.mktemp("toy") / "w", params, cfg, TrainConfig(), {"note": "untrained"})

@@ -2,18 +2,7 @@
 
 import json
 
-import pytest
-
 from fkv_jax.eval.__main__ import main
-
-
-@pytest.fixture(scope="module")
-def random_toy_weights(tmp_path_factory):
-    from fkv_jax.toyworld.train import TrainConfig, export_weights, init_params, toy_model_config
-
-    cfg = toy_model_config()
-    _, params = init_params(cfg, 0)
-    return export_weights(tmp_path_factory.mktemp("toy") / "w", params, cfg, TrainConfig(), {"note": "untrained"})
 
 
 def test_eval_cli_tiny(random_toy_weights, tmp_path):

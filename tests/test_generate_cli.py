@@ -72,15 +72,16 @@ def test_acceptance_commands_as_a_user_types_them(ref, tmp_path):
     assert rel_err(np.load(out), ref["rolling_w9/final_latents"]) <= 1e-4
 
 
-def test_embedded_default_model_runs(tmp_path):
+def test_random_preset_model_runs(tmp_path):
     out = tmp_path / "lat.npy"
-    assert generate_main(["--frames", "6", "--save-latents", str(out), "--no-progress", "a red ball"]) == 0
+    base = ["--model-preset", "tiny", "--frames", "6", "--no-progress"]
+    assert generate_main([*base, "--save-latents", str(out), "a red ball"]) == 0
     lat = np.load(out)
     assert lat.shape == (1, 6, 16, 8, 12) and np.isfinite(lat).all() and lat.std() > 0.1
     # same seed, same prompt: same video; another prompt: another video
     out2, out3 = tmp_path / "b.npy", tmp_path / "c.npy"
-    generate_main(["--frames", "6", "--save-latents", str(out2), "--no-progress", "a red ball"])
-    generate_main(["--frames", "6", "--save-latents", str(out3), "--no-progress", "a blue cube"])
+    generate_main([*base, "--save-latents", str(out2), "a red ball"])
+    generate_main([*base, "--save-latents", str(out3), "a blue cube"])
     np.testing.assert_array_equal(np.load(out2), lat)
     assert not np.allclose(np.load(out3), lat)
 
@@ -89,8 +90,47 @@ def test_prompts_file_is_a_batch(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\n\ntwo\n")
     out = tmp_path / "lat.npy"
-    assert generate_main(["--prompts", str(prompts), "--frames", "3", "--save-latents", str(out), "--no-progress"]) == 0
+    assert generate_main(["--model-preset", "tiny", "--prompts", str(prompts), "--frames", "3", "--save-latents",
+                          str(out), "--no-progress"]) == 0
     assert np.load(out).shape[0] == 2
+
+
+def test_toy_model_writes_one_mp4_per_prompt(random_toy_weights, tmp_path):
+    """--toy-weights DIR (an export of `toyworld.train`): prompts through the toy text encoder, pixel mp4s."""
+    from fkv_jax.toyworld.video import to_uint8
+    from fkv_jax.video import read_video
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square and a green cross\n")
+    out, lat_file = tmp_path / "videos", tmp_path / "lat.npy"
+    assert generate_main(["--toy-weights", str(random_toy_weights), "--prompts", str(prompts), "--frames", "6",
+                          "--output-dir", str(out), "--save-latents", str(lat_file), "--no-progress",
+                          "--fps", "4"]) == 0
+    lat = np.load(lat_file)
+    assert lat.shape == (2, 6, 3, 32, 32)
+    assert not np.allclose(lat[0], lat[1])  # the prompt reaches the model
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000_a-red-circle.mp4", "001_a-blue-square-and-a-green-cross.mp4"]
+    video, meta = read_video(out / names[1])
+    assert video.shape == (6, 256, 256, 3) and meta["fps"] == 4
+    want = to_uint8(np.clip(lat[1], -1, 1)).astype(np.float32)
+    assert np.abs(video.astype(np.float32) - want).mean() < 12  # H.264 is lossy; another video is ~60 off
+    assert np.abs(video.astype(np.float32) - to_uint8(np.clip(lat[0], -1, 1))).mean() > 20
+
+
+def test_default_command_makes_a_sprite_video_with_the_shipped_model(tmp_path, capsys):
+    """`python -m fkv_jax.generate` as the quickstart runs it: the shipped toy model, the default prompt."""
+    from fkv_jax.toyworld.analysis import colour_report
+    from fkv_jax.video import read_video
+
+    lat_file = tmp_path / "lat.npy"
+    assert generate_main(["--frames", "12", "--output-dir", str(tmp_path), "--save-latents", str(lat_file),
+                          "--no-progress"]) == 0
+    assert "toy-world model (shipped weights)" in capsys.readouterr().err
+    video, _ = read_video(tmp_path / "000_a-red-circle-and-a-blue-square.mp4")
+    assert video.shape == (12, 256, 256, 3)
+    report = colour_report(np.clip(np.load(lat_file)[0], -1, 1), "a red circle and a blue square")
+    assert min(report["shown"].values()) >= 0.5, report
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -102,13 +142,18 @@ def test_prompts_file_is_a_batch(tmp_path):
     (["--latent-size", "8by12"], "--latent-size must look like"),
     (["--latent-size", "7x12"], "not divisible by the patch size"),
     (["--denoising-steps", "1000,abc"], "comma-separated numbers"),
+    (["a purple dog"], "outside the toy vocabulary: ['dog', 'purple']"),
+    (["--toy-weights", "/nonexistent/w"], "cannot load --toy-weights"),
+    (["--toy-weights", "/nonexistent/w", "--model-preset", "tiny"], "cannot go with --checkpoint or --model-preset"),
+    (["--model-preset", "tiny", "--fps", "4"], "--fps sets the frame rate of an mp4"),
+    (["--model-preset", "nope"], "nope"),
 ])
 def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path):
     out = tmp_path / "never.npy"
     assert generate_main([*argv, "--save-latents", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob("*.mp4"))
 
 
 def test_bad_replay_files(converted, ref, tmp_path, capsys):

@@ -57,6 +57,7 @@ def test_focused_forcing_cli_replay(tmp_path):
 ])
 def test_policy_flag_errors(argv, message, capsys, tmp_path):
     out = tmp_path / "never.npy"
-    assert generate_main([*argv, "--frames", "6", "--save-latents", str(out), "--no-progress"]) == 2
+    assert generate_main(["--model-preset", "tiny", *argv, "--frames", "6", "--save-latents", str(out),
+                          "--no-progress"]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()

@@ -88,8 +88,26 @@ def test_profile_cli(tmp_path, capsys):
     from fkv_jax.profile import main
 
     out = tmp_path / "h.json"
-    assert main(["heads", "--frames", "12", "--output", str(out), "--no-progress"]) == 0
+    assert main(["heads", "--model-preset", "tiny", "--frames", "12", "--output", str(out), "--no-progress"]) == 0
     assert load_head_table(out, 2, 2).dynamic.shape == (2, 2)
-    assert main(["heads", "--frames", "6", "--output", str(tmp_path / "x.json"), "--no-progress"]) == 2
+    assert main(["heads", "--model-preset", "tiny", "--frames", "6", "--output", str(tmp_path / "x.json"),
+                 "--no-progress"]) == 2
     assert "no chunk starts at frame >= 7" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_profile_cli_on_the_toy_model(random_toy_weights, tmp_path, capsys):
+    """The toy-world model (here its architecture with untrained weights), calibrated on toy prompts."""
+    from fkv_jax.profile import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na green cross and a blue square\n")
+    out = tmp_path / "h.json"
+    assert main(["heads", "--toy-weights", str(random_toy_weights), "--prompts", str(prompts), "--frames", "12",
+                 "--output", str(out), "--no-progress"]) == 0
+    assert load_head_table(out, 4, 4).dynamic.shape == (4, 4)
+    assert "static" in capsys.readouterr().err
+    prompts.write_text("a red dog\n")
+    assert main(["importance", "--toy-weights", str(random_toy_weights), "--prompts", str(prompts), "--frames", "6",
+                 "--output", str(tmp_path / "i.json"), "--no-progress"]) == 2
+    assert "outside the toy vocabulary: ['dog']" in capsys.readouterr().err
