@@ -3,7 +3,6 @@ training (loss goes down, resume equals an uninterrupted run) and the shipped mo
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import dataclasses
 
@@ -171,7 +170,7 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
     from fkv_jax.toyworld.train import TrainConfig, load_run_params, train
 
     tc = TrainConfig(steps=12, batch=2, frames=6, lr=3e-3, warmup=2, ckpt_every=6, eval_every=6, seed=3)
-    full = train(tc, tmp_path / "a", progress=False, cfg=TINY)
+    full = train(tc, tmp_path / "a", progress=False, cfg=TINY, export=tmp_path / "w")
     logs = [__import__("json").loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in logs] == [6, 12]
     assert logs[-1]["eval_loss"] < logs[0]["eval_loss"] and full["train_loss"] < 1.5
@@ -183,24 +182,38 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), pa, pb)
     with pytest.raises(SystemExit, match="different training config"):
         train(dataclasses.replace(tc, lr=1e-3), tmp_path / "b", progress=False, cfg=TINY, resume=True)
+    # the export: EMA weights stored as float16, loaded back as float32, with what the model predicts
+    from fkv_jax.toyworld.model import load_params, weights_prediction
+
+    cfg_w, tree = load_params(tmp_path / "w")
+    _, ema = load_run_params(tmp_path / "a", cfg=TINY)
+    assert cfg_w == TINY and weights_prediction(tmp_path / "w") == "x0"
+    for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(tree), strict=True):
+        assert y.dtype == np.float32 and y.shape == x.shape
+        np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-4)
 
 
 # ---- the shipped model ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "fkv_jax/toyworld/weights/params.npz").is_file(),
-                    reason="the toy-world weights are not trained and shipped yet (python -m fkv_jax.toyworld.train)")
 def test_shipped_weights_generate_the_prompted_sprites():
-    from fkv_jax.toyworld.model import WEIGHTS_DIR, generate_video, load_toy_model
+    """The shipped model (the embedded default of `generate`) draws what its prompts name, and moves it."""
+    from fkv_jax.toyworld.analysis import motion_report
+    from fkv_jax.toyworld.model import WEIGHTS_DIR, generate_video, load_toy_model, toy_sampler_config
 
     assert (WEIGHTS_DIR / "params.npz").stat().st_size <= 10 * 2**20
     cfg, model, enc = load_toy_model()
-    assert (cfg.in_dim, cfg.patch_size, cfg.latent_hw) == (3, (1, 4, 4), (32, 32))
+    assert (cfg.in_dim, cfg.patch_size, cfg.latent_hw) == (3, (1, 8, 8), (32, 32))
+    assert toy_sampler_config().prediction == "x0"  # read from the shipped config.json
     prompts = ["a red circle and a blue square", "a yellow triangle", "a green cross and a magenta circle"]
-    frames = generate_video(prompts, num_frames=6, seed=0)
-    assert frames.shape == (3, 6, 3, 32, 32) and np.isfinite(frames).all()
+    frames = generate_video(prompts, num_frames=12, seed=0)
+    assert frames.shape == (3, 12, 3, 32, 32) and np.isfinite(frames).all()
     for video, prompt in zip(frames, prompts):
         rep = colour_report(video, prompt)
         # every prompted colour shows in most frames, the others hardly at all
         assert min(rep["shown"].values()) >= 0.5, (prompt, rep)
         assert rep["other_pixels_per_frame"] <= 0.25 * rep["prompted_pixels_per_frame"], (prompt, rep)
+        assert motion_report(video)["smooth"] >= 0.7, prompt  # sprites move a few pixels per frame, not jump
+    # another prompt, another video; the colours follow the words
+    swapped = generate_video(["a blue circle and a red square"], num_frames=12, seed=0)[0]
+    assert not np.allclose(swapped, frames[0], atol=0.1)

@@ -86,7 +86,7 @@ def load_params(path: str | Path | None = None) -> tuple[ModelConfig, dict]:
     meta = json.loads(meta_file.read_text())
     cfg = ModelConfig.from_dict(meta["model"])
     with np.load(params_file) as z:
-        tree = unflatten({k: z[k] for k in z.files})
+        tree = unflatten({k: z[k].astype(np.float32) for k in z.files})  # stored as float16 (export_weights)
     return cfg, tree
 
 

@@ -261,13 +261,17 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
     return out
 
 
-def export_weights(path: Path, params: dict, cfg: ModelConfig, tc: TrainConfig, extra: dict) -> Path:
+def export_weights(path: Path, params: dict, cfg: ModelConfig, tc: TrainConfig, extra: dict,
+                   dtype: str = "float16") -> Path:
+    """Write ``params.npz`` (stored as ``dtype``: float16 keeps the shipped file under 10 MB; loading casts
+    back to float32) and ``config.json`` (model config, training config, ``extra``)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / "params.tmp.npz"
-    np.savez_compressed(tmp, **flatten(jax.device_get(params)))
+    flat = {k: np.asarray(v).astype(dtype) for k, v in flatten(jax.device_get(params)).items()}
+    np.savez_compressed(tmp, **flat)
     os.replace(tmp, path / "params.npz")
-    meta = {"format": "fkv_jax.toyworld", "format_version": 1, "model": cfg.to_dict(),
+    meta = {"format": "fkv_jax.toyworld", "format_version": 1, "stored_dtype": dtype, "model": cfg.to_dict(),
             "train": dataclasses.asdict(tc), **extra}
     (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return path
