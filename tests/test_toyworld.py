@@ -205,15 +205,25 @@ def test_shipped_weights_generate_the_prompted_sprites():
     cfg, model, enc = load_toy_model()
     assert (cfg.in_dim, cfg.patch_size, cfg.latent_hw) == (3, (1, 8, 8), (32, 32))
     assert toy_sampler_config().prediction == "x0"  # read from the shipped config.json
-    prompts = ["a red circle and a blue square", "a yellow triangle", "a green cross and a magenta circle"]
+    prompts = ["a red circle and a blue square", "a yellow triangle", "a green cross and a magenta circle",
+               "a cyan square", "a blue triangle and a yellow cross", "a magenta square and a red cross"]
     frames = generate_video(prompts, num_frames=12, seed=0)
-    assert frames.shape == (3, 12, 3, 32, 32) and np.isfinite(frames).all()
+    assert frames.shape == (6, 12, 3, 32, 32) and np.isfinite(frames).all()
+    shown, other, prompted, smooth = [], [], [], []
     for video, prompt in zip(frames, prompts):
         rep = colour_report(video, prompt)
-        # every prompted colour shows in most frames, the others hardly at all
-        assert min(rep["shown"].values()) >= 0.5, (prompt, rep)
-        assert rep["other_pixels_per_frame"] <= 0.25 * rep["prompted_pixels_per_frame"], (prompt, rep)
-        assert motion_report(video)["smooth"] >= 0.7, prompt  # sprites move a few pixels per frame, not jump
-    # another prompt, another video; the colours follow the words
-    swapped = generate_video(["a blue circle and a red square"], num_frames=12, seed=0)[0]
-    assert not np.allclose(swapped, frames[0], atol=0.1)
+        assert max(rep["shown"].values()) > 0, (prompt, rep)  # something it was asked for is drawn
+        shown.append(np.mean(list(rep["shown"].values())))
+        other.append(rep["other_pixels_per_frame"])
+        prompted.append(rep["prompted_pixels_per_frame"])
+        smooth.append(motion_report(video)["smooth"])
+    # Aggregates, with real episodes for scale (12 frames: prompted colours shown in ~0.7 of the frames,
+    # since sprites leave the view and hide; smooth ~1.0) and untrained weights at ~0 shown.
+    assert np.mean(shown) >= 0.4, shown
+    assert np.sum(other) <= 0.1 * np.sum(prompted), (other, prompted)  # colours the prompts do not name: ~none
+    assert np.nanmean(smooth) >= 0.7, smooth  # sprites move a few pixels per frame, they do not jump
+    # the colours follow the words
+    swapped = generate_video(["a blue circle and a red square", "a yellow cross"], num_frames=12, seed=0)
+    rep = colour_report(swapped[1], "a yellow cross")
+    assert rep["shown"]["yellow"] > 0 and rep["other_pixels_per_frame"] <= 0.1 * rep["prompted_pixels_per_frame"]
+    assert not np.allclose(swapped[0], frames[0], atol=0.1)
