@@ -116,6 +116,9 @@ def run(args) -> Path:
         st, dy = table.counts()
         print(f"wrote {args.output}: {st} static / {dy} dynamic heads; score range "
               f"{scores.min():.3f}..{scores.max():.3f}", file=sys.stderr)
+        if scores.size <= 64:  # small models: every head's score (static when >= --threshold)
+            for layer, row in enumerate(np.asarray(scores)):
+                print(f"  layer {layer}: " + " ".join(f"{x:.3f}" for x in row), file=sys.stderr)
     else:
         scores = head_importance(make_sampler, params, runs, seed=args.seed, progress=progress)
         save_importance(args.output, scores)

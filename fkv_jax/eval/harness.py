@@ -32,7 +32,9 @@ from fkv_jax.policies import HeadTable, make_policy
 from fkv_jax.sampling.rollout import Sampler
 
 # Forcing-KV on the toy model: 16 tokens per frame split in 4 row segments, 4 of 12 kept (one frame's worth).
-TOY_POLICY_OPTIONS = {"forcing_kv": {"num_frame_patch": "4"}, "focused_forcing": {}}
+# `window` is the toy sampler's own cache (15 frames, the training clip length): the quality reference whose
+# attention distances all lie inside training, where `full` (every frame, global) goes beyond it.
+TOY_POLICY_OPTIONS = {"forcing_kv": {"num_frame_patch": "4"}, "focused_forcing": {}, "window": {"local_attn_size": "15"}}
 
 
 @dataclasses.dataclass
