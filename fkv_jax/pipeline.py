@@ -469,7 +469,7 @@ def run_cli(args, usage_error: type[Exception] = PipelineError) -> Path:
         jobs = _jobs_from_args(args, args.output_dir)
         from fkv_jax.generate import _enable_compilation_cache, _parse_hw, _policy, _sampler_config
 
-        sampler_cfg = _sampler_config(args)
+        sampler_cfg = _sampler_config(args, toy=False)
         latent_hw = _parse_hw(args.latent_size) if args.latent_size else None
         policy = _policy(args, model_dir.model_cfg)
         if any(j.schedule.switch_frames for j in jobs) and policy is not None:

@@ -271,3 +271,20 @@ def test_x0_prediction_reads_the_output_as_clean_frames(tiny_model, tiny_cfg, re
     assert not np.allclose(lat, runs["flow"][0], atol=1e-3)
     with pytest.raises(ValueError, match="prediction"):
         dataclasses.replace(base, prediction="eps")
+
+
+@pytest.mark.parametrize("name", ["forcing_kv", "h2o"])
+def test_bfloat16_cache_reaches_policy_memories(tiny_model, tiny_cfg, ref, name):
+    """cache_dtype bfloat16: the cache and the policy's K/V memory are bfloat16, and stay so (one compilation)."""
+    from fkv_jax.policies import make_policy
+
+    graphdef, params = tiny_model
+    policy = make_policy(name, {}, num_layers=tiny_cfg.num_layers, num_heads=tiny_cfg.num_heads)
+    s = Sampler(graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=12,
+                cache_dtype=jnp.bfloat16, policy=policy)
+    assert s.geom.dtype == "bfloat16" and s.geom.kv_bytes() == s.geom.kv_bytes(jnp.float32) // 2
+    lat = s.generate(params, ref["context"], ref["global/noise"][:, :12], seed=0, progress=False)
+    assert np.isfinite(lat).all() and s.trace_count == 1
+    assert s.last_cache["k"].dtype == jnp.bfloat16
+    mem = s.last_state["layers"]["mem_k"]
+    assert mem.dtype == jnp.bfloat16 and mem.size > 0

@@ -43,6 +43,7 @@ class CacheGeometry:
     frames_per_block: int  # C
     global_attn: bool = False  # True for upstream's local_attn_size = -1
     grid_hw: tuple[int, int] | None = None  # token grid of a frame (rows, cols), when known
+    dtype: str = "float32"  # of the cached K/V (set by the Sampler); policy memories of K/V copies use it too
 
     @property
     def num_slots(self) -> int:
@@ -53,8 +54,9 @@ class CacheGeometry:
         """Frames a global cache can hold (unbounded video length for a rolling cache)."""
         return self.num_slots
 
-    def kv_bytes(self, dtype=jnp.float32) -> int:
-        """Resident bytes of k and v together."""
+    def kv_bytes(self, dtype=None) -> int:
+        """Resident bytes of k and v together (in ``dtype``, default the geometry's)."""
+        dtype = self.dtype if dtype is None else dtype
         n = self.num_layers * self.batch * self.num_slots * self.tokens_per_frame * self.num_heads * self.head_dim
         return 2 * n * jnp.dtype(dtype).itemsize
 
@@ -97,8 +99,9 @@ class CacheGeometry:
         return cls(sink=sink_size, ring=ring, global_attn=False, **common)
 
 
-def init_cache(geom: CacheGeometry, dtype=jnp.float32) -> Cache:
-    """An empty cache (all slots empty)."""
+def init_cache(geom: CacheGeometry, dtype=None) -> Cache:
+    """An empty cache (all slots empty), K/V in ``dtype`` (default ``geom.dtype``)."""
+    dtype = geom.dtype if dtype is None else dtype
     shape = (geom.num_layers, geom.batch, geom.num_slots, geom.tokens_per_frame, geom.num_heads, geom.head_dim)
     return {
         "k": jnp.zeros(shape, dtype),

@@ -84,7 +84,7 @@ class ForcingKV(Policy):
     def init_state(self, geom):
         m = self.buffer_tokens(geom) if self.dynamic_temporal_enabled else 0
         shape = (geom.num_layers, geom.batch, m, geom.num_heads, geom.head_dim)
-        return {"layers": {"mem_k": jnp.zeros(shape), "mem_v": jnp.zeros(shape)},
+        return {"layers": {"mem_k": jnp.zeros(shape, geom.dtype), "mem_v": jnp.zeros(shape, geom.dtype)},
                 "mem_count": jnp.zeros((), jnp.int32)}
 
     def _grouped(self, layer, start_frame, c):

@@ -208,8 +208,8 @@ class TokenMemory(Policy):
         L, b, h, d = geom.num_layers, geom.batch, geom.num_heads, geom.head_dim
         mc = self.capacity(L, geom.tokens_per_frame, h)
         layers = {
-            "mem_k": jnp.zeros((L, b, mc, h, d), jnp.float32),
-            "mem_v": jnp.zeros((L, b, mc, h, d), jnp.float32),
+            "mem_k": jnp.zeros((L, b, mc, h, d), geom.dtype),
+            "mem_v": jnp.zeros((L, b, mc, h, d), geom.dtype),
             "mem_score": jnp.zeros((L, b, h, mc), jnp.float32),
             "mem_valid": jnp.zeros((L, b, h, mc), bool),
             "mem_src": jnp.full((L, b, h, mc), -1, jnp.int32),
@@ -282,8 +282,8 @@ class TokenMemory(Policy):
         def layer(x):
             ls = x["state"]
             cand = Candidates(
-                k=jnp.concatenate([ls["mem_k"], evicted(x["ck"], x["k_new"]).astype(jnp.float32)], axis=1),
-                v=jnp.concatenate([ls["mem_v"], evicted(x["cv"], x["v_new"]).astype(jnp.float32)], axis=1),
+                k=jnp.concatenate([ls["mem_k"], evicted(x["ck"], x["k_new"]).astype(ls["mem_k"].dtype)], axis=1),
+                v=jnp.concatenate([ls["mem_v"], evicted(x["cv"], x["v_new"]).astype(ls["mem_v"].dtype)], axis=1),
                 valid=jnp.concatenate([ls["mem_valid"], jnp.broadcast_to(jnp.repeat(ev_ok, t), (b, h, c * t))], -1),
                 src=jnp.concatenate([ls["mem_src"], jnp.broadcast_to(ev_src, (b, h, c * t))], -1),
                 pos=jnp.concatenate([ls["mem_pos"], jnp.broadcast_to(ev_src // t, (b, h, c * t))], -1),
@@ -314,8 +314,8 @@ class TokenMemory(Policy):
             idx, keep = jnp.take_along_axis(idx, order, -1), jnp.take_along_axis(keep, order, -1)
             kz = keep[..., None].swapaxes(1, 2)  # [B, Mc, H, 1]
             mem = {
-                "mem_k": jnp.where(kz, take_per_head(cand.k, idx), 0.0),
-                "mem_v": jnp.where(kz, take_per_head(cand.v, idx), 0.0),
+                "mem_k": jnp.where(kz, take_per_head(cand.k, idx), 0.0).astype(ls["mem_k"].dtype),
+                "mem_v": jnp.where(kz, take_per_head(cand.v, idx), 0.0).astype(ls["mem_v"].dtype),
                 "mem_score": jnp.where(keep, jnp.take_along_axis(score, idx, -1), 0.0),
                 "mem_valid": keep,
                 "mem_src": jnp.where(keep, jnp.take_along_axis(cand.src, idx, -1), -1),
@@ -334,7 +334,7 @@ class TokenMemory(Policy):
         return self.capacity(geom.num_layers, geom.tokens_per_frame, geom.num_heads)
 
 
-def resident_bytes(geom: CacheGeometry, state: Any, cache_dtype=jnp.float32) -> int:
+def resident_bytes(geom: CacheGeometry, state: Any, cache_dtype=None) -> int:
     """Resident bytes of a policy: its physical KV cache plus every array of its state."""
     return geom.kv_bytes(cache_dtype) + sum(int(np.prod(x.shape)) * x.dtype.itemsize
                                             for x in jax.tree.leaves(state))

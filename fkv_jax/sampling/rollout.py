@@ -97,7 +97,8 @@ class Sampler:
             num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, capacity_frames=cache_frames,
             grid_hw=(gh, gw))
         self.policy = policy if policy is not None else Policy()
-        self.geom = self.policy.geometry(base, num_frames)
+        # the policy decides the slots; the cache dtype is the Sampler's (policies read it from geom.dtype)
+        self.geom = dataclasses.replace(self.policy.geometry(base, num_frames), dtype=jnp.dtype(cache_dtype).name)
         if self.geom.global_attn and not sized:
             raise ValueError("a global cache needs num_frames or cache_frames to size it")
         if rope_mode not in ("absolute", "window_relative"):
