@@ -4,6 +4,7 @@ A policy is a frozen dataclass of static hyper-parameters with four pure functio
 
     geometry(base, num_frames)            -> CacheGeometry      what the physical cache keeps
     init_state(geom)                      -> state               {"layers": leaves with a leading [L] axis, ...}
+                                                                 (K/V copies in geom.dtype, the cache's)
     on_chunk_start(state, cache, start)   -> state, cache        once per chunk, before its first call
     select(call)                          -> Selection, aux      every attention call, every layer
     post_attention(call, out)             -> out                 (optional) e.g. head gating for ablations
