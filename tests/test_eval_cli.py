@@ -17,7 +17,8 @@ def test_eval_cli_tiny(random_toy_weights, tmp_path):
                 "colour_shown", "identity_after_occlusion", "chunk_discontinuity", "worst_gt_degradation"):
         assert key in row
     assert report["policies"]["full"]["speedup"] == 1.0
-    assert "| sink_window |" in (out / "eval.md").read_text()
+    md = (out / "eval.md").read_text()
+    assert "| sink_window |" in md and "Peak RSS of the whole run" in md and row["peak_rss_mib"] > 0
     assert (out / "frontier.png").is_file() or (out / "PLOTS_SKIPPED.txt").is_file()
     videos = sorted(p.name for p in (vb / "sink_window").iterdir())
     assert len(videos) == 1 and videos[0].endswith("-0.mp4")

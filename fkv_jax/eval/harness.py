@@ -212,6 +212,9 @@ def _markdown(report) -> str:
     if report["profiles"].get("forcing_kv_heads"):
         h = report["profiles"]["forcing_kv_heads"]
         lines += ["", f"Forcing-KV profiler on the toy model: {h['static']} static, {h['dynamic']} dynamic heads."]
+    rss = max(row.get("peak_rss_mib", 0.0) for row in report["policies"].values())
+    lines += ["", f"Peak RSS of the whole run (one process for every policy, so not per policy): {rss:.0f} MiB; "
+              "the resident KV of each policy is its `KV MiB`."]
     lines += ["", f"Targets: {report['targets']}.", ""]
     return "\n".join(lines)
 
