@@ -245,8 +245,6 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
     n = schedule.num_steps
     sig = schedule.sigmas  # [n + 1]
     euler = solver == "euler"
-    if prediction not in ("flow", "x0"):
-        raise ValueError(f"prediction must be 'flow' or 'x0', got {prediction!r}")
     if prediction == "x0" and (sig[:n] <= 0).any():
         raise ValueError("prediction='x0' needs every denoising step at a noise level > 0 (the flow is "
                          "(x_t - x0) / sigma)")

@@ -30,17 +30,13 @@ WEIGHTS_DIR = TOY_DIR / "weights"
 SAMPLER_JSON = TOY_DIR / "toy_sampler.json"
 
 
-def _sampler_json() -> dict:
-    return json.loads(SAMPLER_JSON.read_text())
-
-
 def toy_sampler_config(weights: str | Path | None = None, **overrides) -> SamplerConfig:
     """The toy model's default sampler (``fkv_jax/toyworld/toy_sampler.json``), with optional overrides.
 
     ``prediction`` (what the model outputs, x0 or flow) comes from the weights' ``config.json`` (the
     training config it was trained with), the shipped weights by default.
     """
-    sc = SamplerConfig.from_dict(_sampler_json()["sampler"])
+    sc = SamplerConfig.from_dict(json.loads(SAMPLER_JSON.read_text())["sampler"])
     pred = weights_prediction(weights)
     if pred is not None:
         sc = dataclasses.replace(sc, prediction=pred)
@@ -53,21 +49,6 @@ def weights_prediction(weights: str | Path | None = None) -> str | None:
     if not meta_file.is_file():
         return None
     return json.loads(meta_file.read_text()).get("train", {}).get("prediction", "flow")
-
-
-def default_renoise() -> str:
-    """The toy default re-noise mode (``"fixed"`` or ``"fresh"``, see :func:`generate_video`)."""
-    return _sampler_json()["renoise"]
-
-
-def renoise_draws(noise: np.ndarray, frames_per_block: int, num_steps: int) -> np.ndarray:
-    """``fixed`` re-noising: every re-noise of block b reuses block b's initial noise.
-
-    noise [B, F, C, H, W] -> [num_blocks, num_steps - 1, B, frames_per_block, C, H, W] (the Sampler's layout).
-    """
-    b, f = noise.shape[:2]
-    blocks = noise.reshape(b, f // frames_per_block, frames_per_block, *noise.shape[2:]).swapaxes(0, 1)
-    return np.repeat(blocks[:, None], max(num_steps - 1, 0), axis=1)
 
 
 def _abstract_text_encoder(cfg: ModelConfig) -> ToyTextEncoder:
@@ -129,7 +110,7 @@ def _sampler(graphdef, cfg: ModelConfig, sc: SamplerConfig, batch: int, num_fram
 
 
 def generate_video(prompts: list[str], num_frames: int, seed: int = 0, sampler_cfg: SamplerConfig | None = None,
-                   *, renoise: str | None = None, weights: str | Path | None = None, progress: bool = False,
+                   *, weights: str | Path | None = None, progress: bool = False,
                    return_latents: bool = False) -> np.ndarray:
     """Generate one video per prompt with the KV-cache AR rollout.
 
@@ -138,10 +119,6 @@ def generate_video(prompts: list[str], num_frames: int, seed: int = 0, sampler_c
       num_frames: a multiple of the sampler's frames_per_block (3).
       seed: seeds the initial noise (``default_rng(seed)``) and the re-noise draws (``default_rng((seed, block))``).
       sampler_cfg: default :func:`toy_sampler_config`; ``sampler_preset("self_forcing")`` also works.
-      renoise: ``"fresh"``: after each denoising step re-noise with a fresh draw (upstream's sampler, made for
-        distilled few-step generators); ``"fixed"``: re-noise with the chunk's initial noise every time, which
-        for this non-distilled flow-matching model acts like a deterministic DDIM/Euler chain. Both run the
-        same ``Sampler`` (the draws go in through its ``renoise`` argument). Default: the toy sampler file's.
       return_latents: return the raw model output instead of clipping to [-1, 1].
     Returns:
       frames float32 [B, T, 3, H, W] in [-1, 1].
@@ -154,11 +131,7 @@ def generate_video(prompts: list[str], num_frames: int, seed: int = 0, sampler_c
     h, w = cfg.latent_hw
     sampler.check_length(num_frames)
     noise = np.random.default_rng(seed).standard_normal((len(prompts), num_frames, cfg.in_dim, h, w)).astype(np.float32)
-    mode = renoise or default_renoise()
-    if mode not in ("fixed", "fresh"):
-        raise ValueError(f"renoise must be 'fixed' or 'fresh', got {mode!r}")
-    draws = renoise_draws(noise, sc.frames_per_block, sampler.schedule.num_steps) if mode == "fixed" else None
-    out = sampler.generate(params, ctx, noise, renoise=draws, seed=seed, progress=progress)
+    out = sampler.generate(params, ctx, noise, seed=seed, progress=progress)
     return out if return_latents else np.clip(out, -1.0, 1.0)
 
 
