@@ -28,3 +28,14 @@ def test_eval_cli_bad_lengths(random_toy_weights, tmp_path, capsys):
     assert main(["--weights", str(random_toy_weights), "--frames", "10", "--policies", "sink_window",
                  "--output-dir", str(tmp_path), "--no-plots"]) == 2
     assert "multiples of 3" in capsys.readouterr().err
+
+
+def test_toy_samples_bench_runs(random_toy_weights, capsys):
+    from fkv_jax.bench.toy_samples import main as bench_main
+
+    assert bench_main(["--weights", str(random_toy_weights), "--episodes", "2", "--frames", "6",
+                       "--samplers", "default", "renoise8"]) == 0
+    out = capsys.readouterr().out
+    real = next(ln for ln in out.splitlines() if ln.startswith("| real episodes"))
+    assert float(real.split("|")[2]) > 0.3  # the simulator's own frames show their prompted colours
+    assert "| model, sampler default |" in out and "| model, sampler renoise8 |" in out
