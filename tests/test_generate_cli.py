@@ -188,3 +188,27 @@ def test_mesh_flag_runs_sharded_and_matches(tmp_path):
         assert r.returncode == 0, r.stderr
         outs.append(np.load(out))
     assert rel_err(outs[1], outs[0]) <= 1e-5
+
+
+def test_broken_toy_weights_are_one_clear_error(random_toy_weights, tmp_path, capsys):
+    """A truncated params.npz, or one that does not match its config.json: one line naming the file, no video."""
+    import json
+    import shutil
+
+    bad = tmp_path / "w"
+    shutil.copytree(random_toy_weights, bad)
+    data = (bad / "params.npz").read_bytes()
+    (bad / "params.npz").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    argv = ["--toy-weights", str(bad), "--frames", "3", "--output-dir", str(out), "--no-progress"]
+    assert generate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {bad / 'params.npz'}" in err and "Traceback" not in err
+    (bad / "params.npz").write_bytes(data)
+    meta = json.loads((bad / "config.json").read_text())
+    meta["model"]["dim"] = 128
+    (bad / "config.json").write_text(json.dumps(meta))
+    assert generate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not match its config.json" in err and "the config needs (4, 128)" in err
+    assert not list(out.glob("*.mp4"))

@@ -64,11 +64,37 @@ def load_params(path: str | Path | None = None) -> tuple[ModelConfig, dict]:
     if not meta_file.is_file() or not params_file.is_file():
         raise FileNotFoundError(f"{path} is not a toy-world weights directory (needs config.json and params.npz); "
                                 "train one with `python -m fkv_jax.toyworld.train --export DIR`")
-    meta = json.loads(meta_file.read_text())
-    cfg = ModelConfig.from_dict(meta["model"])
-    with np.load(params_file) as z:
-        tree = unflatten({k: z[k].astype(np.float32) for k in z.files})  # stored as float16 (export_weights)
+    try:
+        cfg = ModelConfig.from_dict(json.loads(meta_file.read_text())["model"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_file} is not a toy-world config.json (no valid 'model' section): {e}") from e
+    try:
+        with np.load(params_file) as z:
+            tree = unflatten({k: z[k].astype(np.float32) for k in z.files})  # stored as float16 (export_weights)
+    except Exception as e:  # noqa: BLE001 - truncated / not an npz: one clear error naming the file
+        raise ValueError(f"cannot read {params_file}: {type(e).__name__}: {e}") from e
+    _check_shapes(cfg, tree, params_file)
     return cfg, tree
+
+
+def _check_shapes(cfg: ModelConfig, tree: dict, params_file: Path) -> None:
+    """Every tensor the config needs, at its shape; a ValueError listing every difference otherwise."""
+    def shapes(node, prefix=""):  # the key names of train.flatten, leaf -> shape
+        if isinstance(node, dict):
+            return {k: v for name, sub in node.items() for k, v in shapes(sub, f"{prefix}{name}/").items()}
+        return {prefix[:-1]: tuple(node.shape)}
+
+    want = {}
+    for key, module in (("model", abstract_model(cfg)), ("text", _abstract_text_encoder(cfg))):
+        want.update(shapes(nnx.to_pure_dict(nnx.split(module, nnx.Param)[1]), f"{key}/"))
+    have = shapes(tree)
+    problems = [f"missing {k} {want[k]}" for k in sorted(want.keys() - have.keys())]
+    problems += [f"unexpected {k}" for k in sorted(have.keys() - want.keys())]
+    problems += [f"{k} has shape {have[k]}, the config needs {want[k]}"
+                 for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
+    if problems:
+        raise ValueError(f"{params_file} does not match its config.json: " + "; ".join(problems[:8])
+                         + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else ""))
 
 
 def build(cfg: ModelConfig, params: dict) -> tuple[CausalWanModel, ToyTextEncoder]:
