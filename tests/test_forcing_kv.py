@@ -71,7 +71,7 @@ def test_selection_per_head_on_a_hand_built_cache(fkv):
     geom = pol.geometry(base)
     cache = init_cache(geom)
     for blk in range(3):
-        kv = jnp.ones((2, 1, 3, 6, 2, 4)) * (blk + 1)
+        kv = jnp.ones((2, 1, 2, 3, 6, 4)) * (blk + 1)  # [L, B, H, C, T, D]
         cache = write(geom, cache, kv, kv, jnp.int32(3 * blk))
     state = pol.init_state(geom)
     state["mem_count"] = jnp.int32(state["layers"]["mem_k"].shape[2])

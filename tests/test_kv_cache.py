@@ -17,7 +17,7 @@ def _write_chunks(g, n_chunks):
     for blk in range(n_chunks):
         frames = blk * c + jnp.arange(c)
         # tag each frame's keys with its frame index so we can see where it landed
-        kv = jnp.broadcast_to(frames.astype(jnp.float32)[None, None, :, None, None, None], (2, 1, c, 2, 1, 2))
+        kv = jnp.broadcast_to(frames.astype(jnp.float32)[None, None, None, :, None, None], (2, 1, 1, c, 2, 2))  # [L, B, H, C, T, D]
         cache = write(g, cache, kv, -kv, jnp.int32(blk * c))
     return cache
 
@@ -42,9 +42,9 @@ def test_ring_wraps_and_sink_is_never_evicted():
     assert sorted(held[3:]) == list(range(12, 18))  # last 6 history frames, wherever the ring put them
     # frame 12 went to ring slot 3 + (12 - 3) % 6 = 6 (wrap-around)
     assert held[6] == 12
-    k = np.asarray(cache["k"])[0, 0, :, 0, 0, 0]
+    k = np.asarray(cache["k"])[0, 0, 0, :, 0, 0]
     np.testing.assert_array_equal(k, np.asarray(held, np.float32))  # contents follow the slot labels
-    np.testing.assert_array_equal(np.asarray(cache["v"])[0, 0, :, 0, 0, 0], -k)
+    np.testing.assert_array_equal(np.asarray(cache["v"])[0, 0, 0, :, 0, 0], -k)
     assert int(cache["next_frame"]) == 18
 
 

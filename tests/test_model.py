@@ -25,9 +25,9 @@ def test_case_c_flow_and_layer0_cache(tiny_model, tiny_cfg, ref):
     assert flow.shape == (1, 3, 16, 8, 12)
     assert rel_err(flow, ref["caseC/flow"]) <= 1e-4
     assert rel_err(ref["caseC_x"] - 0.9375 * np.asarray(flow), ref["caseC/x0"]) <= 1e-4
-    # layer-0 keys are stored after RoPE; [1, 72, H, Dh] in upstream token order
-    assert rel_err(np.asarray(k[0]).reshape(1, 72, 2, 64), ref["caseC/kv_layer0_k"]) <= 1e-4
-    assert rel_err(np.asarray(v[0]).reshape(1, 72, 2, 64), ref["caseC/kv_layer0_v"]) <= 1e-4
+    # layer-0 keys are stored after RoPE; [B, H, F, T, Dh] -> [1, 72, H, Dh] in upstream token order
+    assert rel_err(np.moveaxis(np.asarray(k[0]), 1, 3).reshape(1, 72, 2, 64), ref["caseC/kv_layer0_k"]) <= 1e-4
+    assert rel_err(np.moveaxis(np.asarray(v[0]), 1, 3).reshape(1, 72, 2, 64), ref["caseC/kv_layer0_v"]) <= 1e-4
 
 
 def test_case_c_intermediates(tiny_model, tiny_cfg, ref):

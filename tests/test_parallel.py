@@ -76,7 +76,7 @@ out["chunks"] = {"specs": specs, "donated": donated, "ctx_spec": str(ctx_kv[0].s
 print(json.dumps(out))
 """
 
-CACHE_SPEC = str(P(None, "data", None, None, "model", None))
+CACHE_SPEC = str(P(None, "data", "model", None, None, None))  # [L, B, H, N, T, Dh]
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,17 @@ def geometry(policy, *, c=2, t=4, h=2, d=8, layers=1):
     return policy.geometry(base)
 
 
+def stack_chunk(frames):
+    """Per-frame keys [L, B, T, H, D] -> one chunk in the cache layout [L, B, H, C, T, D]."""
+    return jnp.moveaxis(jnp.stack(frames, axis=2), 4, 2)
+
+
 def filled_cache(geom, frames, keys):
     """Write ``frames`` (a multiple of C) of K = V = keys[f] ([L, B, T, H, D] each) chunk by chunk."""
     cache = init_cache(geom)
     c = geom.frames_per_block
     for s in range(0, frames, c):
-        kv = jnp.stack([keys[f] for f in range(s, s + c)], axis=2)
+        kv = stack_chunk([keys[f] for f in range(s, s + c)])
         cache = write(geom, cache, kv, kv, jnp.int32(s))
     return cache
 
@@ -67,7 +72,7 @@ def jitted(policy, method):
 def write_chunk(policy, geom, cache, state, keys, start, q):
     """on_write of the chunk at ``start`` whose K = V = keys[start..start+C-1] and clean queries ``q``."""
     c = geom.frames_per_block
-    kv = jnp.stack([keys[f] for f in range(start, start + c)], axis=2)
+    kv = stack_chunk([keys[f] for f in range(start, start + c)])
     return jitted(policy, "on_write")(state, cache, kv, kv, jnp.int32(start), {"select": None, "q": q})
 
 
@@ -168,9 +173,11 @@ def test_h2o_running_scores_follow_the_slots():
     kv = jnp.concatenate([keys[4], keys[5]], axis=2)[0]  # [B, C*T, H, D]
     m_chunk, m_cache, _ = attention_mass(q[0], kv, cache["k"][0], visible_slots(geom, cache, jnp.int32(4)),
                                          st0["layers"]["mem_k"][0], st0["layers"]["mem_valid"][0])
-    m_chunk, m_cache = np.asarray(m_chunk).reshape(1, c, t, 2), np.asarray(m_cache)
+    # token-major views: chunk [B, C, T, H], cache [B, N, T, H]
+    m_chunk = np.moveaxis(np.asarray(m_chunk), 1, 2).reshape(1, c, t, 2)
+    m_cache = np.moveaxis(np.asarray(m_cache), 1, 3)
     np.testing.assert_allclose(m_chunk.sum((1, 2)) + m_cache.sum((1, 2)), 1.0, rtol=1e-5)  # per head
-    ss = np.asarray(state["layers"]["slot_score"])[0]  # [B, N, T, H]
+    ss = np.moveaxis(np.asarray(state["layers"]["slot_score"])[0], 1, 3)  # [B, H, N, T] -> [B, N, T, H]
     held = list(np.asarray(cache["slot_frame"]))  # [0, 3, 2] before the write; frames 4, 5 replace 3 and 2
     np.testing.assert_allclose(ss[:, 0], m_cache[:, 0], rtol=1e-5)  # the sink keeps adding
     np.testing.assert_allclose(ss[:, held.index(2)], m_chunk[:, 0], rtol=1e-5)  # frame 4 took frame 2's slot
@@ -262,7 +269,7 @@ def test_deep_forcing_compression_and_rope_layout():
     for start in (0, 2, 4):
         state, cache = jitted(pol, "on_chunk_start")(state, cache, jnp.int32(start))
         state, _ = write_chunk(pol, geom, cache, state, keys, start, q)
-        kv = jnp.stack([keys[f] for f in range(start, start + c)], axis=2)
+        kv = stack_chunk([keys[f] for f in range(start, start + c)])
         cache = write(geom, cache, kv, kv, jnp.int32(start))
         ls = jax.device_get(state["layers"])
         if start == 0:  # nothing has left the window yet
@@ -287,8 +294,8 @@ def test_deep_forcing_compression_and_rope_layout():
     # the sink moves at the next chunk start: frame 0 sits just before the memory, at 6 - 4 = 2
     state2, cache2 = jitted(pol, "on_chunk_start")(state, cache, jnp.int32(6))
     assert int(state2["sink_pos"]) == 2
-    np.testing.assert_allclose(cache2["k"][:, :, 0], roped(geom, raw[0], 2), atol=1e-5)
-    np.testing.assert_array_equal(cache2["k"][:, :, 1:], cache["k"][:, :, 1:])
+    np.testing.assert_allclose(cache2["k"][:, :, :, 0], jnp.moveaxis(roped(geom, raw[0], 2), 3, 2), atol=1e-5)
+    np.testing.assert_array_equal(cache2["k"][:, :, :, 1:], cache["k"][:, :, :, 1:])
 
 
 def test_deep_forcing_options_are_checked():
@@ -349,7 +356,7 @@ def test_dummy_masses_selection_and_switch():
     held = np.asarray(cache["slot_frame"])
     assert [sorted(held[read[h]]) for h in range(2)] == [[0, 1, 2], [0, 1, 2]]
     # on_write classifies at chunk ar_start only (one layer: with num_dummy = 1 the cheaper head is dummy)
-    kv = jnp.stack(keys[3:6], axis=2)
+    kv = stack_chunk(keys[3:6])
     clean = {"select": {"mass": aux["mass"][None]}, "q": None}
     st1, waux = jitted(pol, "on_write")(state, cache, kv, kv, jnp.int32(3), clean)
     p0, p1 = m[:, 0] / m[:, 0].sum(), m[:, 1] / m[:, 1].sum()

@@ -56,8 +56,8 @@ def reference_recache(tiny, s, cache_before, latents, ctx, cur, global_sink):
     def attn_fn(carry, layer, lx, q, k, v):
         ck, cv = lx
         if not rewrite:  # old sink + re-cached frames from rs + S on
-            k = jnp.concatenate([ck[:, :sink].reshape(1, -1, *ck.shape[3:]), k[:, sink * t:]], axis=1)
-            v = jnp.concatenate([cv[:, :sink].reshape(1, -1, *cv.shape[3:]), v[:, sink * t:]], axis=1)
+            k = jnp.concatenate([jnp.moveaxis(ck[:, :, :sink], 1, 3).reshape(1, -1, ck.shape[1], ck.shape[4]), k[:, sink * t:]], axis=1)
+            v = jnp.concatenate([jnp.moveaxis(cv[:, :, :sink], 1, 3).reshape(1, -1, cv.shape[1], cv.shape[4]), v[:, sink * t:]], axis=1)
         return dense_attention(q, k, v), carry, None
 
     t0 = jnp.broadcast_to(jnp.asarray(timestep_sinusoid_np(np.zeros(1), cfg.freq_dim)), (1, n, cfg.freq_dim))
@@ -65,7 +65,7 @@ def reference_recache(tiny, s, cache_before, latents, ctx, cur, global_sink):
     fwd = jax.jit(lambda x, ck, cv, pos: model.forward(x, t0, ctx_kv, s.rope, pos, (ck, cv), attn_fn)[1])
     k_new = np.asarray(fwd(jnp.asarray(latents[:, rs:cur]), jnp.asarray(cache_before["k"]),
                            jnp.asarray(cache_before["v"]), rs + jnp.arange(n)))
-    return {rs + j: k_new[:, :, j] for j in range(n)}, rewrite
+    return {rs + j: k_new[:, :, :, j] for j in range(n)}, rewrite
 
 
 def run_with_switch(tiny, s, switch, global_sink):
@@ -93,13 +93,13 @@ def test_cache_after_switch_equals_a_fresh_recache(tiny, rolling, global_sink):
     frames = list(cache["slot_frame"])
     if global_sink:  # the sink keeps the old prompt's frames 0-2, untouched
         assert frames == [0, 1, 2, 9, 10, 11]
-        np.testing.assert_array_equal(cache["k"][:, :, :3], pre["k"][:, :, :3])
-        np.testing.assert_array_equal(cache["v"][:, :, :3], pre["v"][:, :, :3])
+        np.testing.assert_array_equal(cache["k"][:, :, :, :3], pre["k"][:, :, :, :3])
+        np.testing.assert_array_equal(cache["v"][:, :, :, :3], pre["v"][:, :, :, :3])
     else:  # the sink becomes the first 3 re-cached frames (rs = 12 - 9 = 3)
         assert frames == [3, 4, 5, 9, 10, 11]
     for slot, f in enumerate(frames):
         if slot >= 3 or not global_sink:
-            np.testing.assert_allclose(cache["k"][:, :, slot], ks[f], rtol=1e-5, atol=2e-6)
+            np.testing.assert_allclose(cache["k"][:, :, :, slot], ks[f], rtol=1e-5, atol=2e-6)
 
 
 def test_switch_changes_the_rest_of_the_video_only(tiny, rolling):
@@ -121,8 +121,8 @@ def test_early_switch_rewrites_the_sink_in_both_modes(tiny, rolling):
     ks, rewrite = reference_recache(tiny, s, pre, lat, tiny[4][1], 9, True)
     assert rewrite and list(cache["slot_frame"]) == [0, 1, 2, 6, 7, 8]
     for slot, f in enumerate(cache["slot_frame"]):
-        np.testing.assert_allclose(cache["k"][:, :, slot], ks[f], rtol=1e-5, atol=2e-6)
-    assert not np.allclose(cache["k"][:, :, :3], pre["k"][:, :, :3])  # the old prompt's sink is gone
+        np.testing.assert_allclose(cache["k"][:, :, :, slot], ks[f], rtol=1e-5, atol=2e-6)
+    assert not np.allclose(cache["k"][:, :, :, :3], pre["k"][:, :, :, :3])  # the old prompt's sink is gone
 
 
 def test_recache_lengths(rolling):

@@ -3,12 +3,23 @@
 Self-attention of a query chunk is a softmax over the union of
   * the chunk's own keys (bidirectional inside the chunk, as upstream), and
   * the cache slots allowed by ``slot_mask`` (one latent frame = one slot of ``T`` tokens).
-It is computed as a blockwise online softmax over blocks of cache slots, so no [queries x all keys] score
-matrix is ever materialised and memory stays bounded for long caches.
+
+It is a tiled online softmax (flash-attention order) written with XLA ops, shaped for XLA:CPU:
+  * queries are tiled too (a ``lax.scan`` over query tiles, each inside one query-frame group), and each
+    tile walks the keys in tiles of at most ``k_tile`` keys (a ``fori_loop`` that stops at the last slot
+    anyone reads), so a score tile is [B, H, q_tile, k_tile] and stays in cache; no
+    [queries x all keys] matrix is ever materialised;
+  * everything is heads-first ([B, H, tokens, D]), so the matmuls batch over (B, H) with no transposes in
+    the loop (only chunk-sized ones before and after);
+  * a key tile that every row may read skips the mask, a tile nobody may read is skipped entirely.
+Tile sizes (:class:`XlaBlocks`) were picked by measurement on a 2-core x86 CPU (BENCHMARKS.md).
+Scores and the accumulator are float32 (``preferred_element_type``); lower precision inputs are cast per tile,
+never as a whole cache. A row with no readable key at all returns zeros (as the kernels do).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -19,27 +30,33 @@ from fkv_jax.attention.selection import Selection
 _NEG = -1e30  # finite "minus infinity": a fully masked block then contributes exp(-huge) = 0, never NaN
 
 
+@dataclasses.dataclass(frozen=True)
+class XlaBlocks:
+    """Tile sizes of the XLA attention (targets: the largest divisor of the real size that fits is used).
+
+    q_tile: queries per tile, at most this many (a divisor of the query-frame group size).
+    k_tile: keys per tile, at most this many: whole cache slots when a slot fits (a divisor of N for
+      ``chunk_attention``), else an equal split of one slot's T tokens; the chunk's own keys are split the
+      same way.
+    """
+
+    q_tile: int = 390
+    k_tile: int = 1170
+
+    def __post_init__(self):
+        if self.q_tile < 1 or self.k_tile < 1:
+            raise ValueError(f"XlaBlocks: q_tile and k_tile must be >= 1, got {self.q_tile}, {self.k_tile}")
+
+
+DEFAULT_BLOCKS = XlaBlocks()
+
+
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Plain softmax attention, no mask. q: [B, Sq, H, D]; k, v: [B, Sk, H, D] -> [B, Sq, H, D]."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32) * scale, k.astype(jnp.float32))
     p = jax.nn.softmax(s, axis=-1)
     return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32)).astype(q.dtype)
-
-
-def _block_update(carry, q, k, v, mask):
-    """One online-softmax step. q: [B, G, Tq, H, D] (pre-scaled); k, v: [B, Sk, H, D];
-    mask: bool broadcastable to [B, G, H, 1, Sk] or None."""
-    m, l, acc = carry  # [B, G, H, Tq], [B, G, H, Tq], [B, G, Tq, H, D]
-    s = jnp.einsum("bgqhd,bkhd->bghqk", q, k.astype(jnp.float32))
-    if mask is not None:
-        s = jnp.where(mask, s, _NEG)
-    m_new = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.exp(s - m_new[..., None])
-    corr = jnp.exp(m - m_new)
-    l_new = l * corr + p.sum(axis=-1)
-    acc_new = acc * jnp.moveaxis(corr, -1, 2)[..., None] + jnp.einsum("bghqk,bkhd->bgqhd", p, v.astype(jnp.float32))
-    return m_new, l_new, acc_new
 
 
 def pick_block_slots(num_slots: int, tokens_per_frame: int, max_tokens: int = 2048) -> int:
@@ -51,6 +68,128 @@ def pick_block_slots(num_slots: int, tokens_per_frame: int, max_tokens: int = 20
     return best
 
 
+def _divisor_at_most(n: int, cap: int) -> int:
+    """Largest divisor of ``n`` that is <= ``cap`` (at least 1)."""
+    best = 1
+    for d in range(1, min(n, max(cap, 1)) + 1):
+        if n % d == 0:
+            best = d
+    return best
+
+
+def _queries(q: jax.Array) -> tuple[jax.Array, float]:
+    """q [B, Sq, H, D] -> heads-first [B, H, Sq, D] (chunk-sized copy) and the score scale still to apply.
+
+    float32 queries are pre-scaled (one multiply per query instead of per score); lower precision queries
+    keep their dtype (the matmuls accumulate in float32) and the scale is applied to the float32 scores.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qh = jnp.moveaxis(q, 2, 1)
+    if q.dtype == jnp.float32:
+        return qh * scale, 1.0
+    return qh, scale
+
+
+def _update(carry, q, k, v, mask, scale):
+    """One online-softmax step of a query tile over a key tile.
+
+    q: [B, H, tq, D]; k, v: [B, H, tk, D] (cast to q's dtype here, a tile-sized op); mask: None (every key
+    readable) or bool [B|1, H|1, tk]. carry: m, l [B, H, tq] and acc [B, H, tq, D], float32.
+    """
+    m, l, acc = carry
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)  # [B, H, tq, tk]
+    if scale != 1.0:
+        s = s * scale
+    if mask is not None:
+        s = jnp.where(mask[:, :, None, :], s, _NEG)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    p = jnp.exp(s - m_new[..., None])
+    if mask is not None:  # a row whose keys are all masked so far must keep l = 0 (-> zeros, not a mean)
+        p = jnp.where(mask[:, :, None, :], p, 0.0)
+    corr = jnp.exp(m - m_new)
+    pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m_new, l * corr + p.sum(axis=-1), acc * corr[..., None] + pv
+
+
+def _masked_update(carry, q, fetch, mask, scale):
+    """Update with a key tile whose readability ``mask`` [B|1, H|1, tk] is only known at run time: all
+    readable -> no mask work, none -> skipped (``fetch`` not even run), else masked."""
+    def full(c):
+        k, v = fetch()
+        return _update(c, q, k, v, None, scale)
+
+    def part(c):
+        k, v = fetch()
+        return _update(c, q, k, v, mask, scale)
+
+    branch = jnp.where(jnp.all(mask), 0, jnp.where(jnp.any(mask), 1, 2))
+    return jax.lax.switch(branch, [full, part, lambda c: c], carry)
+
+
+def _tiled(q, k_chunk, v_chunk, qf, blocks, chunk_mask, mem, cache_tiles):
+    """The shared driver: scan over query tiles; per tile the chunk's keys, memory tokens, then the cache.
+
+    chunk_mask: None or bool [B, H, G, C] (readable chunk frames per group); mem: None or (k, v, valid) with
+    k, v [B, H, M, D] and valid None or bool [B, H, M]; cache_tiles: None (no cache) or
+    ``cache_tiles(g) -> (count, tile_fn)`` with ``tile_fn(j) -> (fetch, mask)`` for the j-th cache key tile of
+    query group g (dynamic count; ``fetch() -> (k, v)`` [B, H, tk, D], mask bool [B|1, H|1, tk]).
+    """
+    b, sq, h, d = q.shape
+    if sq % qf:
+        raise ValueError(f"{sq} queries do not split into {qf} query-frame groups")
+    gs = sq // qf
+    tq = _divisor_at_most(gs, blocks.q_tile)
+    qh, scale = _queries(q)  # [B, H, Sq, D]
+    kc, vc = jnp.moveaxis(k_chunk, 2, 1), jnp.moveaxis(v_chunk, 2, 1)  # [B, H, Sq, D]: chunk-sized copies
+    if chunk_mask is not None:
+        c = chunk_mask.shape[-1]
+        if sq % c:
+            raise ValueError(f"chunk_mask has {c} frames, which do not split the chunk's {sq} keys")
+        cm_tok = jnp.repeat(chunk_mask, sq // c, axis=-1)  # [B, H, G, Sq]
+    ck = _divisor_at_most(sq, blocks.k_tile)
+
+    def one_tile(i):
+        g = (i * tq) // gs
+        qi = jax.lax.dynamic_slice_in_dim(qh, i * tq, tq, axis=2)  # [B, H, tq, D]
+        carry = (jnp.full((b, h, tq), _NEG, jnp.float32), jnp.zeros((b, h, tq), jnp.float32),
+                 jnp.zeros((b, h, tq, d), jnp.float32))
+        for c0 in range(0, sq, ck):  # the chunk's own keys
+            k, v = kc[:, :, c0:c0 + ck], vc[:, :, c0:c0 + ck]
+            if chunk_mask is None:
+                carry = _update(carry, qi, k, v, None, scale)
+            else:
+                mk = jax.lax.dynamic_index_in_dim(cm_tok, g, axis=2, keepdims=False)[:, :, c0:c0 + ck]
+                carry = _masked_update(carry, qi, lambda k=k, v=v: (k, v), mk, scale)
+        if mem is not None:  # memory tokens (few): one tile
+            mk_, mv_, mvalid = mem
+            carry = _update(carry, qi, mk_, mv_, mvalid, scale)
+        if cache_tiles is not None:
+            count, tile_fn = cache_tiles(g)
+
+            def body(j, carry):
+                fetch, mask = tile_fn(j)
+                return _masked_update(carry, qi, fetch, mask, scale)
+
+            carry = jax.lax.fori_loop(0, count, body, carry)
+        _, l, acc = carry
+        return acc / jnp.where(l == 0.0, 1.0, l)[..., None]  # no key at all -> zeros
+
+    _, out = jax.lax.scan(lambda c, i: (c, one_tile(i)), None, jnp.arange(sq // tq))  # [nt, B, H, tq, D]
+    out = jnp.moveaxis(out, 0, 2).reshape(b, h, sq, d)
+    return jnp.moveaxis(out, 1, 2).astype(q.dtype)  # [B, Sq, H, D]
+
+
+def _slot_split(n: int, t: int, k_tile: int, block_slots: int | None = None) -> tuple[int, int]:
+    """(slots per key tile, token tiles per slot): whole slots when one fits in ``k_tile``, else one slot
+    cut into equal token tiles."""
+    if block_slots is not None:
+        return block_slots, 1
+    if t <= k_tile:
+        return pick_block_slots(n, t, k_tile), 1
+    return 1, t // _divisor_at_most(t, k_tile)
+
+
 def chunk_attention(
     q: jax.Array,
     k_chunk: jax.Array,
@@ -60,55 +199,50 @@ def chunk_attention(
     slot_mask: jax.Array,
     *,
     block_slots: int | None = None,
+    blocks: XlaBlocks = DEFAULT_BLOCKS,
 ) -> jax.Array:
     """Attention of a chunk's queries over its own keys plus the allowed cache slots.
 
     Args:
       q: [B, Sq, H, D] queries of the chunk (RoPE applied), Sq = Qf * Tq tokens.
       k_chunk, v_chunk: [B, Sq, H, D] the chunk's own keys / values.
-      k_cache, v_cache: [B, N, T, H, D] cache slots (keys already rotated).
+      k_cache, v_cache: [B, H, N, T, D] cache slots (heads-first, keys already rotated).
       slot_mask: bool [B|1, Qf, H|1, N]: which slots each (query frame group, head) may read. ``Qf`` divides
         the chunk's queries into equal consecutive groups (1 = one selection for the whole chunk).
-      block_slots: slots per online-softmax block (must divide N); default picks <= 2048 keys per block.
+      block_slots: slots per key tile (must divide N); default from ``blocks.k_tile``.
+      blocks: tile sizes (:class:`XlaBlocks`).
     Returns:
       [B, Sq, H, D] in q's dtype.
     """
     b, sq, h, d = q.shape
-    n, t = k_cache.shape[1], k_cache.shape[2]
+    n, t = k_cache.shape[2], k_cache.shape[3]
     qf = slot_mask.shape[1]
-    if sq % qf:
-        raise ValueError(f"{sq} queries do not split into {qf} query-frame groups")
-    kb = block_slots or pick_block_slots(n, t)
-    if n % kb:
+    kb, nsub = _slot_split(n, t, blocks.k_tile, block_slots)
+    if kb < 1 or (n and n % kb):
         raise ValueError(f"block_slots={kb} does not divide the {n} cache slots")
-    scale = 1.0 / math.sqrt(d)
-    qg = (q.astype(jnp.float32) * scale).reshape(b, qf, sq // qf, h, d)  # [B, G, Tq, H, D]
-    tq = sq // qf
+    tt = t // nsub
+    smask = jnp.moveaxis(slot_mask, 2, 1)  # [B|1, H|1, G, N]
+    # per group: tiles up to the last slot that group reads (a dynamic trip count), so a half-empty global
+    # cache costs what it holds, not its capacity
+    last = jnp.max(jnp.where(smask, jnp.arange(1, n + 1), 0), axis=(0, 1, 3))  # [G]
 
-    carry = (
-        jnp.full((b, qf, h, tq), _NEG, jnp.float32),
-        jnp.zeros((b, qf, h, tq), jnp.float32),
-        jnp.zeros((b, qf, tq, h, d), jnp.float32),
-    )
-    carry = _block_update(carry, qg, k_chunk, v_chunk, None)
+    def cache_tiles(g):
+        mg = jax.lax.dynamic_index_in_dim(smask, g, axis=2, keepdims=False)  # [B|1, H|1, N]
 
-    # mask per key token of a block: [B|1, G, H|1, 1, kb*T]
-    def body(i, carry):
-        k_blk = jax.lax.dynamic_slice_in_dim(k_cache, i * kb, kb, axis=1).reshape(b, kb * t, h, d)
-        v_blk = jax.lax.dynamic_slice_in_dim(v_cache, i * kb, kb, axis=1).reshape(b, kb * t, h, d)
-        m_blk = jax.lax.dynamic_slice_in_dim(slot_mask, i * kb, kb, axis=3)  # [B|1, G, H|1, kb]
-        m_tok = jnp.repeat(m_blk, t, axis=3)[:, :, :, None, :]
-        return _block_update(carry, qg, k_blk, v_blk, m_tok)
+        def tile_fn(j):
+            s0, u = (j // nsub) * kb, (j % nsub) * tt
 
-    if n:
-        # Only blocks up to the last slot anyone reads are visited (a dynamic trip count), so a half-empty
-        # global cache costs what it holds, not its capacity.
-        used = jnp.any(slot_mask, axis=(0, 1, 2))  # [N]
-        last = jnp.max(jnp.where(used, jnp.arange(1, n + 1), 0))
-        carry = jax.lax.fori_loop(0, (last + kb - 1) // kb, body, carry)
-    _, l, acc = carry
-    out = acc / jnp.moveaxis(l, -1, 2)[..., None]
-    return out.reshape(b, sq, h, d).astype(q.dtype)
+            def fetch():
+                k = jax.lax.dynamic_slice(k_cache, (0, 0, s0, u, 0), (b, h, kb, tt, d)).reshape(b, h, kb * tt, d)
+                v = jax.lax.dynamic_slice(v_cache, (0, 0, s0, u, 0), (b, h, kb, tt, d)).reshape(b, h, kb * tt, d)
+                return k, v
+
+            mb = jax.lax.dynamic_slice_in_dim(mg, s0, kb, axis=2)  # [B|1, H|1, kb]
+            return fetch, jnp.repeat(mb, tt, axis=2)
+
+        return ((last[g] + kb - 1) // kb) * nsub, tile_fn
+
+    return _tiled(q, k_chunk, v_chunk, qf, blocks, None, None, cache_tiles if n else None)
 
 
 def selection_attention(
@@ -118,65 +252,51 @@ def selection_attention(
     k_cache: jax.Array,
     v_cache: jax.Array,
     sel: Selection,
+    *,
+    blocks: XlaBlocks = DEFAULT_BLOCKS,
 ) -> jax.Array:
     """Attention over a :class:`~fkv_jax.attention.selection.Selection`: gathers only the selected slots.
 
-    q, k_chunk, v_chunk: [B, Sq, H, D] (Sq = C * T); k_cache, v_cache: [B, N, T, H, D]. The loop over the
-    budget axis stops at the longest selection in the batch (selections are left-packed), so the cost
-    follows what is selected, not the budget or the cache size.
+    q, k_chunk, v_chunk: [B, Sq, H, D] (Sq = C * T); k_cache, v_cache: [B, H, N, T, D]. Each query tile
+    gathers the slots of its own query-frame group, a key tile (``blocks.k_tile`` keys) at a time, and stops
+    at that group's longest selection (selections are left-packed), so the cost follows what is selected,
+    not the budget or the cache size.
     """
     b, sq, h, d = q.shape
-    t = k_cache.shape[2]
+    t = k_cache.shape[3]
     qf, kmax = sel.frames.shape[1], sel.frames.shape[3]
-    if sq % qf:
-        raise ValueError(f"{sq} queries do not split into {qf} query-frame groups")
-    tq = sq // qf
-    scale = 1.0 / math.sqrt(d)
-    qg = (q.astype(jnp.float32) * scale).reshape(b, qf, tq, h, d)  # [B, G, Tq, H, D]
-    carry = (
-        jnp.full((b, qf, h, tq), _NEG, jnp.float32),
-        jnp.zeros((b, qf, h, tq), jnp.float32),
-        jnp.zeros((b, qf, tq, h, d), jnp.float32),
-    )
-    # own chunk (optionally masked per frame)
-    cmask = None
-    if sel.chunk_mask is not None:
-        c = sel.chunk_mask.shape[-1]
-        cmask = jnp.repeat(sel.chunk_mask, sq // c, axis=-1)[:, :, :, None, :]  # [B, G, H, 1, Sq]
-    carry = _block_update(carry, qg, k_chunk, v_chunk, cmask)
-    # memory tokens shared by all query groups
-    if sel.mem_k is not None:
-        mvalid = None if sel.mem_valid is None else sel.mem_valid[:, None, :, None, :]  # [B, 1, H, 1, M]
-        carry = _block_update(carry, qg, sel.mem_k, sel.mem_v, mvalid)
-
-    # Gather kb selected slots per step (kb * T <= ~2048 keys): few, reasonably sized matmuls.
-    kb = max(1, min(kmax, 2048 // max(t, 1))) if kmax else 1
-    frames = sel.frames
+    if t <= blocks.k_tile:  # whole slots per key tile (the budget need not be a multiple: -1 padding)
+        kb, nsub = max(1, min(kmax, blocks.k_tile // t)), 1
+    else:
+        kb, nsub = 1, t // _divisor_at_most(t, blocks.k_tile)
+    tt = t // nsub
+    frames = jnp.moveaxis(sel.frames, 2, 1)  # [B, H, G, K]
     if kmax % kb:
         frames = jnp.pad(frames, ((0, 0), (0, 0), (0, 0), (0, kb - kmax % kb)), constant_values=-1)
+    counts = jnp.max(jnp.sum(frames >= 0, axis=-1), axis=(0, 1))  # [G]: longest selection per group
     bi = jnp.arange(b)[:, None, None, None]
-    hi = jnp.arange(h)[None, None, :, None]
+    hi = jnp.arange(h)[None, :, None, None]
+    tok = jnp.arange(tt)
 
-    def body(j, carry):
-        slot = jax.lax.dynamic_slice_in_dim(frames, j * kb, kb, axis=3)  # [B, G, H, kb]
-        ok = slot >= 0
-        slot = jnp.maximum(slot, 0)
-        # advanced indices split by a slice: the broadcast index dims come first -> [B, G, H, kb, T, D]
-        kj = k_cache[bi, slot, :, hi, :].astype(jnp.float32)
-        vj = v_cache[bi, slot, :, hi, :].astype(jnp.float32)
-        m, l, acc = carry
-        s = jnp.einsum("bgqhd,bghjkd->bghqjk", qg, kj)
-        s = jnp.where(ok[:, :, :, None, :, None], s, _NEG).reshape(b, qf, h, tq, kb * t)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.exp(s - m_new[..., None])
-        corr = jnp.exp(m - m_new)
-        acc = acc * jnp.moveaxis(corr, -1, 2)[..., None] + jnp.einsum(
-            "bghqk,bghkd->bgqhd", p, vj.reshape(b, qf, h, kb * t, d))
-        return m_new, l * corr + p.sum(-1), acc
+    def cache_tiles(g):
+        fg = jax.lax.dynamic_index_in_dim(frames, g, axis=2, keepdims=False)  # [B, H, K']
 
-    if kmax:
-        used = jnp.max(jnp.sum(sel.frames >= 0, axis=-1))
-        carry = jax.lax.fori_loop(0, (used + kb - 1) // kb, body, carry)
-    _, l, acc = carry
-    out = acc / jnp.moveaxis(l, -1, 2)[..., None]
-    return out.reshape(b, sq, h, d).astype(q.dtype)
+        def tile_fn(j):
+            slot = jax.lax.dynamic_slice_in_dim(fg, (j // nsub) * kb, kb, axis=2)  # [B, H, kb]
+            ok = slot >= 0
+            slot = jnp.maximum(slot, 0)[..., None]  # [B, H, kb, 1]
+            u = (j % nsub) * tt
+
+            def fetch():
+                idx = (bi, hi, slot, u + tok) if nsub > 1 else (bi[..., 0], hi[..., 0], slot[..., 0])
+                return k_cache[idx].reshape(b, h, kb * tt, d), v_cache[idx].reshape(b, h, kb * tt, d)
+
+            return fetch, jnp.repeat(ok, tt, axis=2)
+
+        return ((counts[g] + kb - 1) // kb) * nsub, tile_fn
+
+    cmask = None if sel.chunk_mask is None else jnp.moveaxis(sel.chunk_mask, 2, 1)  # [B, H, G, C]
+    mem = None
+    if sel.mem_k is not None:
+        mem = (jnp.moveaxis(sel.mem_k, 2, 1), jnp.moveaxis(sel.mem_v, 2, 1), sel.mem_valid)
+    return _tiled(q, k_chunk, v_chunk, qf, blocks, cmask, mem, cache_tiles if kmax else None)

@@ -1,8 +1,8 @@
 """The fixed-shape KV cache: a pytree of arrays plus a static geometry.
 
-Layout (frame-slot-major, one latent frame = one contiguous slot of T tokens)::
+Layout (heads-first, then frame slots; one latent frame = one contiguous slot of T tokens)::
 
-    k, v:        [L, B, S + W, T, H, Dh]   keys stored after RoPE at their absolute frame index
+    k, v:        [L, B, H, S + W, T, Dh]   keys stored after RoPE at their absolute frame index
     slot_frame:  int32[S + W]              absolute latent frame held by each slot, -1 if empty
     next_frame:  int32[]                   one past the last frame written
 
@@ -16,6 +16,10 @@ Upstream's parameters map onto the geometry like this (``C`` = frames per block)
   the ring holds ``W = N - S - C`` history frames (LongLive 12/3/3 -> 6; Self Forcing window 6, sink 3 -> 0).
 * ``local_attn_size = -1``: global attention. Every frame is kept: ``S = 0`` and ``W = capacity``; writing
   beyond the capacity is refused by the rollout with an error naming the limit.
+
+Heads come before slots so that attention kernels read ``k[l, b, h, slot]`` (a contiguous ``[T, Dh]``
+tile) in place: TPUs tile the last two dims of an array by (8, 128), and (T, Dh) trailing dims need no
+relayout; on CPU the (B, H) batch dims lead every attention matmul. See docs/design.md.
 
 The cache changes only in :func:`write`, which the sampler calls once per chunk with the K/V of the
 clean (t = 0) pass. Denoising passes read it and attend to their own K/V without storing them.
@@ -102,7 +106,7 @@ class CacheGeometry:
 def init_cache(geom: CacheGeometry, dtype=None) -> Cache:
     """An empty cache (all slots empty), K/V in ``dtype`` (default ``geom.dtype``)."""
     dtype = geom.dtype if dtype is None else dtype
-    shape = (geom.num_layers, geom.batch, geom.num_slots, geom.tokens_per_frame, geom.num_heads, geom.head_dim)
+    shape = (geom.num_layers, geom.batch, geom.num_heads, geom.num_slots, geom.tokens_per_frame, geom.head_dim)
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
@@ -130,13 +134,15 @@ def slot_of_frames(geom: CacheGeometry, frames: jax.Array) -> jax.Array:
 
 
 def write(geom: CacheGeometry, cache: Cache, k_new: jax.Array, v_new: jax.Array, start_frame: jax.Array) -> Cache:
-    """Store a chunk's clean K/V. k_new, v_new: [L, B, C, T, H, Dh] for frames start_frame .. start_frame+C-1."""
-    c = k_new.shape[2]
+    """Store a chunk's clean K/V. k_new, v_new: [L, B, H, C, T, Dh] for frames start_frame .. start_frame+C-1.
+
+    An in-place scatter of C frames into the donated buffers (no copy of the cache)."""
+    c = k_new.shape[3]
     frames = start_frame + jnp.arange(c, dtype=jnp.int32)
     slots = slot_of_frames(geom, frames)  # [C]
     return {
-        "k": cache["k"].at[:, :, slots].set(k_new.astype(cache["k"].dtype), mode="drop"),
-        "v": cache["v"].at[:, :, slots].set(v_new.astype(cache["v"].dtype), mode="drop"),
+        "k": cache["k"].at[:, :, :, slots].set(k_new.astype(cache["k"].dtype), mode="drop"),
+        "v": cache["v"].at[:, :, :, slots].set(v_new.astype(cache["v"].dtype), mode="drop"),
         "slot_frame": cache["slot_frame"].at[slots].set(frames, mode="drop"),
         "next_frame": jnp.maximum(cache["next_frame"], start_frame + c).astype(jnp.int32),
     }

@@ -34,14 +34,16 @@ def attention_dims(q: jax.Array, k_chunk: jax.Array, v_chunk: jax.Array, k_cache
                    sel: Selection) -> Dims:
     """Validate the shapes of one call and return its sizes.
 
-    q, k_chunk, v_chunk: [B, C*T, H, D]; k_cache, v_cache: [B, N, T, H, D]; sel.frames: [B, Qf, H, K].
+    q, k_chunk, v_chunk: [B, C*T, H, D]; k_cache, v_cache: [B, H, N, T, D] (the cache's heads-first layout,
+    read in place by every kernel); sel.frames: [B, Qf, H, K].
     """
     b, s, h, d = q.shape
     if k_chunk.shape != q.shape or v_chunk.shape != q.shape:
         raise ValueError(f"q, k_chunk, v_chunk must share a shape, got {q.shape}, {k_chunk.shape}, {v_chunk.shape}")
-    if k_cache.shape != v_cache.shape or k_cache.ndim != 5 or k_cache.shape[0] != b or k_cache.shape[3:] != (h, d):
-        raise ValueError(f"k_cache, v_cache must be [B={b}, N, T, H={h}, D={d}], got {k_cache.shape}, {v_cache.shape}")
-    n, t = k_cache.shape[1:3]
+    if (k_cache.shape != v_cache.shape or k_cache.ndim != 5 or k_cache.shape[:2] != (b, h)
+            or k_cache.shape[4] != d):
+        raise ValueError(f"k_cache, v_cache must be [B={b}, H={h}, N, T, D={d}], got {k_cache.shape}, {v_cache.shape}")
+    n, t = k_cache.shape[2:4]
     if s % t:
         raise ValueError(f"the chunk's {s} tokens are not whole frames of T={t} tokens")
     c = s // t

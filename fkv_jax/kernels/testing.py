@@ -11,7 +11,7 @@ from fkv_jax.attention.selection import Selection
 
 def random_problem(rng: np.random.Generator, *, b: int, c: int, t: int, h: int, d: int, n: int, k: int, qf: int,
                    m: int = 0, chunk_mask: bool = True, dtype=jnp.float32):
-    """q, k_chunk, v_chunk [B, C*T, H, D], k_cache, v_cache [B, N, T, H, D] and a Selection.
+    """q, k_chunk, v_chunk [B, C*T, H, D], k_cache, v_cache [B, H, N, T, D] (the cache layout) and a Selection.
 
     Budgets are ragged: each (b, group, head) selects a random number of distinct slots in [0, K] (the
     first row none, the last row K), left-packed with -1 padding. With ``chunk_mask`` each row allows a
@@ -24,7 +24,7 @@ def random_problem(rng: np.random.Generator, *, b: int, c: int, t: int, h: int, 
         return jnp.asarray(rng.standard_normal(shape).astype(np.float32) * scale, dtype)
 
     q, kc, vc = rand(b, c * t, h, d), rand(b, c * t, h, d), rand(b, c * t, h, d)
-    kn, vn = rand(b, n, t, h, d, scale=2.0), rand(b, n, t, h, d, scale=2.0)
+    kn, vn = rand(b, h, n, t, d, scale=2.0), rand(b, h, n, t, d, scale=2.0)
     frames = np.full((b, qf, h, k), -1, np.int32)
     rows = list(np.ndindex(b, qf, h))
     for i, idx in enumerate(rows):

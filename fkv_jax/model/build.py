@@ -46,6 +46,31 @@ def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> CausalWanModel:
     return nnx.eval_shape(lambda: CausalWanModel(cfg, rngs=nnx.Rngs(0), dtype=dtype))
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def model_dtype(graphdef: nnx.GraphDef) -> str:
+    """The compute dtype a model was built with, read from its graph definition (static, no params needed).
+
+    Every layer of :class:`CausalWanModel` computes in the dtype it was built with (``abstract_model(cfg,
+    dtype)``), so the first layer's ``dtype`` attribute is the model's.
+    """
+    for name, attr in graphdef.attributes:
+        if name == "dtype" and hasattr(attr, "value"):
+            return jnp.dtype(attr.value).name
+    return "float32"
+
+
+def cast_model(cfg: ModelConfig, model: CausalWanModel, dtype) -> CausalWanModel:
+    """The same weights in another compute dtype (a new model; float32 accumulation stays where it is)."""
+    dtype = jnp.dtype(dtype)
+    state = nnx.state(model, nnx.Param)
+    pure = jax.tree.map(lambda a: jnp.asarray(a, dtype), nnx.to_pure_dict(state))
+    graphdef, new_state = nnx.split(abstract_model(cfg, dtype), nnx.Param)
+    nnx.replace_by_pure_dict(new_state, pure)
+    return nnx.merge(graphdef, new_state)
+
+
 def count_params(cfg: ModelConfig | str) -> int:
     """Number of parameters of a model config or preset name, from an abstract build (allocates nothing).
 

@@ -91,14 +91,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def rotate_temporal(x: jax.Array, tables: RopeTables, pos: jax.Array) -> jax.Array:
     """Rotate only the temporal channels of ``x`` by frame position ``pos`` (may be negative).
 
-    x: [..., T, H, D] with ``pos`` broadcastable to x.shape[:-3] (one position per frame).
+    x: [..., F, T, D] (heads-first, e.g. a cache [L, B, H, N, T, D]) with ``pos`` broadcastable to
+    x.shape[:-2] (one position per frame).
     """
     d = x.shape[-1]
     ct = rope_split(d)[0]
     p = jnp.abs(pos)
     c = jnp.take(jnp.asarray(tables.t_cos), p, axis=0)  # [..., ct]
     s = jnp.take(jnp.asarray(tables.t_sin), p, axis=0) * jnp.sign(pos)[..., None].astype(jnp.float32)
-    c, s = c[..., None, None, :], s[..., None, None, :]  # broadcast over T, H
+    c, s = c[..., None, :], s[..., None, :]  # broadcast over T
     xt = x[..., : 2 * ct].astype(jnp.float32).reshape(*x.shape[:-1], ct, 2)
     re, im = xt[..., 0], xt[..., 1]
     rot = jnp.stack([re * c - im * s, re * s + im * c], -1).reshape(*x.shape[:-1], 2 * ct)

@@ -245,7 +245,7 @@ class CausalWanModel(nnx.Module):
             a selection computed at one layer and reused by deeper ones), ``layer_y`` is stacked over layers.
           carry: initial carry for ``attn_fn``.
         Returns:
-          flow [B, F, C, H, W], keys and values of the chunk [L, B, F, T, H, Dh] each, the final carry,
+          flow [B, F, C, H, W], keys and values of the chunk [L, B, H, F, T, Dh] each, the final carry,
           and the stacked ``layer_y``.
         """
         cfg = self.cfg
@@ -272,7 +272,8 @@ class CausalWanModel(nnx.Module):
                 return out
 
             xs, k, v = blk(xs, e0, cos, sin, xk, xv, attend)
-            kv = (k.reshape(b, f, t, nh, dh), v.reshape(b, f, t, nh, dh))
+            # the chunk's K/V in the cache's heads-first layout [B, H, F, T, Dh] (a chunk-sized transpose)
+            kv = (jnp.moveaxis(k.reshape(b, f, t, nh, dh), 3, 1), jnp.moveaxis(v.reshape(b, f, t, nh, dh), 3, 1))
             return (xs, box["carry"]), (kv, box["y"])
 
         layers = (jnp.arange(cfg.num_layers), state, layer_xs, *ctx_kv)
@@ -295,15 +296,15 @@ class CausalWanModel(nnx.Module):
         """Flow prediction for one chunk over the cache slots allowed by ``slot_mask``; the cache is read only.
 
         Args (see :meth:`forward` for the others):
-          cache_k, cache_v: [L, B, N, T, H, Dh] cache slots, or None for no history.
+          cache_k, cache_v: [L, B, H, N, T, Dh] cache slots, or None for no history.
           slot_mask: bool [B|1, Qf, H|1, N] slots each (query-frame group, head) may read, same for every layer.
         Returns:
-          flow [B, F, C, H, W] and the chunk's rotated keys/values per layer, each [L, B, F, T, H, Dh].
+          flow [B, F, C, H, W] and the chunk's rotated keys/values per layer, each [L, B, H, F, T, Dh].
         """
         cfg = self.cfg
         if cache_k is None:
             t = cfg.tokens_per_frame(tuple(x.shape[-2:]))
-            cache_k = jnp.zeros((cfg.num_layers, x.shape[0], 0, t, cfg.num_heads, cfg.head_dim), x.dtype)
+            cache_k = jnp.zeros((cfg.num_layers, x.shape[0], cfg.num_heads, 0, t, cfg.head_dim), x.dtype)
             cache_v = cache_k
             slot_mask = jnp.zeros((1, 1, 1, 0), bool)
 

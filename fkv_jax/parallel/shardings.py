@@ -4,7 +4,7 @@
   scales; the attention output projection on its input (heads) axis; the FFN on its hidden axis (fc1 out,
   fc2 in); everything else replicated. Each device then holds whole heads, so attention needs no
   communication; XLA inserts the all-reduces after the o projection, the FFN and the full-width RMSNorm.
-* KV cache ``k, v: [L, B, N, T, H, Dh]``: batch on ``data``, heads on ``model``; slot bookkeeping replicated.
+* KV cache ``k, v: [L, B, H, N, T, Dh]``: batch on ``data``, heads on ``model``; slot bookkeeping replicated.
 * cross-attention K/V ``[L, B, Lt, H, Dh]``: batch on ``data``, heads on ``model``.
 * per-chunk inputs and outputs (noise, re-noise, latents): batch on ``data``.
 """
@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from fkv_jax.config import ModelConfig
 
-CACHE_KV = P(None, "data", None, None, "model", None)  # [L, B, N, T, H, Dh]
+CACHE_KV = P(None, "data", "model", None, None, None)  # [L, B, H, N, T, Dh]
 CONTEXT_KV = P(None, "data", None, "model", None)  # [L, B, Lt, H, Dh]
 HEADS = P("data", None, "model", None)  # [B, S, H, Dh] activations, [B, Qf, H, K] selections
 

@@ -45,8 +45,8 @@ class Call:
     q: jax.Array  # [B, C*T, H, Dh] rotated queries of this call
     k_chunk: jax.Array  # [B, C*T, H, Dh] rotated keys of the chunk
     v_chunk: jax.Array  # [B, C*T, H, Dh]
-    cache_k: jax.Array  # [B, N, T, H, Dh] this layer's cache slots
-    cache_v: jax.Array  # [B, N, T, H, Dh]
+    cache_k: jax.Array  # [B, H, N, T, Dh] this layer's cache slots (heads-first, as stored)
+    cache_v: jax.Array  # [B, H, N, T, Dh]
     slot_frame: jax.Array  # int32[N]
     visible: jax.Array  # bool[N] slots the upstream window rule allows
     layer_state: Any  # this layer's slice of state["layers"]

@@ -99,7 +99,7 @@ class DeepForcing(TokenMemory):
 
     def _recent_queries(self, state, k_new, start_frame, clean_aux):
         """(q_sum ring [L, B, R, H, D], q_frame [R]) after this chunk's frames joined the recent window."""
-        L, b, c, t, h, d = k_new.shape
+        L, b, h, c, t, d = k_new.shape
         r = self.recent_frames
         per_frame = clean_aux["q"].astype(jnp.float32).reshape(L, b, c, t, h, d).sum(3)  # [L, B, C, H, D]
         frames = start_frame + jnp.arange(c, dtype=jnp.int32)
@@ -109,7 +109,7 @@ class DeepForcing(TokenMemory):
         return q_sum, q_frame
 
     def extra_layer_inputs(self, state, cache, k_new, start_frame, clean_aux):
-        c = k_new.shape[2]
+        c = k_new.shape[3]
         q_sum, q_frame = self._recent_queries(state, k_new, start_frame, clean_aux)
         recent = (q_frame >= 0) & (q_frame >= start_frame + c - self.recent_frames)
         return {"q_sum_new": q_sum, "q_bar": (q_sum * recent[:, None, None]).sum(2)}  # [L, B, H, D]
@@ -128,7 +128,7 @@ class DeepForcing(TokenMemory):
     def place(self, mem, x, next_start):
         if not self.realign_memory:
             return mem
-        t = x["k_new"].shape[2]
+        t = x["k_new"].shape[3]  # [B, H, C, T, D]
         valid = mem["mem_valid"]  # [B, H, Mc], valid first, origin order
         rank = jnp.arange(valid.shape[-1], dtype=jnp.int32)
         n_f = (valid.sum(-1, keepdims=True).astype(jnp.int32) + t - 1) // t
@@ -143,5 +143,5 @@ class DeepForcing(TokenMemory):
         target = jnp.maximum(start_frame - self.window_frames, 0)
         delta = target - state["sink_pos"]
         s = self.sink_size
-        ks = shift_temporal(cache["k"][:, :, :s], delta)
-        return {**state, "sink_pos": target}, {**cache, "k": cache["k"].at[:, :, :s].set(ks)}
+        ks = shift_temporal(cache["k"][:, :, :, :s], delta)
+        return {**state, "sink_pos": target}, {**cache, "k": cache["k"].at[:, :, :, :s].set(ks)}

@@ -55,13 +55,13 @@ def group_masses(q: jax.Array, k_chunk: jax.Array, cache_k: jax.Array, first: ja
                  rows: np.ndarray) -> jax.Array:
     """Mean attention mass per head on [first slots | mid slots | own chunk]: float32 [B, H, 3].
 
-    q, k_chunk: [B, C*T, H, D] rotated; cache_k: [B, N, T, H, D]; first, mid: bool [N] (disjoint);
+    q, k_chunk: [B, C*T, H, D] rotated; cache_k: [B, H, N, T, D]; first, mid: bool [N] (disjoint);
     rows: the query rows used. The softmax runs over the union of the three groups.
     """
     b, _, h, d = q.shape
-    n, t = cache_k.shape[1], cache_k.shape[2]
+    n, t = cache_k.shape[2], cache_k.shape[3]
     qs = q[:, rows].astype(jnp.float32) / np.sqrt(d)  # [B, R, H, D]
-    s_cache = jnp.einsum("brhd,bnthd->bhrnt", qs, cache_k.astype(jnp.float32))
+    s_cache = jnp.einsum("brhd,bhntd->bhrnt", qs, cache_k.astype(jnp.float32))
     s_cache = jnp.where((first | mid)[:, None], s_cache, -jnp.inf).reshape(b, h, len(rows), n * t)
     s_chunk = jnp.einsum("brhd,bkhd->bhrk", qs, k_chunk.astype(jnp.float32))
     p = jax.nn.softmax(jnp.concatenate([s_cache, s_chunk], -1), axis=-1)
@@ -139,7 +139,7 @@ class DummyForcing(Policy):
         return Selection(frames=frames), {"mass": mass}
 
     def on_write(self, state, cache, k_new, v_new, start_frame, clean_aux=None):
-        L, _, c, _, h, _ = k_new.shape
+        L, _, h, c, _, _ = k_new.shape
         mass = clean_aux["select"]["mass"][:, 0]  # [L, H, 3], batch element 0
         group, cost = classify_heads(mass, self.dummies(L, h))
         now = start_frame // c == self.ar_start

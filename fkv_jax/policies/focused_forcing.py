@@ -123,7 +123,7 @@ class FocusedForcing(Policy):
 
     # ---- once per chunk: sink re-rotation, history order, key diversity ---------------------------
     def on_chunk_start(self, state, cache, start_frame):
-        L, b, n, t, h, d = cache["k"].shape
+        L, b, h, n, t, d = cache["k"].shape
         hist = state["hist_slots"].shape[0]
         c = self.local_attn_size - hist
         if self.sink_rerotation and self.sink_size:
@@ -131,15 +131,15 @@ class FocusedForcing(Policy):
             ct = rope_split(d)[0]
             ang = jnp.asarray(_angles(2, ct, 2 * ct)[1], jnp.float32) * delta.astype(jnp.float32)  # [ct] = delta * freq
             cos, sin = jnp.cos(ang), jnp.sin(ang)
-            ks = cache["k"][:, :, : self.sink_size]  # [L, B, S, T, H, D]
+            ks = cache["k"][:, :, :, : self.sink_size]  # [L, B, H, S, T, D]
             tp = ks[..., : 2 * ct].reshape(*ks.shape[:-1], ct, 2)
             re, im = tp[..., 0], tp[..., 1]
             rot = jnp.stack([re * cos - im * sin, re * sin + im * cos], -1).reshape(*ks.shape[:-1], 2 * ct)
             ks = jnp.concatenate([rot.astype(ks.dtype), ks[..., 2 * ct:]], axis=-1)
-            cache = dict(cache, k=cache["k"].at[:, :, : self.sink_size].set(ks))
+            cache = dict(cache, k=cache["k"].at[:, :, :, : self.sink_size].set(ks))
             state = dict(state, sink_pos=state["sink_pos"] + delta)
         order = history_order(cache["slot_frame"], start_frame, hist)
-        keys = cache["k"][:, :, order]  # [L, B, hist, T, H, D]
+        keys = cache["k"][:, :, :, order]  # [L, B, H, hist, T, D]
         div = jax.vmap(jax.vmap(lambda k: key_diversity(k.astype(jnp.float32), jnp.ones((hist,), bool))))(keys)
         div_z = zscore_std(div, axis=-1)  # [L, B, H, hist]
         active = self._active(start_frame, c)
@@ -159,7 +159,7 @@ class FocusedForcing(Policy):
         extra = jnp.clip(budgets - (c + 1), 0, hist - 1)  # [H]
         k_extra = int(np.clip(self.budgets(geom.num_layers, geom.num_heads).max() - (c + 1), 0, hist - 1))
 
-        attn_z = pooled_attention_z(call.q.reshape(b, c, t, h, d), call.cache_k[:, hist_slots], groups,
+        attn_z = pooled_attention_z(call.q.reshape(b, c, t, h, d), call.cache_k[:, :, hist_slots], groups,
                                     self.pool_alpha)  # [B, C, H, hist]
         score = self.attn_weight * attn_z + (1 - self.attn_weight) * call.layer_state["div_z"][:, None]
         front = jnp.argmax(score[..., :FRONT], axis=-1)  # [B, C, H], first maximum on ties
@@ -220,9 +220,9 @@ class FocusedForcingLongLive(FocusedForcing):
         prefix_q = need * n_prefix // (n_prefix + n_tail)
         tail_q = jnp.minimum(need - prefix_q, n_tail)
 
-        kc = call.k_chunk.reshape(b, c, t, h, d).astype(jnp.float32)
-        kh = call.cache_k[:, hist_slots].astype(jnp.float32)  # [B, hist, T, H, D]
-        keys = jnp.concatenate([kh, kc], axis=1)  # [B, hist + C, T, H, D] candidates
+        kc = jnp.moveaxis(call.k_chunk.reshape(b, c, t, h, d), 3, 1).astype(jnp.float32)  # [B, H, C, T, D]
+        kh = call.cache_k[:, :, hist_slots].astype(jnp.float32)  # [B, H, hist, T, D]
+        keys = jnp.concatenate([kh, kc], axis=2)  # [B, H, hist + C, T, D] candidates
         attn_z = pooled_attention_z(call.q.reshape(b, c, t, h, d), keys, groups, self.pool_alpha)
         div = jax.vmap(lambda k: key_diversity(k, jnp.ones((hist + c,), bool)))(keys)  # [B, H, hist + C]
         score = self.attn_weight * attn_z + (1 - self.attn_weight) * zscore_std(div, axis=-1)[:, None]

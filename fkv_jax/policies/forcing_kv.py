@@ -113,10 +113,10 @@ class ForcingKV(Policy):
 
     # ---- the clean pass: refresh the segment buffer -----------------------------------------------
     def on_write(self, state, cache, k_new, v_new, start_frame, clean_aux=None):
-        """k_new, v_new: [L, B, C, T, H, Dh] of the clean pass; ``cache`` is still the pre-write cache."""
+        """k_new, v_new: [L, B, H, C, T, Dh] of the clean pass; ``cache`` is still the pre-write cache."""
         if not self.dynamic_temporal_enabled:
             return state, None
-        L, b, c, t, h, d = k_new.shape
+        L, b, h, c, t, d = k_new.shape
         n = self.num_frame_patch
         seg = t // n
         keep = self.keep_segments(c)
@@ -124,12 +124,12 @@ class ForcingKV(Policy):
         # candidates: the C frames leaving the dynamic ring, each compared with the frame after it
         cand = start_frame - self.temporal_context_length + jnp.arange(c + 1)
 
-        def frames_of(kk, kn):  # [B, N, T, H, D], [B, C, T, H, D] -> [C + 1, B, T, H, D]
+        def frames_of(kk, kn):  # [B, H, N, T, D], [B, H, C, T, D] -> [C + 1, B, H, T, D]
             return jax.vmap(lambda f: frame_kv(kk, kn, cache["slot_frame"], start_frame, f))(cand)
 
         ls = self.score_layer
-        keys = frames_of(cache["k"][ls], k_new[ls])[:, 0]  # batch element 0: [C + 1, T, H, D]
-        keys = (keys * table[ls][None, None, :, None]).reshape(c + 1, t, h * d)
+        keys = frames_of(cache["k"][ls], k_new[ls])[:, 0]  # batch element 0: [C + 1, H, T, D]
+        keys = jnp.moveaxis(keys * table[ls][None, :, None, None], 1, 2).reshape(c + 1, t, h * d)
         scores = jax.vmap(lambda a, bb: segment_cosine(a, bb, n))(keys[:-1], keys[1:])  # [C, n]
         _, idx = jax.lax.top_k(-scores.reshape(-1), keep)
         idx = jnp.sort(idx)  # kept in temporal / raster order
@@ -137,8 +137,8 @@ class ForcingKV(Policy):
         tok = tok.reshape(-1)
 
         def gather(cache_x, new_x):  # one layer -> [B, keep*seg, H, D]
-            fr = frames_of(cache_x, new_x)[:c]  # [C, B, T, H, D]
-            return jnp.moveaxis(fr, 0, 1).reshape(b, c * t, h, d)[:, tok]
+            fr = frames_of(cache_x, new_x)[:c]  # [C, B, H, T, D]
+            return jnp.transpose(fr, (1, 0, 3, 2, 4)).reshape(b, c * t, h, d)[:, tok]
 
         mem_k = jax.vmap(gather)(cache["k"], k_new).astype(state["layers"]["mem_k"].dtype)
         mem_v = jax.vmap(gather)(cache["v"], v_new).astype(state["layers"]["mem_v"].dtype)

@@ -41,16 +41,16 @@ class H2O(TokenMemory):
     uses_mass = True
 
     def extra_layer_state(self, geom):
-        shape = (geom.num_layers, geom.batch, geom.num_slots, geom.tokens_per_frame, geom.num_heads)
+        shape = (geom.num_layers, geom.batch, geom.num_heads, geom.num_slots, geom.tokens_per_frame)
         return {"slot_score": jnp.zeros(shape, jnp.float32)}
 
     def score_candidates(self, cand: Candidates, x):
         ls = x["state"]
-        running = ls["slot_score"] + x["mass_cache"]  # [B, N, T, H]: every slot's total after this pass
+        running = ls["slot_score"] + x["mass_cache"]  # [B, H, N, T]: every slot's total after this pass
         ev = x["evicted"](running[..., None], x["mass_chunk"][..., None])[..., 0]  # [B, C*T, H]
         score = jnp.concatenate([ls["mem_score"] + x["mass_cand"][..., :cand.num_mem], jnp.moveaxis(ev, 1, 2)], -1)
         # the frames written now start with what their own chunk gave them
-        slot_score = running.at[:, x["written"]].set(x["mass_chunk"], mode="drop")
+        slot_score = running.at[:, :, x["written"]].set(x["mass_chunk"], mode="drop")
         return score, {"slot_score": slot_score}
 
 

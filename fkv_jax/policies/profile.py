@@ -32,26 +32,26 @@ _NEG = -1e30
 def frame_attention_mass(q, k_chunk, cache_k, visible, slot_frame, start_frame, max_frames: int):
     """Softmax mass of every query on every key frame, summed over queries.
 
-    q, k_chunk: [B, C*T, H, D]; cache_k: [B, N, T, H, D]; visible: bool[N]. Returns float32 [H, max_frames]
+    q, k_chunk: [B, C*T, H, D]; cache_k: [B, H, N, T, D] (as cached); visible: bool[N]. Returns float32 [H, max_frames]
     indexed by absolute frame (history slots by their ``slot_frame``, the chunk's own frames after them),
     summed over the batch and the queries.
     """
     b, sq, h, d = q.shape
-    n, t = cache_k.shape[1], cache_k.shape[2]
+    n, t = cache_k.shape[2], cache_k.shape[3]
     c = sq // t
     qs = q.astype(jnp.float32) / math.sqrt(d)
-    kc = k_chunk.astype(jnp.float32).reshape(b, c, t, h, d)
+    kc = jnp.moveaxis(k_chunk.astype(jnp.float32).reshape(b, c, t, h, d), 3, 1)  # [B, H, C, T, D]
 
-    def logits(kf):  # kf [B, T, H, D] -> [B, H, Sq, T]
-        return jnp.einsum("bqhd,bkhd->bhqk", qs, kf)
+    def logits(kf):  # kf [B, H, T, D] -> [B, H, Sq, T]
+        return jnp.einsum("bqhd,bhkd->bhqk", qs, kf)
 
     # pass 1: log-sum-exp over every key a query sees
     def lse_step(i, acc):
-        kf = cache_k[:, i].astype(jnp.float32)
+        kf = cache_k[:, :, i].astype(jnp.float32)
         s = jnp.where(visible[i], logits(kf), _NEG)
         return jnp.logaddexp(acc, jax.nn.logsumexp(s, axis=-1))
 
-    acc = jax.nn.logsumexp(jnp.einsum("bqhd,bkhd->bhqk", qs, kc.reshape(b, sq, h, d)), axis=-1)  # [B, H, Sq]
+    acc = jax.nn.logsumexp(logits(kc.reshape(b, h, sq, d)), axis=-1)  # [B, H, Sq]
     lse = jax.lax.fori_loop(0, n, lse_step, acc)
 
     # pass 2: mass per key frame
@@ -61,13 +61,13 @@ def frame_attention_mass(q, k_chunk, cache_k, visible, slot_frame, start_frame, 
     out = jnp.zeros((h, max_frames), jnp.float32)
 
     def hist_step(i, out):
-        m = jnp.where(visible[i], mass(cache_k[:, i].astype(jnp.float32)), 0.0)
+        m = jnp.where(visible[i], mass(cache_k[:, :, i].astype(jnp.float32)), 0.0)
         f = jnp.clip(slot_frame[i], 0, max_frames - 1)
         return out.at[:, f].add(jnp.where(visible[i], m, 0.0))
 
     out = jax.lax.fori_loop(0, n, hist_step, out)
     for j in range(c):
-        out = out.at[:, jnp.clip(start_frame + j, 0, max_frames - 1)].add(mass(kc[:, j]))
+        out = out.at[:, jnp.clip(start_frame + j, 0, max_frames - 1)].add(mass(kc[:, :, j]))
     return out
 
 

@@ -22,12 +22,12 @@ def frame_kv(cache_k: jax.Array, k_new: jax.Array, slot_frame: jax.Array, start_
              frame: jax.Array) -> jax.Array:
     """K (or V) of absolute ``frame``, from the cache if it is older than the chunk, else from the chunk's own.
 
-    cache_k: [..., N, T, H, D]; k_new: [..., C, T, H, D]; returns [..., T, H, D].
+    cache_k: [..., N, T, D] (heads-first: [B, H, N, T, D]); k_new: [..., C, T, D]; returns [..., T, D].
     """
     slot = jnp.argmax(slot_frame == frame)
-    own = jnp.clip(frame - start_frame, 0, k_new.shape[-4] - 1)
-    from_cache = jnp.take(cache_k, slot, axis=-4)
-    from_chunk = jnp.take(k_new, own, axis=-4)
+    own = jnp.clip(frame - start_frame, 0, k_new.shape[-3] - 1)
+    from_cache = jnp.take(cache_k, slot, axis=-3)
+    from_chunk = jnp.take(k_new, own, axis=-3)
     return jnp.where(frame < start_frame, from_cache, from_chunk)
 
 

@@ -49,25 +49,26 @@ def zscore_std(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
 def key_diversity(keys: jax.Array, valid: jax.Array, eps: float = 1e-6) -> jax.Array:
     """Minus the mean cosine of each frame's keys to the mean key over frames (per token position).
 
-    keys: [N, T, H, D] frames' keys; valid: bool[N] which frames form the set. Returns D [H, N]
-    (meaningful where valid). The mean key is normalised as m * rsqrt(|m|^2 + eps), each key as
-    rsqrt(|k|^2 + eps), and the cosine is averaged over the frame's tokens.
+    keys: [H, N, T, D] frames' keys (the cache's heads-first layout); valid: bool[N] which frames form the
+    set. Returns D [H, N] (meaningful where valid). The mean key is normalised as m * rsqrt(|m|^2 + eps),
+    each key as rsqrt(|k|^2 + eps), and the cosine is averaged over the frame's tokens.
     """
-    w = valid.astype(keys.dtype)[:, None, None, None]
-    m = (keys * w).sum(0) / jnp.maximum(w.sum(), 1)  # [T, H, D]
+    w = valid.astype(keys.dtype)[None, :, None, None]
+    m = (keys * w).sum(1) / jnp.maximum(w.sum(), 1)  # [H, T, D]
     m_hat = m * jax.lax.rsqrt(jnp.square(m).sum(-1, keepdims=True) + eps)
-    cos = (keys * m_hat[None]).sum(-1) * jax.lax.rsqrt(jnp.square(keys).sum(-1) + eps)  # [N, T, H]
-    return -cos.mean(1).T  # [H, N]
+    cos = (keys * m_hat[:, None]).sum(-1) * jax.lax.rsqrt(jnp.square(keys).sum(-1) + eps)  # [H, N, T]
+    return -cos.mean(-1)  # [H, N]
 
 
 def pooled_attention_z(q: jax.Array, keys: jax.Array, groups: int, alpha: float = 0.5) -> jax.Array:
     """Focused Forcing's attention score: per query frame and head, the mean over pooled group pairs of
     pooled q . pooled k / sqrt(D) for every candidate frame, z-scored over the candidates.
 
-    q: [B, C, T, H, D] queries by frame; keys: [B, N, T, H, D] candidate frames. Returns [B, C, H, N].
+    q: [B, C, T, H, D] queries by frame; keys: [B, H, N, T, D] candidate frames (heads-first, as cached).
+    Returns [B, C, H, N].
     """
     d = q.shape[-1]
     # the mean over group pairs of dot products is the dot product of the group means
     q_bar = pool_tokens(jnp.moveaxis(q.astype(jnp.float32), 3, 2), groups, alpha).mean(-2)  # [B, C, H, D]
-    k_bar = pool_tokens(jnp.moveaxis(keys.astype(jnp.float32), 3, 2), groups, alpha).mean(-2)  # [B, N, H, D]
-    return zscore_rsqrt(jnp.einsum("bchd,bnhd->bchn", q_bar, k_bar) / jnp.sqrt(jnp.float32(d)), axis=-1)
+    k_bar = pool_tokens(keys.astype(jnp.float32), groups, alpha).mean(-2)  # [B, H, N, D]
+    return zscore_rsqrt(jnp.einsum("bchd,bhnd->bchn", q_bar, k_bar) / jnp.sqrt(jnp.float32(d)), axis=-1)

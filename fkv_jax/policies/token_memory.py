@@ -62,36 +62,36 @@ def attention_mass(q: jax.Array, k_chunk: jax.Array, k_cache: jax.Array, slot_ma
     ``slot_mask`` and the valid memory tokens, exactly what the attention call with that selection computes.
 
     Args:
-      q: [B, Q, H, D] rotated queries; k_chunk: [B, Qk, H, D]; k_cache: [B, N, T, H, D]; slot_mask: bool [N];
-      mem_k: [B, M, H, D] with mem_valid bool [B, H, M] (optional); block: queries per block.
+      q: [B, Q, H, D] rotated queries; k_chunk: [B, Qk, H, D]; k_cache: [B, H, N, T, D] (as cached);
+      slot_mask: bool [N]; mem_k: [B, M, H, D] with mem_valid bool [B, H, M] (optional); block: queries per block.
     Returns:
-      mass over the chunk's keys [B, Qk, H], the cache tokens [B, N, T, H] and the memory [B, H, M] (or None),
+      mass over the chunk's keys [B, H, Qk], the cache tokens [B, H, N, T] and the memory [B, H, M] (or None),
       averaged over the queries (each query's masses sum to 1).
     """
     b, nq, h, d = q.shape
-    n, t = k_cache.shape[1], k_cache.shape[2]
+    n, t = k_cache.shape[2], k_cache.shape[3]
     qk = k_chunk.shape[1]
-    parts = [k_chunk, k_cache.reshape(b, n * t, h, d)]
+    parts = [jnp.moveaxis(k_chunk, 2, 1), k_cache.reshape(b, h, n * t, d)]
     masks = [jnp.ones((b, h, qk), bool), jnp.broadcast_to(jnp.repeat(slot_mask, t)[None, None], (b, h, n * t))]
     m = 0
     if mem_k is not None:
         m = mem_k.shape[1]
-        parts.append(mem_k)
+        parts.append(jnp.moveaxis(mem_k, 2, 1))
         masks.append(jnp.ones((b, h, m), bool) if mem_valid is None else mem_valid)
-    keys = jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=1)  # [B, K, H, D]
+    keys = jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=2)  # [B, H, K, D]
     mask = jnp.concatenate(masks, axis=-1)  # [B, H, K]
     qb = _divisor_at_most(nq, block)
     qs = (q.astype(jnp.float32) / math.sqrt(d)).reshape(b, nq // qb, qb, h, d)
 
     def body(acc, qblk):  # qblk: [B, qb, H, D]
-        s = jnp.einsum("bqhd,bkhd->bhqk", qblk, keys)
+        s = jnp.einsum("bqhd,bhkd->bhqk", qblk, keys)
         s = jnp.where(mask[:, :, None], s, -jnp.inf)
         return acc + jax.nn.softmax(s, axis=-1).sum(2), None
 
     acc, _ = jax.lax.scan(body, jnp.zeros(mask.shape, jnp.float32), jnp.moveaxis(qs, 1, 0))
     acc = acc / nq
-    chunk = jnp.moveaxis(acc[..., :qk], 1, 2)  # [B, Qk, H]
-    cache = jnp.moveaxis(acc[..., qk:qk + n * t], 1, 2).reshape(b, n, t, h)
+    chunk = acc[..., :qk]  # [B, H, Qk]
+    cache = acc[..., qk:qk + n * t].reshape(b, h, n, t)
     return chunk, cache, (acc[..., qk + n * t:] if m else None)
 
 
@@ -137,8 +137,8 @@ def take_per_head(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def cache_geometry_of(k_new: jax.Array, sink: int, ring: int) -> CacheGeometry:
-    """The geometry of the cache ``on_write`` is about to write into, from the chunk's K [L, B, C, T, H, Dh]."""
-    L, b, c, t, h, d = k_new.shape
+    """The geometry of the cache ``on_write`` is about to write into, from the chunk's K [L, B, H, C, T, Dh]."""
+    L, b, h, c, t, d = k_new.shape
     return CacheGeometry(num_layers=L, batch=b, sink=sink, ring=ring, tokens_per_frame=t, num_heads=h, head_dim=d,
                          frames_per_block=c)
 
@@ -235,9 +235,9 @@ class TokenMemory(Policy):
         """float [B, H, Nc] (higher = keep; invalid entries are ignored) and per-layer state updates.
 
         ``x`` holds this layer's inputs: ``q`` (clean queries [B, C*T, H, D]), ``state`` (the layer's slice of
-        ``state["layers"]``), ``k_new`` [B, C, T, H, D] and, when ``uses_mass``, ``mass_cand`` [B, H, Nc]
-        (mean attention mass the clean pass gave each candidate), ``mass_cache`` [B, N, T, H] and
-        ``mass_chunk`` [B, C, T, H]; plus whatever :meth:`extra_layer_inputs` adds.
+        ``state["layers"]``), ``k_new`` [B, H, C, T, D] and, when ``uses_mass``, ``mass_cand`` [B, H, Nc]
+        (mean attention mass the clean pass gave each candidate), ``mass_cache`` [B, H, N, T] and
+        ``mass_chunk`` [B, H, C, T] (heads-first, as the cache); plus whatever :meth:`extra_layer_inputs` adds.
         """
         return cand.src.astype(jnp.float32), {}
 
@@ -255,7 +255,7 @@ class TokenMemory(Policy):
 
     # ---- the clean pass: refresh the memory ---------------------------------------------------------
     def on_write(self, state, cache, k_new, v_new, start_frame, clean_aux=None):
-        L, b, c, t, h, d = k_new.shape
+        L, b, h, c, t, d = k_new.shape
         geom = cache_geometry_of(k_new, self.sink_size, self.recent_frames)
         sf = cache["slot_frame"]
         vis = visible_slots(geom, cache, start_frame)  # what every head of the clean pass read
@@ -274,10 +274,10 @@ class TokenMemory(Policy):
 
         ev_src = (ev[:, None] * t + jnp.arange(t, dtype=jnp.int32)[None]).reshape(-1)  # [C*T]
 
-        def evicted(cache_x, new_x):  # [B, N, T, H, ...], [B, C, T, H, ...] -> [B, C*T, H, ...]
-            fr = jax.vmap(lambda f: frame_kv(cache_x, new_x, sf, start_frame, f))(ev)  # [C, B, T, H, ...]
-            fr = jnp.moveaxis(fr, 0, 1)
-            return fr.reshape(b, c * t, *fr.shape[3:])
+        def evicted(cache_x, new_x):  # [B, H, N, T, R], [B, H, C, T, R] -> [B, C*T, H, R] (token-major)
+            fr = jax.vmap(lambda f: frame_kv(cache_x, new_x, sf, start_frame, f))(ev)  # [C, B, H, T, R]
+            fr = jnp.transpose(fr, (1, 0, 3, 2, 4))  # [B, C, T, H, R]: C frames, not the cache
+            return fr.reshape(b, c * t, h, fr.shape[-1])
 
         def layer(x):
             ls = x["state"]
@@ -289,10 +289,10 @@ class TokenMemory(Policy):
                 pos=jnp.concatenate([ls["mem_pos"], jnp.broadcast_to(ev_src // t, (b, h, c * t))], -1),
                 num_mem=mc)
             if self.uses_mass:
+                k_chunk = jnp.moveaxis(x["k_new"], 1, 3).reshape(b, c * t, h, d)  # token-major, chunk-sized
                 m_chunk, m_cache, m_mem = attention_mass(
-                    x["q"], x["k_new"].reshape(b, c * t, h, d), x["ck"], vis, ls["mem_k"], ls["mem_valid"],
-                    self.query_block)
-                m_chunk = m_chunk.reshape(b, c, t, h)
+                    x["q"], k_chunk, x["ck"], vis, ls["mem_k"], ls["mem_valid"], self.query_block)
+                m_chunk = m_chunk.reshape(b, h, c, t)
                 m_ev = evicted(m_cache[..., None], m_chunk[..., None])[..., 0]  # [B, C*T, H]
                 x = dict(x, mass_cache=m_cache, mass_chunk=m_chunk, written=written,
                          mass_cand=jnp.concatenate([m_mem, jnp.moveaxis(m_ev, 1, 2)], -1),

@@ -84,11 +84,11 @@ def recache(graphdef: nnx.GraphDef, geom: CacheGeometry, rope, params, cache: di
         new = write(geom, cache, k_new, v_new, recache_start)
         return jax.tree.map(lambda a, o: jnp.where(rewrite, a, o), new, cache)
     # the sink: the first S re-cached frames, or untouched; then the window from frame rs + S on
-    sink_k = jnp.where(rewrite, k_new[:, :, :s].astype(cache["k"].dtype), cache["k"][:, :, :s])
-    sink_v = jnp.where(rewrite, v_new[:, :, :s].astype(cache["v"].dtype), cache["v"][:, :, :s])
-    cache = {**cache, "k": cache["k"].at[:, :, :s].set(sink_k), "v": cache["v"].at[:, :, :s].set(sink_v),
+    sink_k = jnp.where(rewrite, k_new[:, :, :, :s].astype(cache["k"].dtype), cache["k"][:, :, :, :s])
+    sink_v = jnp.where(rewrite, v_new[:, :, :, :s].astype(cache["v"].dtype), cache["v"][:, :, :, :s])
+    cache = {**cache, "k": cache["k"].at[:, :, :, :s].set(sink_k), "v": cache["v"].at[:, :, :, :s].set(sink_v),
              "slot_frame": cache["slot_frame"].at[:s].set(jnp.where(rewrite, frame_pos[:s], sf[:s]))}
-    return write(geom, cache, k_new[:, :, s:], v_new[:, :, s:], recache_start + s)
+    return write(geom, cache, k_new[:, :, :, s:], v_new[:, :, :, s:], recache_start + s)
 
 
 class PromptSwitcher:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from fkv_jax.attention import attend
 from fkv_jax.cache.kv_cache import CacheGeometry, init_cache, visible_slots, write
 from fkv_jax.config import ModelConfig, SamplerConfig
+from fkv_jax.model.build import model_dtype
 from fkv_jax.model.embeddings import timestep_sinusoid_np
 from fkv_jax.model.rope import make_rope_tables, rotate_temporal
 from fkv_jax.policies.base import Call, Policy
@@ -64,7 +65,7 @@ class Sampler:
         latent_hw: tuple[int, int],
         num_frames: int | None = None,
         cache_frames: int | None = None,
-        cache_dtype=jnp.float32,
+        cache_dtype=None,
         max_traces: int | None = None,
         policy: Policy | None = None,
         attention_backend: str = "xla",
@@ -73,6 +74,8 @@ class Sampler:
         """
         Args:
           num_frames: video length in latent frames; sets the capacity of a global cache by default.
+          cache_dtype: dtype of the KV cache and of the policies' K/V memories (default: the model's compute
+            dtype, i.e. the dtype its graphdef was built with: a bfloat16 model gets a bfloat16 cache).
           cache_frames: capacity of a global cache (local_attn_size = -1), default ``num_frames``.
           policy: the KV selection policy (default: plain cache, i.e. every frame the window allows).
           attention_backend: a key of ``fkv_jax.attention.BACKENDS``.
@@ -85,6 +88,8 @@ class Sampler:
             ``trace_count`` always tells how often the step was traced.
         """
         self.model_cfg, self.sampler_cfg = model_cfg, sampler_cfg
+        self.dtype = model_dtype(graphdef)  # compute dtype of the model (activations, q/k/v, text context)
+        cache_dtype = jnp.dtype(self.dtype if cache_dtype is None else cache_dtype)
         self.batch, self.latent_hw = batch, tuple(latent_hw)
         c = sampler_cfg.frames_per_block
         sized = cache_frames is not None or num_frames is not None
@@ -108,7 +113,7 @@ class Sampler:
         if rope_mode == "window_relative" and policy is not None and not self.policy.supports_relative_rope:
             raise ValueError(f"policy {self.policy.name} assumes absolute RoPE; use rope_mode='absolute'")
         self.rope_mode = rope_mode
-        self.cache_dtype = cache_dtype
+        self.cache_dtype = cache_dtype.name
         self.schedule: Schedule = make_schedule(sampler_cfg)
         self.rope = make_rope_tables(model_cfg.head_dim, (gh, gw), model_cfg.rope_max_frames)
         t_sin = timestep_sinusoid_np(self.schedule.timesteps, model_cfg.freq_dim)  # [n + 1, freq_dim]
@@ -139,8 +144,8 @@ class Sampler:
         return jax.device_put(self.policy.init_state(self.geom), jax.devices()[0])
 
     def context_kv(self, params, context: jax.Array):
-        """Text K/V of every layer [L, B, Lt, H, Dh], computed once per prompt batch."""
-        context = jnp.asarray(context, jnp.float32)
+        """Text K/V of every layer [L, B, Lt, H, Dh] in the compute dtype, computed once per prompt batch."""
+        context = jnp.asarray(context, self.dtype)
         if context.ndim != 3 or context.shape[0] != self.batch or context.shape[2] != self.model_cfg.text_dim:
             raise ValueError(
                 f"text context must have shape [B={self.batch}, L<={self.model_cfg.text_len}, "
@@ -267,7 +272,7 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
             frame_pos = jnp.minimum(start_frame, geom.num_slots) + jnp.arange(c, dtype=jnp.int32)
             order = jnp.where(visible, cache["slot_frame"], jnp.iinfo(jnp.int32).max)
             slot_pos = jnp.argsort(jnp.argsort(order)).astype(jnp.int32)  # rank of each slot by frame
-            read_k = rotate_temporal(cache["k"], rope, slot_pos[None, None, :])
+            read_k = rotate_temporal(cache["k"], rope, slot_pos[None, None, None, :])
         else:
             frame_pos = start_frame + jnp.arange(c, dtype=jnp.int32)
             read_k = cache["k"]
@@ -298,7 +303,7 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
             flow_c, k_new, v_new, clean_aux = call_model(x0, jnp.int32(n), clean=True)
             new_state, write_aux = policy.on_write(state, cache, k_new, v_new, start_frame, clean_aux)
             if relative:  # the cache holds un-rotated keys
-                k_new = rotate_temporal(k_new, rope, -frame_pos[None, None, :])
+                k_new = rotate_temporal(k_new, rope, -frame_pos[None, None, None, :])
             return flow_c, clean_aux, write(geom, cache, k_new, v_new, start_frame), new_state, write_aux
 
         return call_model, clean_and_store
