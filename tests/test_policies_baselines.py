@@ -15,8 +15,8 @@ from fkv_jax.attention.selection import to_slot_mask
 from fkv_jax.cache.kv_cache import CacheGeometry, init_cache, visible_slots, write
 from fkv_jax.model.rope import apply_rope, chunk_cos_sin, make_rope_tables
 from fkv_jax.policies import POLICIES, DeepForcing, DummyForcing, Full, H2O, RKV, SnapKV, make_policy
-from fkv_jax.policies.base import Call
-from fkv_jax.policies.deep_forcing import shift_temporal
+from fkv_jax.policies.base import Call, WriteCall
+from fkv_jax.model.rope import shift_temporal
 from fkv_jax.policies.dummy_forcing import DUMMY, LOCAL, SINK, classify_heads
 from fkv_jax.policies.token_memory import attention_mass, mean_cosine_to_others, pool1d, resident_bytes
 
@@ -73,7 +73,7 @@ def write_chunk(policy, geom, cache, state, keys, start, q):
     """on_write of the chunk at ``start`` whose K = V = keys[start..start+C-1] and clean queries ``q``."""
     c = geom.frames_per_block
     kv = stack_chunk([keys[f] for f in range(start, start + c)])
-    return jitted(policy, "on_write")(state, cache, kv, kv, jnp.int32(start), {"select": None, "q": q})
+    return jitted(policy, "on_write")(WriteCall(state, cache, kv, kv, jnp.int32(start), clean_select=None, clean_q=q))
 
 
 # ---- H2O / SnapKV / R-KV ------------------------------------------------------------------------------
@@ -357,13 +357,13 @@ def test_dummy_masses_selection_and_switch():
     assert [sorted(held[read[h]]) for h in range(2)] == [[0, 1, 2], [0, 1, 2]]
     # on_write classifies at chunk ar_start only (one layer: with num_dummy = 1 the cheaper head is dummy)
     kv = stack_chunk(keys[3:6])
-    clean = {"select": {"mass": aux["mass"][None]}, "q": None}
-    st1, waux = jitted(pol, "on_write")(state, cache, kv, kv, jnp.int32(3), clean)
+    clean = {"mass": aux["mass"][None]}
+    st1, waux = jitted(pol, "on_write")(WriteCall(state, cache, kv, kv, jnp.int32(3), clean_select=clean))
     p0, p1 = m[:, 0] / m[:, 0].sum(), m[:, 1] / m[:, 1].sum()
     cost = np.maximum(p0, p1)
     want = [DUMMY if h == cost.argmin() else (LOCAL if p0[h] < p1[h] else SINK) for h in range(2)]
     np.testing.assert_array_equal(st1["layers"]["group"][0], want)
-    st_other, _ = jitted(pol, "on_write")(state, cache, kv, kv, jnp.int32(6), clean)  # another chunk: unchanged
+    st_other, _ = jitted(pol, "on_write")(WriteCall(state, cache, kv, kv, jnp.int32(6), clean_select=clean))  # another chunk: unchanged
     np.testing.assert_array_equal(st_other["layers"]["group"], state["layers"]["group"])
     # after the switch: sink head -> frame 0, dummy head -> last frame, local head -> last C * L frames
     cache = filled_cache(geom, 9, keys)

@@ -47,9 +47,9 @@ class KeyCounter(Policy):
     def on_chunk_start(self, state, cache, start_frame):
         return self.inner.on_chunk_start(state, cache, start_frame)
 
-    def on_write(self, state, cache, k_new, v_new, start_frame, clean_aux=None):
-        inner_aux = None if clean_aux is None else {**clean_aux, "select": clean_aux["select"][0]}
-        return self.inner.on_write(state, cache, k_new, v_new, start_frame, inner_aux)
+    def on_write(self, call):
+        inner = None if call.clean_select is None else call.clean_select[0]
+        return self.inner.on_write(dataclasses.replace(call, clean_select=inner))
 
     def post_attention(self, call, out):
         return self.inner.post_attention(call, out)

@@ -79,13 +79,31 @@ def chunk_cos_sin(tables: RopeTables, frame_pos: jax.Array) -> tuple[jax.Array, 
     return expand(t_cos, tables.h_cos, tables.w_cos), expand(t_sin, tables.h_sin, tables.w_sin)
 
 
+def temporal_freqs(head_dim: int) -> np.ndarray:
+    """float64 [ct]: the angle per frame of each temporal pair (a key roped at frame p turns by p * freq)."""
+    ct = rope_split(head_dim)[0]
+    return _angles(2, ct, 2 * ct)[1]
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate the interleaved complex pairs ``(x[2j], x[2j+1])`` of ``x [..., 2P]`` by angles with
+    ``cos, sin`` broadcastable to ``[..., P]``; computed in float32, returned in x's dtype. The one place the
+    rotation is written: RoPE, temporal re-rotation and shifting keys in time all use it."""
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    re, im = xf[..., 0], xf[..., 1]
+    out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def _rotate_temporal_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate only the first ``ct`` (temporal) pairs of x [..., D]; cos, sin broadcastable to [..., ct]."""
+    ct = rope_split(x.shape[-1])[0]
+    return jnp.concatenate([rotate(x[..., : 2 * ct], cos, sin), x[..., 2 * ct:]], axis=-1)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate interleaved pairs. x: [B, S, H, D]; cos, sin: [S, D/2]."""
-    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-    re, im = xf[..., 0], xf[..., 1]  # [B, S, H, D/2]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = jnp.stack([re * c - im * s, re * s + im * c], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
+    return rotate(x, cos[None, :, None, :], sin[None, :, None, :])
 
 
 def rotate_temporal(x: jax.Array, tables: RopeTables, pos: jax.Array) -> jax.Array:
@@ -94,13 +112,17 @@ def rotate_temporal(x: jax.Array, tables: RopeTables, pos: jax.Array) -> jax.Arr
     x: [..., F, T, D] (heads-first, e.g. a cache [L, B, H, N, T, D]) with ``pos`` broadcastable to
     x.shape[:-2] (one position per frame).
     """
-    d = x.shape[-1]
-    ct = rope_split(d)[0]
     p = jnp.abs(pos)
     c = jnp.take(jnp.asarray(tables.t_cos), p, axis=0)  # [..., ct]
     s = jnp.take(jnp.asarray(tables.t_sin), p, axis=0) * jnp.sign(pos)[..., None].astype(jnp.float32)
-    c, s = c[..., None, :], s[..., None, :]  # broadcast over T
-    xt = x[..., : 2 * ct].astype(jnp.float32).reshape(*x.shape[:-1], ct, 2)
-    re, im = xt[..., 0], xt[..., 1]
-    rot = jnp.stack([re * c - im * s, re * s + im * c], -1).reshape(*x.shape[:-1], 2 * ct)
-    return jnp.concatenate([rot.astype(x.dtype), x[..., 2 * ct:]], axis=-1)
+    return _rotate_temporal_pairs(x, c[..., None, :], s[..., None, :])  # broadcast over T
+
+
+def shift_temporal(k: jax.Array, delta: jax.Array) -> jax.Array:
+    """Advance the temporal RoPE of keys by ``delta`` frames. k: [..., Dh]; delta broadcastable to k[..., 0].
+
+    Wan's RoPE gives the first ``ct`` complex pairs to time, so rotating them by ``delta * freq_j`` turns a key
+    roped at frame ``p`` into the same key roped at ``p + delta``.
+    """
+    ang = jnp.asarray(delta, jnp.float32)[..., None] * jnp.asarray(temporal_freqs(k.shape[-1]), jnp.float32)
+    return _rotate_temporal_pairs(k, jnp.cos(ang), jnp.sin(ang))

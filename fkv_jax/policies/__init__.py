@@ -19,9 +19,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fkv_jax.policies.base import Call, Policy, dense_selection
+from fkv_jax.policies.base import Call, Policy, WriteCall, dense_selection
 from fkv_jax.policies.dense import Full, SinkWindow, Window
-from fkv_jax.policies.focused_forcing import FocusedForcing, FocusedForcingLongLive, importance_budgets
+from fkv_jax.policies.budgets import importance_budgets
+from fkv_jax.policies.focused_forcing import FocusedForcing, FocusedForcingLongLive
 from fkv_jax.policies.forcing_kv import ForcingKV
 from fkv_jax.policies.heads import HeadTable, load_head_table, load_importance
 from fkv_jax.policies.deep_forcing import DeepForcing
@@ -135,5 +136,5 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
 
 
 __all__ = ["Call", "DeepForcing", "DummyForcing", "H2O", "RKV", "SnapKV", "FocusedForcing", "FocusedForcingLongLive", "ForcingKV", "Full", "HeadTable", "POLICIES", "Policy", "SinkWindow",
-           "Window", "dense_selection", "importance_budgets", "load_head_table", "load_importance",
+           "Window", "WriteCall", "dense_selection", "importance_budgets", "load_head_table", "load_importance",
            "make_policy", "parse_options", "preset", "register"]

@@ -8,16 +8,15 @@ A policy is a frozen dataclass of static hyper-parameters with four pure functio
     on_chunk_start(state, cache, start)   -> state, cache        once per chunk, before its first call
     select(call)                          -> Selection, aux      every attention call, every layer
     post_attention(call, out)             -> out                 (optional) e.g. head gating for ablations
-    on_write(state, cache, k_new, v_new, start, clean_aux) -> state, aux
-                                                                 after the clean pass, before the cache write
+    on_write(call: WriteCall)             -> state, aux          after the clean pass, before the cache write
 
 All of them run inside the sampler's one jitted chunk step. ``state["layers"]`` is scanned with the
 model's layers, so ``select`` sees the slice of its own layer; every other key of ``state`` is shared.
 ``aux`` pytrees (scores, picked indices) are returned to the host for inspection and tests; return
-``None`` when there is nothing to report. ``on_write`` also receives ``clean_aux = {"select": the clean
-pass's select aux stacked over layers, "q": its rotated queries [L, B, C*T, H, Dh] if the policy sets
-``needs_clean_queries = True``, else None}``, so a policy can fold what the clean pass saw (attention
-mass, observation-window queries) into its state.
+``None`` when there is nothing to report. ``select`` gets a :class:`Call` bundle, ``on_write`` a
+:class:`WriteCall`: the state, the pre-write cache, the chunk's clean K/V, and what the clean pass saw (its
+select aux stacked over layers and, if the policy sets ``needs_clean_queries = True``, its rotated
+queries), so a policy can fold attention mass or observation-window queries into its state.
 """
 
 from __future__ import annotations
@@ -58,6 +57,24 @@ class Call:
         return self.step == self.num_steps
 
 
+@dataclasses.dataclass(frozen=True)
+class WriteCall:
+    """Everything a policy may look at when a chunk's clean K/V is about to be written (once per chunk)."""
+
+    state: State  # the policy state
+    cache: dict  # the cache before the write ([L, B, H, N, T, Dh] K/V)
+    k_new: jax.Array  # [L, B, H, C, T, Dh] the chunk's clean keys (rotated), heads-first as cached
+    v_new: jax.Array  # [L, B, H, C, T, Dh]
+    start_frame: jax.Array  # int32[] the chunk's first frame
+    clean_select: Any = None  # the clean pass's select() aux, stacked over layers
+    clean_q: jax.Array | None = None  # [L, B, C*T, H, Dh] its rotated queries (needs_clean_queries only)
+
+
+jax.tree_util.register_dataclass(
+    WriteCall, data_fields=["state", "cache", "k_new", "v_new", "start_frame", "clean_select", "clean_q"],
+    meta_fields=[])
+
+
 class Policy:
     """Base class with the behaviour of a plain cache: read every visible slot, keep no state."""
 
@@ -80,8 +97,8 @@ class Policy:
     def select(self, call: Call) -> tuple[Selection, Any]:
         return dense_selection(call, call.visible), None
 
-    def on_write(self, state, cache, k_new, v_new, start_frame, clean_aux=None) -> tuple[State, Any]:
-        return state, None
+    def on_write(self, call: WriteCall) -> tuple[State, Any]:
+        return call.state, None
 
     def post_attention(self, call: Call, out: jax.Array) -> jax.Array:
         """Last look at the attention output [B, C*T, H, Dh] of a call (e.g. gate heads off); identity here."""

@@ -1,8 +1,7 @@
 """Budget allocators: how many frames or tokens each layer and head may keep.
 
 * :func:`fixed_budgets`: the same budget everywhere.
-* :func:`importance_budgets`: Focused Forcing's ``round(min + x^gamma (max - min))`` from per-head importance
-  (defined in :mod:`fkv_jax.policies.focused_forcing`, re-exported here).
+* :func:`importance_budgets`: Focused Forcing's ``round(min + x^gamma (max - min))`` from per-head importance.
 * :func:`pyramid_budgets`: PyramidKV's per-layer schedule, decreasing linearly from the first layer to the
   last with the same total as a uniform budget (host side, static).
 * :func:`uniform_head_budgets` / :func:`adakv_head_budgets`: per-head token budgets of one layer from the
@@ -21,9 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fkv_jax.policies.focused_forcing import importance_budgets
-
 ALLOCATORS = ("uniform", "adakv")
+
+
+def importance_budgets(importance: np.ndarray, min_budget: int, max_budget: int, gamma: float = 2.0) -> np.ndarray:
+    """int32 [L, H] budgets b = round(min + x^gamma (max - min)), x min-max normalised over all heads.
+
+    Rounding is Python's (half to even). With ``min_budget == max_budget`` the importance is not needed.
+    """
+    if min_budget == max_budget:
+        return np.full(np.shape(importance), min_budget, np.int32)
+    s = np.asarray(importance, np.float64)
+    lo, hi = s.min(), s.max()
+    x = (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
+    return np.asarray([round(min_budget + v ** gamma * (max_budget - min_budget)) for v in x.reshape(-1)],
+                      np.int32).reshape(s.shape)
 
 
 def fixed_budgets(num_layers: int, num_heads: int, budget: int) -> np.ndarray:

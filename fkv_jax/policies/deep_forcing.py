@@ -39,25 +39,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fkv_jax.model.rope import _angles, rope_split
+from fkv_jax.model.rope import shift_temporal
 from fkv_jax.policies.token_memory import Candidates, TokenMemory
-
-
-def shift_temporal(k: jax.Array, delta: jax.Array) -> jax.Array:
-    """Advance the temporal RoPE of keys by ``delta`` frames. k: [..., Dh]; delta broadcastable to k[..., 0].
-
-    Wan's RoPE gives the first ``ct`` complex pairs (interleaved channels ``2j, 2j+1``) to time, so rotating
-    them by ``delta * freq_j`` turns a key roped at frame ``p`` into the same key roped at ``p + delta``.
-    """
-    d = k.shape[-1]
-    ct = rope_split(d)[0]
-    freqs = jnp.asarray(_angles(2, ct, 2 * ct)[1], jnp.float32)  # [ct]
-    ang = jnp.asarray(delta, jnp.float32)[..., None] * freqs
-    cos, sin = jnp.cos(ang), jnp.sin(ang)
-    kt = k[..., : 2 * ct].astype(jnp.float32).reshape(*k.shape[:-1], ct, 2)
-    re, im = kt[..., 0], kt[..., 1]
-    rot = jnp.stack([re * cos - im * sin, re * sin + im * cos], -1).reshape(*k.shape[:-1], 2 * ct)
-    return jnp.concatenate([rot.astype(k.dtype), k[..., 2 * ct:]], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,25 +80,26 @@ class DeepForcing(TokenMemory):
     def extra_shared_state(self, geom):
         return {"q_frame": jnp.full((self.recent_frames,), -1, jnp.int32), "sink_pos": jnp.zeros((), jnp.int32)}
 
-    def _recent_queries(self, state, k_new, start_frame, clean_aux):
+    def _recent_queries(self, call):
         """(q_sum ring [L, B, R, H, D], q_frame [R]) after this chunk's frames joined the recent window."""
+        state, k_new, start_frame = call.state, call.k_new, call.start_frame
         L, b, h, c, t, d = k_new.shape
         r = self.recent_frames
-        per_frame = clean_aux["q"].astype(jnp.float32).reshape(L, b, c, t, h, d).sum(3)  # [L, B, C, H, D]
+        per_frame = call.clean_q.astype(jnp.float32).reshape(L, b, c, t, h, d).sum(3)  # [L, B, C, H, D]
         frames = start_frame + jnp.arange(c, dtype=jnp.int32)
         slot = jnp.where(frames >= start_frame + c - r, jnp.mod(frames, r), r)  # only the last R frames
         q_sum = state["layers"]["q_sum"].at[:, :, slot].set(per_frame, mode="drop")
         q_frame = state["q_frame"].at[slot].set(frames, mode="drop")
         return q_sum, q_frame
 
-    def extra_layer_inputs(self, state, cache, k_new, start_frame, clean_aux):
-        c = k_new.shape[3]
-        q_sum, q_frame = self._recent_queries(state, k_new, start_frame, clean_aux)
-        recent = (q_frame >= 0) & (q_frame >= start_frame + c - self.recent_frames)
+    def extra_layer_inputs(self, call):
+        c = call.k_new.shape[3]
+        q_sum, q_frame = self._recent_queries(call)
+        recent = (q_frame >= 0) & (q_frame >= call.start_frame + c - self.recent_frames)
         return {"q_sum_new": q_sum, "q_bar": (q_sum * recent[:, None, None]).sum(2)}  # [L, B, H, D]
 
-    def shared_update(self, state, cache, k_new, start_frame, clean_aux):
-        return {"q_frame": self._recent_queries(state, k_new, start_frame, clean_aux)[1]}
+    def shared_update(self, call):
+        return {"q_frame": self._recent_queries(call)[1]}
 
     # ---- scorer: summed raw logits of the recent queries -------------------------------------------------
     def score_candidates(self, cand: Candidates, x):

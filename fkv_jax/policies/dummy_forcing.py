@@ -138,9 +138,10 @@ class DummyForcing(Policy):
             lambda: jnp.zeros((b, geom.num_heads, 3), jnp.float32))
         return Selection(frames=frames), {"mass": mass}
 
-    def on_write(self, state, cache, k_new, v_new, start_frame, clean_aux=None):
-        L, _, h, c, _, _ = k_new.shape
-        mass = clean_aux["select"]["mass"][:, 0]  # [L, H, 3], batch element 0
+    def on_write(self, call):
+        state, start_frame = call.state, call.start_frame
+        L, _, h, c, _, _ = call.k_new.shape
+        mass = call.clean_select["mass"][:, 0]  # [L, H, 3], batch element 0
         group, cost = classify_heads(mass, self.dummies(L, h))
         now = start_frame // c == self.ar_start
         new_group = jnp.where(now, group, state["layers"]["group"])

@@ -32,23 +32,10 @@ from fkv_jax.attention.selection import Selection, pack_mask
 from fkv_jax.policies.base import Call, Policy, dense_selection
 from fkv_jax.policies.retain import window_geometry
 from fkv_jax.policies.scores import key_diversity, pooled_attention_z, zscore_std
-from fkv_jax.model.rope import _angles, rope_split
+from fkv_jax.model.rope import shift_temporal
+from fkv_jax.policies.budgets import importance_budgets
 
 FRONT = 3  # the front frame is the best of the first 3 history frames
-
-
-def importance_budgets(importance: np.ndarray, min_budget: int, max_budget: int, gamma: float = 2.0) -> np.ndarray:
-    """int32 [L, H] budgets b = round(min + x^gamma (max - min)), x min-max normalised over all heads.
-
-    Rounding is Python's (half to even). With ``min_budget == max_budget`` the importance is not needed.
-    """
-    if min_budget == max_budget:
-        return np.full(np.shape(importance), min_budget, np.int32)
-    s = np.asarray(importance, np.float64)
-    lo, hi = s.min(), s.max()
-    x = (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
-    return np.asarray([round(min_budget + v ** gamma * (max_budget - min_budget)) for v in x.reshape(-1)],
-                      np.int32).reshape(s.shape)
 
 
 def history_order(slot_frame: jax.Array, start_frame: jax.Array, hist: int) -> jax.Array:
@@ -128,14 +115,7 @@ class FocusedForcing(Policy):
         c = self.local_attn_size - hist
         if self.sink_rerotation and self.sink_size:
             delta = jnp.maximum(start_frame - self.local_attn_size - state["sink_pos"], 0)
-            ct = rope_split(d)[0]
-            ang = jnp.asarray(_angles(2, ct, 2 * ct)[1], jnp.float32) * delta.astype(jnp.float32)  # [ct] = delta * freq
-            cos, sin = jnp.cos(ang), jnp.sin(ang)
-            ks = cache["k"][:, :, :, : self.sink_size]  # [L, B, H, S, T, D]
-            tp = ks[..., : 2 * ct].reshape(*ks.shape[:-1], ct, 2)
-            re, im = tp[..., 0], tp[..., 1]
-            rot = jnp.stack([re * cos - im * sin, re * sin + im * cos], -1).reshape(*ks.shape[:-1], 2 * ct)
-            ks = jnp.concatenate([rot.astype(ks.dtype), ks[..., 2 * ct:]], axis=-1)
+            ks = shift_temporal(cache["k"][:, :, :, : self.sink_size], delta)  # [L, B, H, S, T, D]
             cache = dict(cache, k=cache["k"].at[:, :, :, : self.sink_size].set(ks))
             state = dict(state, sink_pos=state["sink_pos"] + delta)
         order = history_order(cache["slot_frame"], start_frame, hist)

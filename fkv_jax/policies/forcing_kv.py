@@ -112,8 +112,9 @@ class ForcingKV(Policy):
         return sel, None
 
     # ---- the clean pass: refresh the segment buffer -----------------------------------------------
-    def on_write(self, state, cache, k_new, v_new, start_frame, clean_aux=None):
-        """k_new, v_new: [L, B, H, C, T, Dh] of the clean pass; ``cache`` is still the pre-write cache."""
+    def on_write(self, call):
+        """call.k_new, v_new: [L, B, H, C, T, Dh] of the clean pass; ``call.cache`` is the pre-write cache."""
+        state, cache, k_new, v_new, start_frame = call.state, call.cache, call.k_new, call.v_new, call.start_frame
         if not self.dynamic_temporal_enabled:
             return state, None
         L, b, h, c, t, d = k_new.shape

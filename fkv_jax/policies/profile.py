@@ -168,8 +168,8 @@ class HeadGate(Policy):
     def select(self, call):
         return self.inner.select(call)
 
-    def on_write(self, state, cache, k_new, v_new, start_frame, clean_aux=None):
-        return self.inner.on_write(state, cache, k_new, v_new, start_frame, clean_aux)
+    def on_write(self, call):
+        return self.inner.on_write(call)
 
     def post_attention(self, call, out):
         gate = call.state["head_gate"][call.layer]  # [H]

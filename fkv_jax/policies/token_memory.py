@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fkv_jax.cache.kv_cache import CacheGeometry, slot_of_frames, visible_slots
-from fkv_jax.policies.base import Call, Policy, dense_selection
+from fkv_jax.policies.base import Call, Policy, WriteCall, dense_selection
 from fkv_jax.policies.budgets import (ALLOCATORS, adakv_head_budgets, head_capacity, pyramid_budgets,
                                       uniform_head_budgets)
 from fkv_jax.policies.retain import frame_kv, window_geometry
@@ -241,7 +241,7 @@ class TokenMemory(Policy):
         """
         return cand.src.astype(jnp.float32), {}
 
-    def extra_layer_inputs(self, state, cache, k_new, start_frame, clean_aux) -> dict:
+    def extra_layer_inputs(self, call: WriteCall) -> dict:
         """Per-layer arrays (leading [L]) handed to :meth:`score_candidates` as ``x[...]``."""
         return {}
 
@@ -249,12 +249,13 @@ class TokenMemory(Policy):
         """Post-process the kept memory of one layer (e.g. re-rotate keys); default: keys stay as they are."""
         return mem
 
-    def shared_update(self, state, cache, k_new, start_frame, clean_aux) -> dict:
+    def shared_update(self, call: WriteCall) -> dict:
         """Updates of the shared (non-layer) state entries."""
         return {}
 
     # ---- the clean pass: refresh the memory ---------------------------------------------------------
-    def on_write(self, state, cache, k_new, v_new, start_frame, clean_aux=None):
+    def on_write(self, call: WriteCall):
+        state, cache, k_new, v_new, start_frame = call.state, call.cache, call.k_new, call.v_new, call.start_frame
         L, b, h, c, t, d = k_new.shape
         geom = cache_geometry_of(k_new, self.sink_size, self.recent_frames)
         sf = cache["slot_frame"]
@@ -262,13 +263,13 @@ class TokenMemory(Policy):
         ev = start_frame - self.recent_frames + jnp.arange(c, dtype=jnp.int32)  # frames leaving the ring
         ev_ok = ev >= self.sink_size
         written = slot_of_frames(geom, start_frame + jnp.arange(c, dtype=jnp.int32))
-        q_all = None if clean_aux is None else clean_aux.get("q")
+        q_all = call.clean_q
         if self.needs_clean_queries and q_all is None:
-            raise ValueError(f"{self.name}.on_write needs the clean pass's queries (clean_aux['q'])")
+            raise ValueError(f"{self.name}.on_write needs the clean pass's queries (WriteCall.clean_q)")
         budgets = jnp.asarray(self.layer_budgets(L, t))
         mc = state["layers"]["mem_k"].shape[2]
         xs = {"ck": cache["k"], "cv": cache["v"], "k_new": k_new, "v_new": v_new, "state": state["layers"],
-              "budget": budgets, **self.extra_layer_inputs(state, cache, k_new, start_frame, clean_aux)}
+              "budget": budgets, **self.extra_layer_inputs(call)}
         if q_all is not None:
             xs["q"] = q_all
 
@@ -326,7 +327,7 @@ class TokenMemory(Policy):
             return new_ls, {"kept_per_head": keep.sum(-1).astype(jnp.int32)}
 
         new_layers, aux = jax.lax.map(layer, xs)
-        new_state = {**state, "layers": new_layers, **self.shared_update(state, cache, k_new, start_frame, clean_aux)}
+        new_state = {**state, "layers": new_layers, **self.shared_update(call)}
         return new_state, aux
 
     # ---- bookkeeping ------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from fkv_jax.config import ModelConfig, SamplerConfig
 from fkv_jax.model.build import model_dtype
 from fkv_jax.model.embeddings import timestep_sinusoid_np
 from fkv_jax.model.rope import make_rope_tables, rotate_temporal
-from fkv_jax.policies.base import Call, Policy
+from fkv_jax.policies.base import Call, Policy, WriteCall
 from fkv_jax.sampling.scheduler import Schedule, make_schedule
 
 
@@ -301,7 +301,9 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
         def clean_and_store(x0):
             """The clean pass (t = 0) on x0; its K/V is what the cache keeps."""
             flow_c, k_new, v_new, clean_aux = call_model(x0, jnp.int32(n), clean=True)
-            new_state, write_aux = policy.on_write(state, cache, k_new, v_new, start_frame, clean_aux)
+            new_state, write_aux = policy.on_write(WriteCall(
+                state=state, cache=cache, k_new=k_new, v_new=v_new, start_frame=start_frame,
+                clean_select=clean_aux["select"], clean_q=clean_aux["q"]))
             if relative:  # the cache holds un-rotated keys
                 k_new = rotate_temporal(k_new, rope, -frame_pos[None, None, None, :])
             return flow_c, clean_aux, write(geom, cache, k_new, v_new, start_frame), new_state, write_aux
