@@ -53,12 +53,12 @@ def reference_recache(tiny, s, cache_before, latents, ctx, cur, global_sink):
     rs, sink, t = cur - n, s.geom.sink, s.geom.tokens_per_frame
     rewrite = (not global_sink) or rs == 0
 
-    def attn_fn(carry, layer, lx, q, k, v):
+    def attn_fn(layer, lx, q, k, v):
         ck, cv = lx
         if not rewrite:  # old sink + re-cached frames from rs + S on
             k = jnp.concatenate([jnp.moveaxis(ck[:, :, :sink], 1, 3).reshape(1, -1, ck.shape[1], ck.shape[4]), k[:, sink * t:]], axis=1)
             v = jnp.concatenate([jnp.moveaxis(cv[:, :, :sink], 1, 3).reshape(1, -1, cv.shape[1], cv.shape[4]), v[:, sink * t:]], axis=1)
-        return dense_attention(q, k, v), carry, None
+        return dense_attention(q, k, v), None
 
     t0 = jnp.broadcast_to(jnp.asarray(timestep_sinusoid_np(np.zeros(1), cfg.freq_dim)), (1, n, cfg.freq_dim))
     ctx_kv = s.context_kv(params, ctx)

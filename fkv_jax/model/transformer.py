@@ -129,30 +129,38 @@ class Block(nnx.Module):
         self.cross_attn = CrossAttention(cfg, rngs=rngs, dtype=dtype)
         self.ffn = MLP2(cfg.dim, cfg.ffn_dim, cfg.dim, _gelu_tanh, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, e0, cos, sin, ctx_k, ctx_v, attend):
-        """x: [B, F*T, D]; e0: [B, F, 6, D]; attend(q, k, v) -> [B, S, H, Dh] closes over the cache.
+    # The block is split around self-attention so that the caller owns attention: ``q, k, v = qkv(...)``,
+    # ``out = <any attention over the cache>``, ``x = finish(...)``. Nothing is carried out of a closure.
+    def _mods(self, e0):
+        """e0: [B, F, 6, D] -> shift1, scale1, gate1, shift2, scale2, gate2, each [B, F, 1, D]."""
+        m = self.modulation[...][None, None] + e0
+        return [m[:, :, i, None, :] for i in range(6)]
 
-        Returns the new x and this chunk's rotated keys and values [B, S, H, Dh] (for the cache write).
-        """
+    def qkv(self, x, e0, cos, sin):
+        """x: [B, F*T, D]; e0: [B, F, 6, D] -> the self-attention's q, k (rotated), v: [B, F*T, H, Dh]."""
+        shift1, scale1, *_ = self._mods(e0)
+        return self.self_attn.qkv(_modulate(layer_norm(x, self.eps), shift1, scale1), cos, sin)
+
+    def finish(self, x, attn, e0, ctx_k, ctx_v):
+        """The rest of the block after self-attention. attn: [B, F*T, H, Dh] -> the new x [B, F*T, D]."""
         b, s, d = x.shape
-        f = e0.shape[1]
-        m = self.modulation[...][None, None] + e0  # [B, F, 6, D]
-        shift1, scale1, gate1, shift2, scale2, gate2 = [m[:, :, i, None, :] for i in range(6)]  # [B, F, 1, D]
-
-        def modulate(h, shift, scale):
-            return (h.reshape(b, f, s // f, d) * (1 + scale) + shift).reshape(b, s, d)
-
-        def gated(y, gate):
-            return (y.reshape(b, f, s // f, d) * gate).reshape(b, s, d)
-
-        h = modulate(layer_norm(x, self.eps), shift1, scale1)
-        q, k, v = self.self_attn.qkv(h, cos, sin)
-        y = self.self_attn.o(attend(q, k, v).reshape(b, s, d))
-        x = x + gated(y, gate1)
+        _, _, gate1, shift2, scale2, gate2 = self._mods(e0)
+        x = x + _gated(self.self_attn.o(attn.reshape(b, s, d)), gate1)
         x = x + self.cross_attn(self.norm3(x), ctx_k, ctx_v)
-        h = modulate(layer_norm(x, self.eps), shift2, scale2)
-        x = x + gated(self.ffn(h), gate2)
-        return x, k, v
+        return x + _gated(self.ffn(_modulate(layer_norm(x, self.eps), shift2, scale2)), gate2)
+
+
+def _modulate(h, shift, scale):
+    """h: [B, F*T, D]; shift, scale: [B, F, 1, D] (per frame)."""
+    b, s, d = h.shape
+    f = shift.shape[1]
+    return (h.reshape(b, f, s // f, d) * (1 + scale) + shift).reshape(b, s, d)
+
+
+def _gated(y, gate):
+    b, s, d = y.shape
+    f = gate.shape[1]
+    return (y.reshape(b, f, s // f, d) * gate).reshape(b, s, d)
 
 
 class Head(nnx.Module):
@@ -227,7 +235,6 @@ class CausalWanModel(nnx.Module):
         frame_pos: jax.Array,
         layer_xs,
         attn_fn: SelfAttnFn,
-        carry=None,
     ):
         """The general forward: self-attention is delegated to ``attn_fn`` layer by layer.
 
@@ -240,13 +247,11 @@ class CausalWanModel(nnx.Module):
           frame_pos: int32 [F] absolute latent-frame index of each frame (sets the temporal RoPE).
           layer_xs: a pytree whose leaves have a leading [L] axis (e.g. the cache, per-layer policy state);
             layer l's slice is handed to ``attn_fn``.
-          attn_fn: ``attn_fn(carry, layer_idx, layer_x, q, k, v) -> (out, carry, layer_y)`` with q, k, v
-            [B, S, H, Dh] (q, k rotated) and out [B, S, H, Dh]; ``carry`` flows from layer to layer (e.g.
-            a selection computed at one layer and reused by deeper ones), ``layer_y`` is stacked over layers.
-          carry: initial carry for ``attn_fn``.
+          attn_fn: ``attn_fn(layer_idx, layer_x, q, k, v) -> (out, layer_y)`` with q, k, v [B, S, H, Dh]
+            (q, k rotated) and out [B, S, H, Dh]; ``layer_y`` (e.g. a policy's aux) is stacked over layers.
         Returns:
-          flow [B, F, C, H, W], keys and values of the chunk [L, B, H, F, T, Dh] each, the final carry,
-          and the stacked ``layer_y``.
+          flow [B, F, C, H, W], keys and values of the chunk [L, B, H, F, T, Dh] each, and the stacked
+          ``layer_y``.
         """
         cfg = self.cfg
         b, f, c, hh, ww = x.shape
@@ -261,26 +266,21 @@ class CausalWanModel(nnx.Module):
         nh, dh = cfg.num_heads, cfg.head_dim
         gdef, state = nnx.split(self.blocks)
 
-        def body(carry_in, layer):
-            xs, acarry = carry_in
+        def body(xs, layer):
             idx, st, lx, xk, xv = layer
             blk = nnx.merge(gdef, st)
-            box = {}
-
-            def attend(q, k, v):
-                out, box["carry"], box["y"] = attn_fn(acarry, idx, lx, q, k, v)
-                return out
-
-            xs, k, v = blk(xs, e0, cos, sin, xk, xv, attend)
+            q, k, v = blk.qkv(xs, e0, cos, sin)  # [B, S, H, Dh]
+            out, y = attn_fn(idx, lx, q, k, v)
+            xs = blk.finish(xs, out, e0, xk, xv)
             # the chunk's K/V in the cache's heads-first layout [B, H, F, T, Dh] (a chunk-sized transpose)
             kv = (jnp.moveaxis(k.reshape(b, f, t, nh, dh), 3, 1), jnp.moveaxis(v.reshape(b, f, t, nh, dh), 3, 1))
-            return (xs, box["carry"]), (kv, box["y"])
+            return xs, (kv, y)
 
         layers = (jnp.arange(cfg.num_layers), state, layer_xs, *ctx_kv)
-        (tokens, carry), ((k_new, v_new), ys) = jax.lax.scan(body, (tokens, carry), layers)
+        tokens, ((k_new, v_new), ys) = jax.lax.scan(body, tokens, layers)
         out = self.head(tokens, e, f)
         flow = unpatchify(out, f, (gh, gw), (ph, pw), cfg.out_dim)
-        return flow, k_new, v_new, carry, ys
+        return flow, k_new, v_new, ys
 
     def __call__(
         self,
@@ -308,9 +308,9 @@ class CausalWanModel(nnx.Module):
             cache_v = cache_k
             slot_mask = jnp.zeros((1, 1, 1, 0), bool)
 
-        def attn_fn(carry, idx, lx, q, k, v):
+        def attn_fn(idx, lx, q, k, v):
             ck, cv = lx
-            return chunk_attention(q, k, v, ck, cv, slot_mask), carry, None
+            return chunk_attention(q, k, v, ck, cv, slot_mask), None
 
-        flow, k_new, v_new, _, _ = self.forward(x, t_sin, ctx_kv, rope, frame_pos, (cache_k, cache_v), attn_fn)
+        flow, k_new, v_new, _ = self.forward(x, t_sin, ctx_kv, rope, frame_pos, (cache_k, cache_v), attn_fn)
         return flow, k_new, v_new

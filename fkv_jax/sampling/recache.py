@@ -70,13 +70,13 @@ def recache(graphdef: nnx.GraphDef, geom: CacheGeometry, rope, params, cache: di
     sel = Selection(frames=pack_mask(jnp.broadcast_to(slots, (b, 1, h, num_slots))),
                     chunk_mask=jnp.broadcast_to(own, (b, 1, h, n)))
 
-    def attn_fn(carry, layer, lx, q, k, v):
+    def attn_fn(layer, lx, q, k, v):
         ck, cv = lx
-        return attend(q, k, v, ck, cv, sel, backend=backend), carry, None
+        return attend(q, k, v, ck, cv, sel, backend=backend), None
 
     t0 = jnp.asarray(timestep_sinusoid_np(np.zeros(1), model.cfg.freq_dim))
     ts = jnp.broadcast_to(t0, (b, n, t0.shape[-1]))
-    _, k_new, v_new, _, _ = model.forward(latents, ts, ctx_kv, rope, frame_pos, (cache["k"], cache["v"]), attn_fn)
+    _, k_new, v_new, _ = model.forward(latents, ts, ctx_kv, rope, frame_pos, (cache["k"], cache["v"]), attn_fn)
 
     if s == 0:  # no sink: every frame goes to its ring slot (write keeps the last W)
         return write(geom, cache, k_new, v_new, recache_start)

@@ -278,24 +278,24 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
             read_k = cache["k"]
         tsin = jnp.asarray(t_sin_table)
 
-        def make_attn_fn(clean: bool):
-            def attn_fn(carry, layer, lx, q, k, v):
+        def make_attn_fn(step, clean: bool):
+            """Self-attention of one model call (denoising step ``step`` or the clean pass), per layer."""
+            def attn_fn(layer, lx, q, k, v):
                 ck, cv, ls = lx
-                call = Call(layer=layer, step=carry, num_steps=n, start_frame=start_frame, q=q, k_chunk=k,
+                call = Call(layer=layer, step=step, num_steps=n, start_frame=start_frame, q=q, k_chunk=k,
                             v_chunk=v, cache_k=ck, cache_v=cv, slot_frame=cache["slot_frame"], visible=visible,
                             layer_state=ls, state=state, geom=geom)
                 sel, aux = policy.select(call)
                 if clean:  # the clean pass may also hand its queries to on_write
                     aux = {"select": aux, "q": q if policy.needs_clean_queries else None}
                 out = policy.post_attention(call, attend(q, k, v, ck, cv, sel, backend=backend))
-                return out, carry, aux
+                return out, aux
             return attn_fn
 
         def call_model(xt, i, clean=False):
             ts = jnp.broadcast_to(tsin[i], (b, c, tsin.shape[-1]))
-            flow, k_new, v_new, _, aux = model.forward(
-                xt, ts, ctx_kv, rope, frame_pos, (read_k, cache["v"], state["layers"]), make_attn_fn(clean),
-                carry=i)
+            flow, k_new, v_new, aux = model.forward(
+                xt, ts, ctx_kv, rope, frame_pos, (read_k, cache["v"], state["layers"]), make_attn_fn(i, clean))
             return flow, k_new, v_new, aux
 
         def clean_and_store(x0):
