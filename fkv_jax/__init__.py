@@ -16,7 +16,7 @@ from fkv_jax.cache.kv_cache import CacheGeometry, init_cache
 from fkv_jax.config import ModelConfig, SamplerConfig, list_presets, model_preset, sampler_preset
 from fkv_jax.model.build import abstract_model, count_params, init_model
 from fkv_jax.model.transformer import CausalWanModel
-from fkv_jax.sampling.rollout import Sampler
+from fkv_jax.sampling.rollout import Rollout, Sampler, rollout
 from fkv_jax.sampling.scheduler import make_schedule
 
 __version__ = "0.1.0"
@@ -30,7 +30,7 @@ def load_transformer(path, dtype=None):
 
 
 __all__ = [
-    "CacheGeometry", "CausalWanModel", "ModelConfig", "Sampler", "SamplerConfig", "abstract_model",
+    "CacheGeometry", "CausalWanModel", "ModelConfig", "Rollout", "Sampler", "SamplerConfig", "abstract_model",
     "count_params", "init_cache", "init_model", "list_presets", "load_transformer", "make_schedule",
-    "model_preset", "sampler_preset",
+    "model_preset", "rollout", "sampler_preset",
 ]

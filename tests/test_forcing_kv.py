@@ -11,7 +11,7 @@ from conftest import DATA, load_tiny, rel_err
 from fkv_jax.attention.selection import to_slot_mask
 from fkv_jax.config import sampler_preset
 from fkv_jax.policies import ForcingKV, HeadTable, SinkWindow, make_policy
-from fkv_jax.sampling.rollout import Sampler
+from fkv_jax.sampling.rollout import Sampler, rollout
 
 P = DATA / "policies"
 
@@ -27,11 +27,11 @@ def fkv():
 def run(fkv, policy, record=None):
     cfg, graphdef, params, ref = fkv
     s = Sampler(graphdef, cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=21,
-                policy=policy)
+                policy=policy, trajectories=record is not None)
     ren = ref["renoise"].reshape(7, 3, 1, 3, 16, 8, 12)
-    lat = s.generate(params, ref["context"], ref["noise"], renoise=ren, progress=False,
-                     on_chunk=None if record is None else (lambda b, r: record.append(jax.device_get(r))))
-    return s, lat
+    res = rollout(s, params, [ref["context"]], ref["noise"], renoise=ren,
+                  on_chunk=None if record is None else (lambda b, r: record.append(jax.device_get(r))))
+    return s, res
 
 
 def test_matches_official_code(fkv):
@@ -39,9 +39,9 @@ def test_matches_official_code(fkv):
     policy = make_policy("forcing_kv", head_table=P / "forcingkv_heads_tiny.json", num_layers=4, num_heads=2)
     assert policy.ar_start == 2 and policy.sink_size == 1 and policy.num_frame_patch == 6
     outs = []
-    s, lat = run(fkv, policy, outs)
+    s, res = run(fkv, policy, outs)
     ref = fkv[3]
-    assert rel_err(lat, ref["latents_forcingkv"]) <= 1e-4
+    assert rel_err(res.latents, ref["latents_forcingkv"]) <= 1e-4
     for b in range(7):
         assert rel_err(outs[b].flows[0], ref["first_step_flow_forcingkv"][b]) <= 1e-4
         np.testing.assert_array_equal(outs[b].write_aux["selected"], ref["dyn_selected"][b])
@@ -49,14 +49,14 @@ def test_matches_official_code(fkv):
     assert s.trace_count == 1
     # the physical cache is sink 1 + anchor 1 frame, plus a one-frame segment buffer per layer
     assert (s.geom.sink, s.geom.ring) == (1, 1)
-    assert s.last_state["layers"]["mem_k"].shape == (4, 1, 24, 2, 64)
+    assert res.state["layers"]["mem_k"].shape == (4, 1, 24, 2, 64)
 
 
 def test_all_static_equals_sink_plus_anchor_window(fkv):
     """Every head static (no segment buffer is read) == a plain sink 1 + 1-frame window."""
     _, a = run(fkv, ForcingKV(head_table=HeadTable.all_static(4, 2)))
     _, b = run(fkv, SinkWindow(local_attn_size=5, sink_size=1))
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a.latents, b.latents)
 
 
 def test_selection_per_head_on_a_hand_built_cache(fkv):

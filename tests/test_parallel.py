@@ -41,8 +41,8 @@ def rel(x):
 
 out = {"devices": len(jax.devices())}
 s = ShardedSampler(graphdef, cfg, sampler_cfg, mesh=mesh, **kw)
-lat = s.generate(params, context, noise, progress=False)
-out["rollout"] = {"rel": rel(lat), "traces": s.trace_count, "spec": str(s.last_cache["k"].sharding.spec)}
+res = fkv_jax.rollout(s, params, [context], noise)
+out["rollout"] = {"rel": rel(res.latents), "traces": s.trace_count, "spec": str(res.cache["k"].sharding.spec)}
 
 # a kernel under shard_map: batch on data, heads on model
 from jax.sharding import NamedSharding

@@ -16,6 +16,7 @@ from fkv_jax.cache.kv_cache import CacheGeometry, init_cache, visible_slots, wri
 from fkv_jax.model.rope import apply_rope, chunk_cos_sin, make_rope_tables
 from fkv_jax.policies import POLICIES, DeepForcing, DummyForcing, Full, H2O, RKV, SnapKV, make_policy
 from fkv_jax.policies.base import Call, WriteCall
+from fkv_jax.sampling.rollout import rollout
 from fkv_jax.model.rope import shift_temporal
 from fkv_jax.policies.dummy_forcing import DUMMY, LOCAL, SINK, classify_heads
 from fkv_jax.policies.token_memory import attention_mass, mean_cosine_to_others, pool1d, resident_bytes
@@ -411,13 +412,13 @@ def test_rollout_compiles_once(tiny, name):
     ctx = rng.standard_normal((1, 8, cfg.text_dim)).astype(np.float32)
     noise = rng.standard_normal((1, frames, 16, 8, 12)).astype(np.float32)
     out = []
-    lat = s.generate(params, ctx, noise, progress=False, on_chunk=lambda b, r: out.append(jax.device_get(r.write_aux)))
-    assert s.trace_count == 1 and np.isfinite(lat).all()
+    res = rollout(s, params, [ctx], noise, on_chunk=lambda b, r: out.append(jax.device_get(r.write_aux)))
+    assert s.trace_count == 1 and np.isfinite(res.latents).all()
     if name == "dummy_forcing":  # classified once, at chunk 1, half of the 4 heads dummy
         assert (np.asarray(out[-1]["group"]) == DUMMY).sum() == 2
         np.testing.assert_array_equal(out[-1]["group"], out[1]["group"])
     else:  # the memory is full (M per head) once enough frames have left the ring
-        m = s.last_state["layers"]["mem_k"].shape[2]
+        m = res.state["layers"]["mem_k"].shape[2]
         assert (np.asarray(out[-1]["kept_per_head"]) == m).all()
 
 

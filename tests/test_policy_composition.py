@@ -51,9 +51,9 @@ def test_user_policy_runs_in_the_sampler_and_honours_budgets():
     def count(blk, r):
         reads.append(blk)
 
-    lat = s.generate(params, rng.standard_normal((1, 4, 64), np.float32),
-                     rng.standard_normal((1, 18, 16, 8, 12), np.float32), progress=False, on_chunk=count)
-    assert np.isfinite(lat).all() and s.trace_count == 1 and len(reads) == 6
+    res = fkv_jax.rollout(s, params, [rng.standard_normal((1, 4, 64), np.float32)],
+                          rng.standard_normal((1, 18, 16, 8, 12), np.float32), on_chunk=count)
+    assert np.isfinite(res.latents).all() and s.trace_count == 1 and len(reads) == 6
     # budgets: importance 0 -> 1 extra frame, 1 -> 4 extra frames (min-max normalised, squared)
     np.testing.assert_array_equal(importance_budgets(imp, 1, 4), [[1, 4], [2, 1]])
     # the selection on the final cache reads the sink + exactly `budget` history frames per head
@@ -61,7 +61,7 @@ def test_user_policy_runs_in_the_sampler_and_honours_budgets():
     from fkv_jax.cache.kv_cache import visible_slots
     from fkv_jax.policies.base import Call
 
-    cache = s.last_cache
+    cache = res.cache
     start = jnp.int32(18)
     call = Call(layer=0, step=jnp.int32(0), num_steps=4, start_frame=start, q=jnp.zeros((1, 72, 2, 64)),
                 k_chunk=None, v_chunk=None, cache_k=cache["k"][0], cache_v=cache["v"][0],

@@ -14,7 +14,8 @@ from flax import nnx
 import fkv_jax
 from fkv_jax.attention.reference import dense_attention
 from fkv_jax.model.embeddings import timestep_sinusoid_np
-from fkv_jax.sampling.recache import PromptSchedule, PromptSwitcher, recache_frames, rollout
+from fkv_jax.sampling.recache import PromptSchedule, PromptSwitcher, recache_frames
+from fkv_jax.sampling.rollout import rollout
 
 HW = (4, 6)  # latent size: 2 x 3 tokens per frame
 FRAMES = 18
@@ -76,10 +77,10 @@ def run_with_switch(tiny, s, switch, global_sink):
         seen.update(start=start, seg=seg, cache=jax.tree.map(np.asarray, cache))
 
     lat = rollout(s, params, ctx[:2], noise, switch_frames=[switch], global_sink=global_sink, seed=5,
-                  on_switch=on_switch)
+                  on_switch=on_switch).latents
     # the cache just before the switch: the same rollout stopped at the switch frame (a prefix of the same run)
-    rollout(s, params, ctx[:1], noise[:, :seen["start"]], seed=5)
-    return lat, seen, jax.tree.map(np.asarray, s.last_cache)
+    pre = rollout(s, params, ctx[:1], noise[:, :seen["start"]], seed=5).cache
+    return lat, seen, jax.tree.map(np.asarray, pre)
 
 
 @pytest.mark.parametrize("global_sink", [True, False])
@@ -105,8 +106,8 @@ def test_cache_after_switch_equals_a_fresh_recache(tiny, rolling, global_sink):
 def test_switch_changes_the_rest_of_the_video_only(tiny, rolling):
     s = rolling
     params, noise, ctx = tiny[2], tiny[3], tiny[4]
-    plain = rollout(s, params, ctx[:1], noise, seed=5)
-    switched = rollout(s, params, ctx[:2], noise, switch_frames=[10], seed=5)  # takes effect at the chunk at 12
+    plain = rollout(s, params, ctx[:1], noise, seed=5).latents
+    switched = rollout(s, params, ctx[:2], noise, switch_frames=[10], seed=5).latents  # takes effect at the chunk at 12
     np.testing.assert_array_equal(plain[:, :12], switched[:, :12])
     assert np.abs(plain[:, 12:] - switched[:, 12:]).mean() > 1e-3
     assert PromptSchedule(("a", "b"), (10,)).segment_of_chunk(9) == 0

@@ -12,7 +12,7 @@ from flax import nnx
 import fkv_jax
 from conftest import rel_err
 from fkv_jax.config import sampler_preset
-from fkv_jax.sampling.rollout import Sampler
+from fkv_jax.sampling.rollout import Sampler, rollout
 
 CASES = {"global": (-1, 0), "rolling": (6, 3), "rolling_w9": (9, 3)}
 
@@ -29,34 +29,34 @@ def run_case(tiny_model, tiny_cfg, ref, case):
     sc = dataclasses.replace(sampler_preset("self_forcing"), local_attn_size=local, sink_size=sink)
     noise = ref[f"{case}/noise"]
     chex.clear_trace_counter()
-    sampler = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=noise.shape[1], max_traces=1)
+    sampler = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=noise.shape[1], max_traces=1,
+                      trajectories=True)
     flows = []
-    lat = sampler.generate(params, ref["context"], noise, renoise=fixture_renoise(ref, case), progress=False,
-                           on_chunk=lambda b, r: flows.append(np.asarray(r.flows)))
-    return sampler, lat, np.concatenate(flows)
+    res = rollout(sampler, params, [ref["context"]], noise, renoise=fixture_renoise(ref, case),
+                  on_chunk=lambda b, r: flows.append(np.asarray(r.flows)))
+    return sampler, res, np.concatenate(flows)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_parity_with_upstream(tiny_model, tiny_cfg, ref, case):
-    sampler, lat, flows = run_case(tiny_model, tiny_cfg, ref, case)
-    assert rel_err(lat, ref[f"{case}/final_latents"]) <= 1e-4
+    sampler, res, flows = run_case(tiny_model, tiny_cfg, ref, case)
+    assert rel_err(res.latents, ref[f"{case}/final_latents"]) <= 1e-4
     # every model call (4 denoising steps + the clean pass per block), in call order
     assert flows.shape == ref[f"{case}/call_flow"].shape
     for i, (ours, theirs) in enumerate(zip(flows, ref[f"{case}/call_flow"])):
         assert rel_err(ours, theirs) <= 1e-4, f"call {i}"
     assert sampler.trace_count == 1  # one compilation for every chunk
     nb = ref[f"{case}/final_latents"].shape[1] // 3
-    compare_layer0_cache(sampler, ref, case, nb - 1)
+    compare_layer0_cache(sampler, res.cache, ref, case, nb - 1)
 
 
-def compare_layer0_cache(sampler, ref, case, block):
+def compare_layer0_cache(sampler, cache, ref, case, block):
     """Our layer-0 cache vs upstream's after ``block``'s clean pass, frame by frame.
 
     Upstream also still holds the frames of the block just generated in slots the next block will evict;
     we keep exactly what the next chunk reads (the sink and the last W history frames), so every frame we
     hold must be in upstream's cache with the same K and V.
     """
-    cache = sampler.last_cache
     held = [int(f) for f in np.asarray(cache["slot_frame"])]
     frames = ref[f"{case}/kv_slot_frames_after_block{block}"].tolist()
     g = sampler.geom
@@ -76,12 +76,12 @@ def test_window_9_moves_frames(tiny_model, tiny_cfg, ref):
     graphdef, params = tiny_model
     sc = dataclasses.replace(sampler_preset("self_forcing"), local_attn_size=9, sink_size=3)
     s = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=12)
-    s.generate(params, ref["context"], ref["rolling_w9/noise"][:, :12],
-               renoise=fixture_renoise(ref, "rolling_w9")[:4], progress=False)
-    held = sorted(int(f) for f in np.asarray(s.last_cache["slot_frame"]) if f >= 0)
+    res = rollout(s, params, [ref["context"]], ref["rolling_w9/noise"][:, :12],
+                  renoise=fixture_renoise(ref, "rolling_w9")[:4])
+    held = sorted(int(f) for f in np.asarray(res.cache["slot_frame"]) if f >= 0)
     assert held == [0, 1, 2, 9, 10, 11]  # window 9 = sink 3 + 3 history + chunk 3
     assert ref["rolling_w9/kv_slot_frames_after_block3"].tolist() == [0, 1, 2, 6, 7, 8, 9, 10, 11]
-    compare_layer0_cache(s, ref, "rolling_w9", 3)
+    compare_layer0_cache(s, res.cache, ref, "rolling_w9", 3)
 
 
 def test_cache_is_donated(tiny_model, tiny_cfg, ref):
@@ -151,10 +151,10 @@ def test_other_geometry_compiles_once_and_is_finite():
     sc = dataclasses.replace(sampler_preset("longlive"), frames_per_block=2, local_attn_size=7, sink_size=1)
     s = Sampler(graphdef, cfg, sc, batch=1, latent_hw=(6, 10))
     noise = np.random.default_rng(0).standard_normal((1, 12, 16, 6, 10)).astype(np.float32)
-    lat = s.generate(params, np.ones((1, 4, 64), np.float32), noise, seed=1, progress=False)
-    assert lat.shape == noise.shape and np.isfinite(lat).all()
+    res = rollout(s, params, [np.ones((1, 4, 64), np.float32)], noise, seed=1)
+    assert res.latents.shape == noise.shape and np.isfinite(res.latents).all()
     assert s.trace_count == 1
-    assert sorted(f for f in np.asarray(s.last_cache["slot_frame"]).tolist()) == [0, 8, 9, 10, 11]
+    assert sorted(f for f in np.asarray(res.cache["slot_frame"]).tolist()) == [0, 8, 9, 10, 11]
 
 
 def test_length_errors(tiny_model, tiny_cfg):
@@ -226,7 +226,7 @@ def test_euler_solver_follows_the_flow_ode(tiny_model, tiny_cfg, ref):
     graphdef, params = tiny_model
     sc = dataclasses.replace(sampler_preset("self_forcing"), solver="euler")
     noise = ref["global/noise"][:, :6]
-    sampler = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=6)
+    sampler = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=6, trajectories=True)
     sig = sampler.schedule.sigmas
     n = sampler.schedule.num_steps
     outs = []
@@ -253,7 +253,7 @@ def test_x0_prediction_reads_the_output_as_clean_frames(tiny_model, tiny_cfg, re
     runs = {}
     for pred in ("flow", "x0"):
         s = Sampler(graphdef, tiny_cfg, dataclasses.replace(base, prediction=pred), batch=1, latent_hw=(8, 12),
-                    num_frames=3)
+                    num_frames=3, trajectories=True)
         outs = []
         lat = s.generate(params, ref["context"], noise, seed=0, progress=False,
                          on_chunk=lambda b, r: outs.append((np.asarray(r.flows), np.asarray(r.x0s))))
@@ -283,10 +283,10 @@ def test_bfloat16_cache_reaches_policy_memories(tiny_model, tiny_cfg, ref, name)
     s = Sampler(graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=12,
                 cache_dtype=jnp.bfloat16, policy=policy)
     assert s.geom.dtype == "bfloat16" and s.geom.kv_bytes() == s.geom.kv_bytes(jnp.float32) // 2
-    lat = s.generate(params, ref["context"], ref["global/noise"][:, :12], seed=0, progress=False)
-    assert np.isfinite(lat).all() and s.trace_count == 1
-    assert s.last_cache["k"].dtype == jnp.bfloat16
-    mem = s.last_state["layers"]["mem_k"]
+    res = rollout(s, params, [ref["context"]], ref["global/noise"][:, :12], seed=0)
+    assert np.isfinite(res.latents).all() and s.trace_count == 1
+    assert res.cache["k"].dtype == jnp.bfloat16
+    mem = res.state["layers"]["mem_k"]
     assert mem.dtype == jnp.bfloat16 and mem.size > 0
 
 
@@ -306,7 +306,7 @@ def test_bfloat16_model_end_to_end_stays_near_the_float32_reference(tiny_model, 
     noise = ref[f"{case}/noise"]
     s = Sampler(gdef16, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=noise.shape[1])
     assert s.geom.dtype == "bfloat16" and s.dtype == "bfloat16"
-    lat = s.generate(params16, ref["context"], noise, renoise=fixture_renoise(ref, case), progress=False)
-    assert s.last_cache["k"].dtype == jnp.bfloat16 and s.trace_count == 1
-    err = rel_err(lat, ref[f"{case}/final_latents"])
+    res = rollout(s, params16, [ref["context"]], noise, renoise=fixture_renoise(ref, case))
+    assert res.cache["k"].dtype == jnp.bfloat16 and s.trace_count == 1
+    err = rel_err(res.latents, ref[f"{case}/final_latents"])
     assert 1e-4 < err <= 3e-2, err  # really bf16 (not the f32 path), and close to it

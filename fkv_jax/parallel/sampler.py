@@ -53,7 +53,8 @@ class ShardedSampler(Sampler):
         ctx = NamedSharding(mesh, CONTEXT_KV)
         chunk = batch_sharding(mesh, 5)  # [B, C, Cin, H, W]
         steps = batch_sharding(mesh, 6, batch_axis=1)  # [n, B, C, Cin, H, W]
-        outputs = ChunkOutput(x0=chunk, flows=steps, x0s=steps, select_aux=rep, write_aux=rep)
+        traj = steps if self.trajectories else None
+        outputs = ChunkOutput(x0=chunk, flows=traj, x0s=traj, select_aux=rep, write_aux=rep)
         # The Sampler's own (trace-counting) step, re-jitted with shardings. Params keep their placement;
         # the policy state is replicated, so it comes back as it went in and the step compiles once.
         self.chunk_step = jax.jit(self.chunk_step.__wrapped__, donate_argnums=(1, 2),

@@ -147,56 +147,8 @@ class PromptSchedule:
         return sum(start_frame >= f for f in self.switch_frames)
 
 
-def rollout(sampler, params, contexts: Sequence[Any], noise, *, switch_frames: Sequence[int] = (),
-            global_sink: bool = True, renoise: Callable[[int], np.ndarray] | np.ndarray | None = None, seed: int = 0,
-            on_chunk: Callable[[int, Any], None] | None = None,
-            on_switch: Callable[[int, int, dict], None] | None = None, graphdef=None, backend: str = "xla",
-            state=None) -> np.ndarray:
-    """The AR rollout with prompt switches: ``sampler.chunk_step`` per chunk, a re-cache at each switch.
+def rollout(sampler, params, contexts: Sequence[Any], noise, **kwargs) -> np.ndarray:
+    """The latents of :func:`fkv_jax.sampling.rollout.rollout` (kept for callers of the old entry point)."""
+    from fkv_jax.sampling.rollout import rollout as run
 
-    Args:
-      contexts: one text embedding ``[B, Lt, text_dim]`` per prompt segment; each segment's cross-attention
-        K/V is computed once, when the segment starts.
-      noise: ``[B, F, C, H, W]`` initial noise.
-      switch_frames: latent frame of each switch (``len(contexts) - 1`` of them).
-      renoise: ``[num_blocks, n - 1, B, C_blk, C, H, W]`` draws, or ``fn(block) -> [n - 1, B, C_blk, C, H, W]``;
-        default ``default_rng((seed, block))`` like :meth:`Sampler.generate` (same numbers).
-      on_chunk: ``on_chunk(block, ChunkOutput)`` after each chunk (streaming consumers).
-      on_switch: ``on_switch(start_frame, segment, cache)`` right after each re-cache (tests, logging).
-    Returns the latents ``[B, F, C, H, W]`` (float32 numpy).
-    """
-    sched = PromptSchedule(tuple(str(i) for i in range(len(contexts))), tuple(switch_frames))
-    noise = np.asarray(noise, np.float32)
-    b, f = noise.shape[:2]
-    c, n = sampler.sampler_cfg.frames_per_block, sampler.schedule.num_steps
-    sampler.check_length(f)
-    sched.check_length(f)
-    chunk_shape = (b, c, *noise.shape[2:])
-    switcher = PromptSwitcher(sampler, graphdef, global_sink=global_sink, backend=backend) if switch_frames else None
-    seg = 0
-    ctx_kv = sampler.context_kv(params, contexts[0])
-    # committed like the step's outputs: with committed params (restored by Orbax) a fresh, uncommitted cache
-    # would make the first chunk compile an executable of its own
-    cache, state = jax.device_put((sampler.init_cache(), sampler.init_state() if state is None else state),
-                                  jax.devices()[0])
-    out = np.empty(noise.shape, np.float32)
-    for blk in range(f // c):
-        start = blk * c
-        if (new := sched.segment_of_chunk(start)) != seg:
-            seg = new
-            ctx_kv = sampler.context_kv(params, contexts[seg])
-            cache = switcher(params, cache, ctx_kv, out, start)
-            if on_switch is not None:
-                on_switch(start, seg, cache)
-        if renoise is None:
-            eps = np.random.default_rng((seed, blk)).standard_normal((n - 1, *chunk_shape), np.float32)
-        else:
-            eps = renoise(blk) if callable(renoise) else renoise[blk]
-        res, cache, state = sampler.chunk_step(params, cache, state, ctx_kv, jnp.asarray(noise[:, start:start + c]),
-                                               jnp.asarray(eps, jnp.float32), jnp.int32(start))
-        out[:, start:start + c] = np.asarray(res.x0)
-        if on_chunk is not None:
-            on_chunk(blk, res)
-    sampler.last_cache, sampler.last_state = cache, state
-    return out
-
+    return run(sampler, params, contexts, noise, **kwargs).latents

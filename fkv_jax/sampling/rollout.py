@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import chex
@@ -34,16 +34,17 @@ from fkv_jax.model.build import model_dtype
 from fkv_jax.model.embeddings import timestep_sinusoid_np
 from fkv_jax.model.rope import make_rope_tables, rotate_temporal
 from fkv_jax.policies.base import Call, Policy, WriteCall
+from fkv_jax.sampling.noise import renoise_draws
 from fkv_jax.sampling.scheduler import Schedule, make_schedule
 
 
 @dataclasses.dataclass(frozen=True)
 class ChunkOutput:
     x0: jax.Array  # [B, C, Cin, H, W] the chunk's final latents
-    # [n + 1, B, C, Cin, H, W] flow of every model call (for prediction="x0" the flow it implies); the last
-    # entry is the raw output of the clean pass
-    flows: jax.Array
-    x0s: jax.Array  # [n + 1, B, C, Cin, H, W] x0 of every model call
+    # with Sampler(trajectories=True), else None: [n + 1, B, C, Cin, H, W] flow of every model call (for
+    # prediction="x0" the flow it implies; the last entry is the raw output of the clean pass) and its x0
+    flows: jax.Array | None = None
+    x0s: jax.Array | None = None
     select_aux: Any = None  # the policy's select() aux, stacked [n + 1 calls, L, ...]
     write_aux: Any = None  # the policy's on_write() aux
 
@@ -70,6 +71,7 @@ class Sampler:
         policy: Policy | None = None,
         attention_backend: str = "xla",
         rope_mode: str = "absolute",
+        trajectories: bool = False,
     ):
         """
         Args:
@@ -83,6 +85,8 @@ class Sampler:
             ``rope_max_frames`` frames) or ``window_relative`` (LongLive's infinite variant: keys cached
             un-rotated, re-rotated at every call by their rank in the window, queries at the window's end;
             a rolling video can then go on indefinitely).
+          trajectories: also return every model call's flow and x0 in :class:`ChunkOutput` (diagnostics and
+            parity tests); off by default, so a chunk returns only its final latents and the policy's aux.
           max_traces: if set, the chunk step is wrapped in ``chex.assert_max_traces(n=max_traces)`` (chex counts
             traces per definition site, so call ``chex.clear_trace_counter()`` before building another one).
             ``trace_count`` always tells how often the step was traced.
@@ -113,6 +117,7 @@ class Sampler:
         if rope_mode == "window_relative" and policy is not None and not self.policy.supports_relative_rope:
             raise ValueError(f"policy {self.policy.name} assumes absolute RoPE; use rope_mode='absolute'")
         self.rope_mode = rope_mode
+        self.trajectories = trajectories
         self.cache_dtype = cache_dtype.name
         self.schedule: Schedule = make_schedule(sampler_cfg)
         self.rope = make_rope_tables(model_cfg.head_dim, (gh, gw), model_cfg.rope_max_frames)
@@ -120,7 +125,7 @@ class Sampler:
         self._graphdef = graphdef
         step, prefill = _make_chunk_step(graphdef, self.geom, self.schedule, self.rope, t_sin, self.policy,
                                          attention_backend, rope_mode == "window_relative", sampler_cfg.solver,
-                                         sampler_cfg.prediction)
+                                         sampler_cfg.prediction, trajectories)
         self.prefill_step = jax.jit(prefill, donate_argnums=(1, 2))
         self.trace_count = 0
 
@@ -168,84 +173,123 @@ class Sampler:
                 f"frames; use a rolling window with window-relative RoPE (--rope-mode window_relative)")
 
     # ---- the rollout ----------------------------------------------------------------------------------
-    def generate(
-        self,
-        params,
-        context: jax.Array,
-        noise: jax.Array,
-        *,
-        renoise: jax.Array | None = None,
-        seed: int = 0,
-        progress: bool = True,
-        on_chunk: Callable[[int, ChunkOutput], None] | None = None,
-        state=None,
-        initial_latents: jax.Array | None = None,
-    ) -> np.ndarray:
-        """Generate latents [B, F, C, H, W] (float32 numpy).
+    def generate(self, params, context: jax.Array, noise: jax.Array, **kwargs) -> np.ndarray:
+        """Latents [B, F, C, H, W] (float32 numpy) of one prompt: ``rollout(self, params, [context], noise,
+        **kwargs).latents``. Use :func:`rollout` for the final cache and policy state."""
+        kwargs.setdefault("progress", True)
+        return rollout(self, params, [context], noise, **kwargs).latents
 
-        Args:
-          context: [B, Lt, text_dim] text encoder output.
-          noise: [B, F, C, H, W] initial noise (Self Forcing layout).
-          renoise: optional [num_blocks, n - 1, B, C_blk, C, H, W] re-noise draws (replays a recorded run);
-            otherwise they are drawn on the host from ``numpy.random.default_rng((seed, block))``.
-          on_chunk: called after each chunk with its index and outputs (streaming consumers, tests).
-          state: initial policy state (default ``init_state()``), e.g. with a head gate for ablations.
-          initial_latents: [B, F0, C, H, W] clean frames to continue from (video extension, upstream's
-            ``initial_latent``): they are pushed through the model at t = 0 chunk by chunk to fill the cache
-            and copied to the output; generation starts at frame F0 (a multiple of frames_per_block).
-        """
-        noise = jnp.asarray(noise, jnp.float32)
-        b, f = noise.shape[:2]
-        c = self.sampler_cfg.frames_per_block
-        expect = (self.batch, f, self.model_cfg.in_dim, *self.latent_hw)
-        if tuple(noise.shape) != expect:
-            raise ValueError(f"noise must have shape [B, F, C, H, W] = {expect}, got {tuple(noise.shape)}")
-        self.check_length(f)
-        nblk, n = f // c, self.schedule.num_steps
-        chunk_shape = (b, c, *noise.shape[2:])
-        if renoise is not None:
-            renoise = jnp.asarray(renoise, jnp.float32)
-            want = (nblk, n - 1, *chunk_shape)
-            if tuple(renoise.shape) != want:
-                raise ValueError(f"renoise must have shape [num_blocks, steps-1, B, C_blk, C, H, W] = {want}, "
-                                 f"got {tuple(renoise.shape)}")
 
-        ctx_kv = self.context_kv(params, context)
-        cache = self.init_cache()
-        state = self.init_state() if state is None else state
-        out = np.empty(noise.shape, np.float32)
-        first = 0
-        if initial_latents is not None:
-            init = jnp.asarray(initial_latents, jnp.float32)
-            if init.ndim != 5 or init.shape[0] != b or init.shape[2:] != noise.shape[2:] or init.shape[1] % c \
-                    or init.shape[1] >= f:
-                raise ValueError(f"initial_latents must be [B={b}, F0, {noise.shape[2]}, {noise.shape[3]}, "
-                                 f"{noise.shape[4]}] with F0 a multiple of {c} below {f}, got {tuple(init.shape)}")
-            first = init.shape[1] // c
-            for blk in range(first):
-                cache, state = self.prefill_step(params, cache, state, ctx_kv, init[:, blk * c:(blk + 1) * c],
-                                                 jnp.int32(blk * c))
-            out[:, :first * c] = np.asarray(init)
-        bar = tqdm(range(first, nblk), desc="chunks", unit="chunk", disable=None if progress else True,
-                   dynamic_ncols=True)
-        t0 = time.perf_counter()
-        for blk in bar:
-            eps = renoise[blk] if renoise is not None else (
-                np.random.default_rng((seed, blk)).standard_normal((n - 1, *chunk_shape), np.float32))
-            x = noise[:, blk * c:(blk + 1) * c]
-            res, cache, state = self.chunk_step(params, cache, state, ctx_kv, x, eps, jnp.int32(blk * c))
-            out[:, blk * c:(blk + 1) * c] = np.asarray(res.x0)
-            if on_chunk is not None:
-                on_chunk(blk, res)
-            done = (blk + 1 - first) * c
-            bar.set_postfix(frames=done, fps=f"{done / (time.perf_counter() - t0):.2f}")
-        self.last_cache, self.last_state = cache, state
-        return out
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """What a rollout returns: the latents, and the cache and policy state after its last chunk."""
+
+    latents: np.ndarray  # [B, F, C, H, W] float32
+    cache: dict  # the cache after the last write
+    state: Any  # the policy state after the last chunk
+
+
+def rollout(
+    sampler: Sampler,
+    params,
+    contexts: Sequence[jax.Array],
+    noise: jax.Array,
+    *,
+    switch_frames: Sequence[int] = (),
+    global_sink: bool = True,
+    renoise: Callable[[int], np.ndarray] | np.ndarray | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    on_chunk: Callable[[int, ChunkOutput], None] | None = None,
+    on_switch: Callable[[int, int, dict], None] | None = None,
+    state=None,
+    initial_latents: jax.Array | None = None,
+    graphdef=None,
+    backend: str = "xla",
+) -> Rollout:
+    """The AR rollout: one ``sampler.chunk_step`` per chunk, with LongLive prompt switches (a KV re-cache at
+    each switch) and video extension. The one host loop of the project.
+
+    Args:
+      contexts: one text embedding ``[B, Lt, text_dim]`` per prompt segment; each segment's cross-attention
+        K/V is computed once, when the segment starts.
+      noise: ``[B, F, C, H, W]`` initial noise (Self Forcing layout).
+      switch_frames: latent frame of each prompt switch (``len(contexts) - 1`` of them).
+      global_sink, graphdef, backend: of the re-cache (:class:`~fkv_jax.sampling.recache.PromptSwitcher`).
+      renoise: ``[num_blocks, n - 1, B, C_blk, C, H, W]`` draws (a recorded run), or ``fn(block) -> [n - 1, B,
+        C_blk, C, H, W]``; default :func:`~fkv_jax.sampling.noise.renoise_draws` of ``seed``.
+      on_chunk: ``on_chunk(block, ChunkOutput)`` after each chunk (streaming consumers, tests).
+      on_switch: ``on_switch(start_frame, segment, cache)`` right after each re-cache (tests, logging).
+      state: initial policy state (default ``sampler.init_state()``), e.g. with a head gate for ablations.
+      initial_latents: [B, F0, C, H, W] clean frames to continue from (video extension, upstream's
+        ``initial_latent``): they are pushed through the model at t = 0 chunk by chunk to fill the cache and
+        copied to the output; generation starts at frame F0 (a multiple of frames_per_block).
+    """
+    from fkv_jax.sampling.recache import PromptSchedule, PromptSwitcher
+
+    noise = np.asarray(noise, np.float32)
+    b, f = noise.shape[:2]
+    c, n = sampler.sampler_cfg.frames_per_block, sampler.schedule.num_steps
+    expect = (sampler.batch, f, sampler.model_cfg.in_dim, *sampler.latent_hw)
+    if tuple(noise.shape) != expect:
+        raise ValueError(f"noise must have shape [B, F, C, H, W] = {expect}, got {tuple(noise.shape)}")
+    sampler.check_length(f)
+    sched = PromptSchedule(tuple(str(i) for i in range(len(contexts))), tuple(switch_frames))
+    sched.check_length(f)
+    nblk = f // c
+    chunk_shape = (b, c, *noise.shape[2:])
+    if renoise is not None and not callable(renoise):
+        renoise = np.asarray(renoise, np.float32)
+        want = (nblk, n - 1, *chunk_shape)
+        if tuple(renoise.shape) != want:
+            raise ValueError(f"renoise must have shape [num_blocks, steps-1, B, C_blk, C, H, W] = {want}, "
+                             f"got {tuple(renoise.shape)}")
+    switcher = PromptSwitcher(sampler, graphdef, global_sink=global_sink, backend=backend) if switch_frames else None
+    seg = 0
+    ctx_kv = sampler.context_kv(params, contexts[0])
+    cache = sampler.init_cache()
+    state = sampler.init_state() if state is None else state
+    out = np.empty(noise.shape, np.float32)
+    first = 0
+    if initial_latents is not None:
+        init = np.asarray(initial_latents, np.float32)
+        if init.ndim != 5 or init.shape[0] != b or init.shape[2:] != noise.shape[2:] or init.shape[1] % c \
+                or init.shape[1] >= f:
+            raise ValueError(f"initial_latents must be [B={b}, F0, {noise.shape[2]}, {noise.shape[3]}, "
+                             f"{noise.shape[4]}] with F0 a multiple of {c} below {f}, got {tuple(init.shape)}")
+        first = init.shape[1] // c
+        for blk in range(first):
+            cache, state = sampler.prefill_step(params, cache, state, ctx_kv, jnp.asarray(init[:, blk * c:(blk + 1) * c]),
+                                                jnp.int32(blk * c))
+        out[:, :first * c] = init
+    bar = tqdm(range(first, nblk), desc="chunks", unit="chunk", disable=None if progress else True,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for blk in bar:
+        start = blk * c
+        if (new := sched.segment_of_chunk(start)) != seg:
+            seg = new
+            ctx_kv = sampler.context_kv(params, contexts[seg])
+            cache = switcher(params, cache, ctx_kv, out, start)
+            if on_switch is not None:
+                on_switch(start, seg, cache)
+        if renoise is None:
+            eps = renoise_draws(seed, blk, n, chunk_shape)
+        else:
+            eps = renoise(blk) if callable(renoise) else renoise[blk]
+        res, cache, state = sampler.chunk_step(params, cache, state, ctx_kv, jnp.asarray(noise[:, start:start + c]),
+                                               jnp.asarray(eps, jnp.float32), jnp.int32(start))
+        out[:, start:start + c] = np.asarray(res.x0)
+        if on_chunk is not None:
+            on_chunk(blk, res)
+        done = (blk + 1 - first) * c
+        bar.set_postfix(frames=done, fps=f"{done / (time.perf_counter() - t0):.2f}")
+    return Rollout(latents=out, cache=cache, state=state)
 
 
 def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_sin_table: np.ndarray,
                      policy: Policy, backend: str, relative: bool = False, solver: str = "renoise",
-                     prediction: str = "flow"):
+                     prediction: str = "flow", trajectories: bool = False):
     """The jitted bodies: ``chunk_step`` (denoise + clean pass + write) and ``prefill_step`` (clean pass + write)."""
     n = schedule.num_steps
     sig = schedule.sigmas  # [n + 1]
@@ -316,20 +360,22 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
         call_model, clean_and_store = begin(params, cache, state, ctx_kv, start_frame, b, c)
         eps_pad = jnp.concatenate([eps, jnp.zeros((1, *x.shape), eps.dtype)], axis=0)  # [n, ...]
 
-        def denoise(xt, inp):
+        def denoise(carry, inp):
+            xt, _ = carry
             i, s, s_next, e = inp
             out, _, _, aux = call_model(xt, i)
-            flow, x0 = flow_and_x0(out, xt, s)
+            flow, x0 = flow_and_x0(out.astype(xt.dtype), xt, s)
             if euler:  # the noise the flow implies: x_{next} = x_t + (s_next - s) * flow
                 e = xt + (1 - s) * flow
-            return (1 - s_next) * x0 + s_next * e, (flow, x0, aux)
+            return ((1 - s_next) * x0 + s_next * e, x0), ((flow, x0) if trajectories else None, aux)
 
         xs = (jnp.arange(n, dtype=jnp.int32), jnp.asarray(sig[:n]), jnp.asarray(re_sig), eps_pad)
-        _, (flows, x0s, auxs) = jax.lax.scan(denoise, x, xs)
-        x0 = x0s[-1]
+        (_, x0), (traj, auxs) = jax.lax.scan(denoise, (x, x), xs)
         flow_c, clean_aux, new_cache, state, write_aux = clean_and_store(x0)
-        flows = jnp.concatenate([flows, flow_c[None]], axis=0)  # the clean pass: the raw model output
-        x0s = jnp.concatenate([x0s, (flow_c if prediction == "x0" else x0 - sig[n] * flow_c)[None]], axis=0)
+        flows = x0s = None
+        if trajectories:  # every call's flow and x0; the clean pass's entry is its raw model output
+            flows = jnp.concatenate([traj[0], flow_c[None]], axis=0)
+            x0s = jnp.concatenate([traj[1], (flow_c if prediction == "x0" else x0 - sig[n] * flow_c)[None]], axis=0)
         select_aux = jax.tree.map(lambda a, b_: jnp.concatenate([a, b_[None]], axis=0), auxs, clean_aux["select"])
         out = ChunkOutput(x0=x0, flows=flows, x0s=x0s, select_aux=select_aux, write_aux=write_aux)
         return out, new_cache, state
