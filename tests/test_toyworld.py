@@ -227,3 +227,19 @@ def test_shipped_weights_generate_the_prompted_sprites():
     rep = colour_report(swapped[1], "a yellow cross")
     assert rep["shown"]["yellow"] > 0 and rep["other_pixels_per_frame"] <= 0.1 * rep["prompted_pixels_per_frame"]
     assert not np.allclose(swapped[0], frames[0], atol=0.1)
+
+
+def test_toy_model_object_keeps_its_samplers_and_matches_generate_video(random_toy_weights):
+    """ToyModel owns its graph, params and samplers (no module-level caches): the second video reuses the
+    compiled step, and the one-call helper gives the same numbers."""
+    from fkv_jax.toyworld.model import ToyModel, generate_video
+
+    m = ToyModel.load(random_toy_weights)
+    a = m.generate(["a red circle"], 6, seed=1)
+    s = m.sampler(None, 1, 6)
+    b = m.generate(["a red circle"], 6, seed=1)
+    assert m.sampler(None, 1, 6) is s and s.trace_count == 1
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, generate_video(["a red circle"], 6, seed=1, weights=random_toy_weights))
+    assert a.shape == (1, 6, 3, *m.cfg.latent_hw) and np.abs(a).max() <= 1.0
+    assert not np.array_equal(a, m.generate(["a red circle"], 6, seed=2))

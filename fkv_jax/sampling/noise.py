@@ -4,7 +4,9 @@ Draws are numpy (``default_rng``), not JAX: compiling JAX's threefry normal on C
 shape, which dominated small models' start-up. The seeding convention is part of the output's identity (the
 same seed gives the same video in every entry point):
 
-* initial noise of a video: ``default_rng(seed)``, ``[1, F, C, H, W]`` per video, stacked over a batch;
+* initial noise of a video: ``default_rng(seed)``, ``[1, F, C, H, W]`` per video, stacked over a batch
+  (:func:`initial_noise`); or one draw ``[B, F, C, H, W]`` for a whole batch of one seed (:func:`batch_noise`,
+  the toy model's convention);
 * re-noise draws of block ``b`` (Self Forcing's sampler re-noises x0 after each denoising step but the last):
   ``default_rng((seed, b))``, ``[n - 1, B, C_blk, C, H, W]``.
 """
@@ -21,6 +23,11 @@ def initial_noise(seeds: int | Sequence[int], frames: int, channels: int, latent
     seeds = [seeds] if isinstance(seeds, (int, np.integer)) else list(seeds)
     shape = (1, frames, channels, *latent_hw)
     return np.concatenate([np.random.default_rng(int(s)).standard_normal(shape, np.float32) for s in seeds])
+
+
+def batch_noise(seed, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 ``shape``: one float64 draw of ``default_rng(seed)`` for a whole batch, cast."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def renoise_draws(seed: int, block: int, steps: int, chunk_shape: tuple[int, ...]) -> np.ndarray:

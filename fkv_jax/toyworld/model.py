@@ -10,7 +10,6 @@ denoising steps, then the clean t = 0 pass whose K/V go to the cache), in pixel 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 
@@ -22,12 +21,16 @@ from flax import nnx
 from fkv_jax.config import ModelConfig, SamplerConfig
 from fkv_jax.model.build import abstract_model
 from fkv_jax.model.transformer import CausalWanModel
-from fkv_jax.sampling.rollout import Sampler
+from fkv_jax.sampling.noise import batch_noise
+from fkv_jax.sampling.rollout import Sampler, rollout
 from fkv_jax.toyworld.text import ToyTextEncoder, tokenize
+from fkv_jax.toyworld.weights import WEIGHTS_DIR, _abstract_text_encoder, load_params, weights_prediction
 
 TOY_DIR = Path(__file__).resolve().parent
-WEIGHTS_DIR = TOY_DIR / "weights"
 SAMPLER_JSON = TOY_DIR / "toy_sampler.json"
+
+__all__ = ["WEIGHTS_DIR", "ToyModel", "build", "generate_video", "load_params", "load_toy_model", "save_video",
+           "toy_context", "toy_sampler_config", "weights_prediction"]
 
 
 def toy_sampler_config(weights: str | Path | None = None, **overrides) -> SamplerConfig:
@@ -43,60 +46,6 @@ def toy_sampler_config(weights: str | Path | None = None, **overrides) -> Sample
     return dataclasses.replace(sc, **overrides) if overrides else sc
 
 
-def weights_prediction(weights: str | Path | None = None) -> str | None:
-    """``"x0"`` or ``"flow"``: the output a toy weights directory was trained to predict (None: unknown)."""
-    meta_file = Path(weights if weights is not None else WEIGHTS_DIR) / "config.json"
-    if not meta_file.is_file():
-        return None
-    return json.loads(meta_file.read_text()).get("train", {}).get("prediction", "flow")
-
-
-def _abstract_text_encoder(cfg: ModelConfig) -> ToyTextEncoder:
-    return nnx.eval_shape(lambda: ToyTextEncoder(cfg.text_dim, cfg.text_len, rngs=nnx.Rngs(0)))
-
-
-def load_params(path: str | Path | None = None) -> tuple[ModelConfig, dict]:
-    """(config, {"model": pure dict, "text": pure dict}) from an exported weights directory."""
-    from fkv_jax.toyworld.train import unflatten
-
-    path = Path(path) if path is not None else WEIGHTS_DIR
-    meta_file, params_file = path / "config.json", path / "params.npz"
-    if not meta_file.is_file() or not params_file.is_file():
-        raise FileNotFoundError(f"{path} is not a toy-world weights directory (needs config.json and params.npz); "
-                                "train one with `python -m fkv_jax.toyworld.train --export DIR`")
-    try:
-        cfg = ModelConfig.from_dict(json.loads(meta_file.read_text())["model"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{meta_file} is not a toy-world config.json (no valid 'model' section): {e}") from e
-    try:
-        with np.load(params_file) as z:
-            tree = unflatten({k: z[k].astype(np.float32) for k in z.files})  # stored as float16 (export_weights)
-    except Exception as e:  # noqa: BLE001 - truncated / not an npz: one clear error naming the file
-        raise ValueError(f"cannot read {params_file}: {type(e).__name__}: {e}") from e
-    _check_shapes(cfg, tree, params_file)
-    return cfg, tree
-
-
-def _check_shapes(cfg: ModelConfig, tree: dict, params_file: Path) -> None:
-    """Every tensor the config needs, at its shape; a ValueError listing every difference otherwise."""
-    def shapes(node, prefix=""):  # the key names of train.flatten, leaf -> shape
-        if isinstance(node, dict):
-            return {k: v for name, sub in node.items() for k, v in shapes(sub, f"{prefix}{name}/").items()}
-        return {prefix[:-1]: tuple(node.shape)}
-
-    want = {}
-    for key, module in (("model", abstract_model(cfg)), ("text", _abstract_text_encoder(cfg))):
-        want.update(shapes(nnx.to_pure_dict(nnx.split(module, nnx.Param)[1]), f"{key}/"))
-    have = shapes(tree)
-    problems = [f"missing {k} {want[k]}" for k in sorted(want.keys() - have.keys())]
-    problems += [f"unexpected {k}" for k in sorted(have.keys() - want.keys())]
-    problems += [f"{k} has shape {have[k]}, the config needs {want[k]}"
-                 for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
-    if problems:
-        raise ValueError(f"{params_file} does not match its config.json: " + "; ".join(problems[:8])
-                         + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else ""))
-
-
 def build(cfg: ModelConfig, params: dict) -> tuple[CausalWanModel, ToyTextEncoder]:
     """Modules with the given pure-dict params (shapes checked by ``replace_by_pure_dict``)."""
     out = []
@@ -107,10 +56,58 @@ def build(cfg: ModelConfig, params: dict) -> tuple[CausalWanModel, ToyTextEncode
     return out[0], out[1]
 
 
-@functools.lru_cache(maxsize=4)
-def load_toy_model(path: str | None = None) -> tuple[ModelConfig, CausalWanModel, ToyTextEncoder]:
-    """(ModelConfig, CausalWanModel, text encoder) from the shipped weights (or an exported directory)."""
-    cfg, params = load_params(path)
+class ToyModel:
+    """The toy-world model as explicit values: config, graph, params and text encoder, plus the samplers it has
+    built (one per sampler config, batch and cache size; each compiles its chunk step once).
+
+    Build with :meth:`load`; keep the object for as many videos as you like, drop it to free everything.
+    """
+
+    def __init__(self, cfg: ModelConfig, model: CausalWanModel, text_encoder: ToyTextEncoder,
+                 weights: str | Path | None = None):
+        self.cfg, self.text_encoder, self.weights = cfg, text_encoder, weights
+        self.graphdef, self.params = nnx.split(model, nnx.Param)
+        self._samplers: dict = {}
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "ToyModel":
+        """From the shipped weights (default) or an exported directory."""
+        cfg, model, enc = load_toy_model(path)
+        return cls(cfg, model, enc, path)
+
+    def context(self, prompts: list[str]) -> np.ndarray:
+        """Text context float32 [B, text_len, text_dim] of the prompts."""
+        return toy_context(prompts, self.text_encoder, self.cfg)
+
+    def sampler(self, sampler_cfg: SamplerConfig | None = None, batch: int = 1, num_frames: int = 24) -> Sampler:
+        """The sampler for this configuration (built once per configuration and kept by this object)."""
+        sc = sampler_cfg or toy_sampler_config(self.weights)
+        cap = num_frames if sc.local_attn_size == -1 else None
+        key = (sc, batch, cap)
+        if key not in self._samplers:
+            self._samplers[key] = Sampler(self.graphdef, self.cfg, sc, batch=batch, latent_hw=self.cfg.latent_hw,
+                                          num_frames=num_frames)
+        return self._samplers[key]
+
+    def generate(self, prompts: list[str], num_frames: int, seed: int = 0, sampler_cfg: SamplerConfig | None = None,
+                 *, progress: bool = False, return_latents: bool = False) -> np.ndarray:
+        """One video per prompt with the KV-cache AR rollout: frames float32 [B, T, 3, H, W] in [-1, 1].
+
+        ``seed`` seeds the initial noise (``default_rng(seed)``, all prompts drawn together) and the re-noise
+        draws (:func:`fkv_jax.sampling.noise.renoise_draws`); ``return_latents`` returns the raw model output
+        instead of clipping to [-1, 1].
+        """
+        sampler = self.sampler(sampler_cfg, len(prompts), num_frames)
+        sampler.check_length(num_frames)
+        noise = batch_noise(seed, (len(prompts), num_frames, self.cfg.in_dim, *self.cfg.latent_hw))
+        out = rollout(sampler, self.params, [self.context(prompts)], noise, seed=seed, progress=progress).latents
+        return out if return_latents else np.clip(out, -1.0, 1.0)
+
+
+def load_toy_model(path: str | Path | None = None) -> tuple[ModelConfig, CausalWanModel, ToyTextEncoder]:
+    """(ModelConfig, CausalWanModel, text encoder) from the shipped weights (or an exported directory); new
+    modules on every call (keep a :class:`ToyModel` to reuse them)."""
+    cfg, params = load_params(None if path is None else str(path))
     model, enc = build(cfg, params)
     return cfg, model, enc
 
@@ -124,50 +121,13 @@ def toy_context(prompts: list[str], text_encoder: ToyTextEncoder | None = None,
     return np.asarray(jax.jit(lambda m, i: m(i))(text_encoder, jnp.asarray(ids)), np.float32)
 
 
-_SAMPLERS: dict = {}
-
-
-def _sampler(graphdef, cfg: ModelConfig, sc: SamplerConfig, batch: int, num_frames: int) -> Sampler:
-    cap = num_frames if sc.local_attn_size == -1 else None
-    key = (id(graphdef), cfg, sc, batch, cap)
-    if key not in _SAMPLERS:
-        _SAMPLERS[key] = Sampler(graphdef, cfg, sc, batch=batch, latent_hw=cfg.latent_hw, num_frames=num_frames)
-    return _SAMPLERS[key]
-
-
 def generate_video(prompts: list[str], num_frames: int, seed: int = 0, sampler_cfg: SamplerConfig | None = None,
                    *, weights: str | Path | None = None, progress: bool = False,
                    return_latents: bool = False) -> np.ndarray:
-    """Generate one video per prompt with the KV-cache AR rollout.
-
-    Args:
-      prompts: e.g. ``["a red circle and a blue square"]`` (closed vocabulary, see ``toyworld.text.VOCAB``).
-      num_frames: a multiple of the sampler's frames_per_block (3).
-      seed: seeds the initial noise (``default_rng(seed)``) and the re-noise draws (``default_rng((seed, block))``).
-      sampler_cfg: default :func:`toy_sampler_config`; ``sampler_preset("self_forcing")`` also works.
-      return_latents: return the raw model output instead of clipping to [-1, 1].
-    Returns:
-      frames float32 [B, T, 3, H, W] in [-1, 1].
-    """
-    cfg, model, enc = load_toy_model(None if weights is None else str(weights))
-    sc = sampler_cfg or toy_sampler_config(weights)
-    ctx = toy_context(prompts, enc, cfg)
-    graphdef, params = _split(model)
-    sampler = _sampler(graphdef, cfg, sc, len(prompts), num_frames)
-    h, w = cfg.latent_hw
-    sampler.check_length(num_frames)
-    noise = np.random.default_rng(seed).standard_normal((len(prompts), num_frames, cfg.in_dim, h, w)).astype(np.float32)
-    out = sampler.generate(params, ctx, noise, seed=seed, progress=progress)
-    return out if return_latents else np.clip(out, -1.0, 1.0)
-
-
-_SPLITS: dict = {}
-
-
-def _split(model: CausalWanModel):
-    if id(model) not in _SPLITS:
-        _SPLITS[id(model)] = nnx.split(model, nnx.Param)
-    return _SPLITS[id(model)]
+    """:meth:`ToyModel.generate` of a freshly loaded model (``weights``: default the shipped ones). Keep a
+    :class:`ToyModel` when generating several videos: its samplers compile once."""
+    return ToyModel.load(weights).generate(prompts, num_frames, seed, sampler_cfg, progress=progress,
+                                           return_latents=return_latents)
 
 
 def save_video(path: str | Path, frames: np.ndarray, fps: int = 8, scale: int = 8) -> Path:

@@ -47,6 +47,7 @@ from fkv_jax.model.transformer import CausalWanModel
 from fkv_jax.sampling.scheduler import training_table
 from fkv_jax.toyworld.attention import teacher_forcing_attention
 from fkv_jax.toyworld.text import ToyTextEncoder, init_text_encoder, tokenize
+from fkv_jax.toyworld.weights import flatten, unflatten
 from fkv_jax.toyworld.world import WorldConfig, make_batch
 
 TOY_DIR = Path(__file__).resolve().parent
@@ -132,14 +133,12 @@ def forward_teacher_forcing(model: CausalWanModel, context: jax.Array, x_clean: 
     ctx_k, ctx_v = model.context_kv(context)
     nblk = f // frames_per_block
 
-    def attend(q, k, v):
-        return teacher_forcing_attention(q, k, v, nblk)
-
     gdef, state = nnx.split(model.blocks)
 
     def layer(xs, st, ck, cv):
-        xs, _, _ = nnx.merge(gdef, st)(xs, e0, cos, sin, ck, cv, attend)
-        return xs
+        blk = nnx.merge(gdef, st)
+        q, k, v = blk.qkv(xs, e0, cos, sin)
+        return blk.finish(xs, teacher_forcing_attention(q, k, v, nblk), e0, ck, cv)
 
     def body(xs, inp):
         return layer(xs, *inp), None
@@ -239,28 +238,6 @@ class Prefetcher:
 # ---- export / load ----------------------------------------------------------------------------------------
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, name + "/"))
-        else:
-            out[name] = np.asarray(v)
-    return out
-
-
-def unflatten(flat: dict[str, np.ndarray]) -> dict:
-    out: dict = {}
-    for name, v in flat.items():
-        node = out
-        parts = name.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(int(p) if p.isdigit() else p, {})
-        node[int(parts[-1]) if parts[-1].isdigit() else parts[-1]] = v
-    return out
-
-
 def export_weights(path: Path, params: dict, cfg: ModelConfig, tc: TrainConfig, extra: dict,
                    dtype: str = "float16") -> Path:
     """Write ``params.npz`` (stored as ``dtype``: float16 keeps the shipped file under 10 MB; loading casts
@@ -311,7 +288,7 @@ def train(tc: TrainConfig, out: Path, *, resume: bool = False, export: Path | No
     out.mkdir(parents=True, exist_ok=True)
     graphdefs, params = init_params(cfg, tc.seed)
     if tc.init:
-        from fkv_jax.toyworld.model import load_params
+        from fkv_jax.toyworld.weights import load_params
 
         init_cfg, loaded = load_params(tc.init)
         if init_cfg != cfg:
