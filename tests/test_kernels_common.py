@@ -75,8 +75,36 @@ def test_auto_on_cpu_is_the_reference():
 
 def test_auto_on_tpu_takes_the_kernel_when_the_layout_allows():
     q = jax.ShapeDtypeStruct((1, 3 * 1560, 12, 128), jnp.bfloat16)
-    cache = jax.ShapeDtypeStruct((1, 21, 1560, 12, 128), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((1, 12, 21, 1560, 128), jnp.bfloat16)
     sel = Selection(frames=jnp.zeros((1, 3, 12, 4), jnp.int32))
     assert choose_backend(q, cache, sel, platform="tpu") == "pallas_tpu"
     q64 = jax.ShapeDtypeStruct((1, 3 * 1560, 12, 64), jnp.bfloat16)
     assert choose_backend(q64, cache, sel, platform="tpu") == "xla"
+
+
+def test_cache_sized_ops_are_found_outside_kernels_only():
+    from fkv_jax.kernels.hlo_check import large_hlo_ops_outside_kernels, large_ops_outside_kernels
+
+    half = 12 * 21 * 1560 * 128 // 2
+    stablehlo = """
+    %0 = stablehlo.reshape %arg3 : (tensor<1x12x21x1560x128xbf16>) -> tensor<1x12x32760x128xbf16>
+    %1 = stablehlo.custom_call @kernel(%arg3) : (tensor<1x12x21x1560x128xbf16>) -> tensor<1x4680x12x128xbf16>
+    %2 = stablehlo.add %1, %1 : tensor<1x4680x12x128xbf16>"""
+    assert [x.split(" = ")[0] for x in large_ops_outside_kernels(stablehlo, half)] == ["%0"]
+    hlo = """
+%dynamic-slice-fusion (p0: bf16[30,1,12,21,1560,128], p1: s32[]) -> bf16[1,4680,12,128] {
+  %dynamic_slice.4 = bf16[1,1,12,21,1560,128]{5,4,3,2,1,0} dynamic-slice(%p0, %p1, %c, %c, %c, %c, %c)
+  %bitcast.7 = bf16[1,12,21,1560,128]{4,3,2,1,0} bitcast(%dynamic_slice.4)
+  ROOT %k = bf16[1,4680,12,128]{3,2,1,0} custom-call(%bitcast.7), custom_call_target="mosaic_gpu_v2"
+}
+
+ENTRY %main (k_cache.1: bf16[1,12,21,1560,128]) -> bf16[1,4680,12,128] {
+  %k_cache.1 = bf16[1,12,21,1560,128]{4,3,2,1,0} parameter(3)
+  %copy.3 = bf16[1,12,21,1560,128]{4,3,2,1,0} copy(%k_cache.1), metadata={}
+  %bitcast.2 = bf16[1,12,32760,128]{3,2,1,0} bitcast(%k_cache.1)
+  %small = f32[4,4]{1,0} add(%a, %b)
+  ROOT %out = bf16[1,4680,12,128]{3,2,1,0} custom-call(%q, %k_cache.1), custom_call_target="mosaic_gpu_v2"
+}
+"""
+    # the slice inside the kernel's dynamic-slice fusion computes an address; the copy in ENTRY is a copy
+    assert [x.split(" = ")[0] for x in large_hlo_ops_outside_kernels(hlo, half)] == ["%copy.3"]

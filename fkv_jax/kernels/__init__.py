@@ -1,17 +1,18 @@
-"""Accelerated backends of :func:`fkv_jax.attention.attend`; importing this package registers them.
+"""Accelerated backends of :func:`fkv_jax.attention.attend` (named in :mod:`fkv_jax.attention.backends`).
 
 * ``pallas_tpu``: Pallas TPU kernel, selection table scalar-prefetched into SMEM.
 * ``mosaic_gpu``: Pallas Mosaic GPU kernel for Hopper (TMA copies, WGMMA).
-* ``triton``: Triton kernel through jax-triton (any CUDA/ROCm GPU).
+* ``triton``: Triton kernel through jax-triton (any CUDA/ROCm GPU); Triton's interpreter on CPU.
 * ``auto``: tpu -> pallas_tpu, Hopper -> mosaic_gpu, other GPUs -> triton, else xla (per call's shapes).
 
-No GPU or TPU has run them: they are checked by interpreters on CPU and by lowering (docs/kernels.md).
-Every backend computes exactly :func:`fkv_jax.attention.reference.selection_attention`.
+Every kernel reads the cache ``[B, H, N, T, D]`` in place. Kernels import only the ``Selection`` contract
+(and the shared shape/packing helpers); the backend table imports them lazily, nothing here registers.
+No GPU or TPU has run them: they are checked by interpreters on CPU and by compiling for the targets
+(docs/kernels.md). Every backend computes exactly :func:`fkv_jax.attention.reference.selection_attention`.
 """
 
 from __future__ import annotations
 
-from fkv_jax.attention import BACKENDS
 from fkv_jax.kernels.auto import auto_attention, choose_backend
 from fkv_jax.kernels.mosaic_gpu import mosaic_gpu_attention
 from fkv_jax.kernels.pallas_tpu import pallas_tpu_attention
@@ -24,10 +25,5 @@ def triton_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel, **kwargs):
 
     return call(q, k_chunk, v_chunk, k_cache, v_cache, sel, **kwargs)
 
-
-BACKENDS["pallas_tpu"] = pallas_tpu_attention
-BACKENDS["mosaic_gpu"] = mosaic_gpu_attention
-BACKENDS["triton"] = triton_attention
-BACKENDS["auto"] = auto_attention
 
 __all__ = ["auto_attention", "choose_backend", "mosaic_gpu_attention", "pallas_tpu_attention", "triton_attention"]

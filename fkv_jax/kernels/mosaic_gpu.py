@@ -3,8 +3,9 @@
 Grid ``(query tiles, Qf * H, B)``; one CTA = one warpgroup = ``BQ = 64`` query rows of one (b, group, head).
 The CTA walks the flat list of key tiles from :func:`~fkv_jax.kernels.tiles.tile_table` (allowed chunk
 frames, valid memory tokens, selected cache slots; each a ``[BK, D]`` box, ``BK = 64`` rows): one TMA copy
-per tile of K and of V straight out of the cache viewed as ``[B, N * T, H, D]`` (a selected frame is T
-consecutive rows with a row stride of H * D, which a TMA box reads as is: no gather, no copy of the cache).
+per tile of K and of V straight out of the cache ``[B, H, N, T, D]`` as it is stored (a tile of a selected
+frame is the contiguous box ``cache[b, h, slot, off:off + BK, :]``: no gather, no reshape, no copy of the
+cache); chunk and memory tiles are ``[BK, D]`` boxes of ``[B, rows, H, D]`` with a row stride of H * D.
 The loop is double-buffered: tile i + 1 is in flight while tile i is computed::
 
     S = Q K^T            wgmma, Q [BQ, D] and K [BK, D] (transposed view) in swizzled SMEM, f32 accumulator
@@ -44,7 +45,7 @@ def _kernel(*refs, dims: Dims, sources: tuple[int, ...], block_q: int, block_k: 
     n_src = len(sources)
     q_ref, kv_refs, (table_ref, count_ref, o_ref) = refs[0], refs[1:1 + 2 * n_src], refs[1 + 2 * n_src:]
     src_refs = {s: (kv_refs[2 * i], kv_refs[2 * i + 1]) for i, s in enumerate(sources)}
-    d, tq, dtype = dims.head_dim, dims.group_tokens, q_ref.dtype
+    d, tq, t, dtype = dims.head_dim, dims.group_tokens, dims.frame_tokens, q_ref.dtype
     scale = 1.0 / math.sqrt(d)
 
     def body(q_smem, k_smem, v_smem, p_smem, q_bar, k_bar, v_bar):
@@ -60,8 +61,13 @@ def _kernel(*refs, dims: Dims, sources: tuple[int, ...], block_q: int, block_k: 
             for sid, (kr, vr) in src_refs.items():
                 @pl.when(src == sid)
                 def _copy():
-                    plgpu.copy_gmem_to_smem(kr.at[b, pl.ds(start, block_k), h], k_smem.at[slot], k_bar.at[slot])
-                    plgpu.copy_gmem_to_smem(vr.at[b, pl.ds(start, block_k), h], v_smem.at[slot], v_bar.at[slot])
+                    if sid == SRC_CACHE:  # [B, H, N, T, D]: a tile never leaves its frame (T >= BK)
+                        frame, off = lax.div(start, jnp.int32(t)), lax.rem(start, jnp.int32(t))
+                        k_box, v_box = (r.at[b, h, frame, pl.ds(off, block_k)] for r in (kr, vr))
+                    else:  # chunk / packed memory [B, rows, H, D]
+                        k_box, v_box = (r.at[b, pl.ds(start, block_k), h] for r in (kr, vr))
+                    plgpu.copy_gmem_to_smem(k_box, k_smem.at[slot], k_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(v_box, v_smem.at[slot], v_bar.at[slot])
 
         @pl.when(n_tiles > 0)
         def _first():
@@ -125,7 +131,8 @@ def mosaic_gpu_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, 
     """Selection attention (same numbers as :func:`fkv_jax.attention.reference.selection_attention`).
 
     Args:
-      q, k_chunk, v_chunk: [B, C*T, H, D] bfloat16 or float16; k_cache, v_cache: [B, N, T, H, D] same dtype.
+      q, k_chunk, v_chunk: [B, C*T, H, D] bfloat16 or float16; k_cache, v_cache: [B, H, N, T, D] same dtype
+        (read in place: each tile is one TMA box ``cache[b, h, slot, off:off + BK, :]``).
       block_q, block_k: query rows per CTA (64: one warpgroup's WGMMA) and key rows per tile (multiple of 64).
       interpret: None on a GPU; ``fkv_jax.kernels.mosaic_gpu_interpret.interpret_params()`` to run on CPU.
     Returns:
@@ -156,7 +163,7 @@ def mosaic_gpu_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, 
     if n and dims.budget:
         sfetch, scount = pack_indices(sel.frames)
         sources.append(SRC_CACHE)
-        operands += [k_cache.reshape(b, n * t, h, d), v_cache.reshape(b, n * t, h, d)]
+        operands += [k_cache, v_cache]  # [B, H, N, T, D] as they are: the kernel's TMA boxes index them
     table, count = tile_table(chunk_fetch=cfetch, chunk_count=ccount, slot_fetch=sfetch, slot_count=scount,
                               mem_count=mem_count, mem_rows=mem_rows, frame_tokens=t, block_k=block_k)
     kernel = functools.partial(_kernel, dims=dims, sources=tuple(sources), block_q=block_q, block_k=block_k)

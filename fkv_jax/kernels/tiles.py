@@ -7,7 +7,8 @@ has a window of valid rows:
 
 * chunk:  ``k_chunk[b, START : START + BK, h]`` (rows of the chunk, frame c at ``c * T``)
 * memory: ``mem_k[b, START : START + BK, h]`` after :func:`~fkv_jax.kernels.packing.pack_memory`
-* cache:  ``k_cache.reshape(B, N * T, H, D)[b, START : START + BK, h]`` (slot s at ``s * T``)
+* cache:  row ``START`` of the ``[N * T, D]`` plane of ``k_cache[b, h]`` (the cache ``[B, H, N, T, D]`` read in
+  place; slot s starts at row ``s * T``)
 
 and rows ``[LO, HI)`` of the tile are keys to use. A frame of T tokens is cut into ``ceil(T / BK)`` tiles;
 when ``T >= BK`` the last one is shifted back to end exactly at the frame's end (its first rows, already

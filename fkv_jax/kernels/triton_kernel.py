@@ -2,19 +2,30 @@
 
 One program = ``BLOCK_Q`` query rows of one (b, group, head); it walks the packed tile list of
 :func:`~fkv_jax.kernels.tiles.tile_table` (allowed chunk frames, valid memory tokens, selected cache slots),
-loading each ``[BLOCK_K, D]`` tile of K and V by pointer arithmetic from its source (the cache is read in
-place as ``[B, N * T, H, D]``), and runs the online softmax in float32 with ``tl.dot`` (bf16/f16 tensor
-cores on GPU; ``input_precision="ieee"`` for float32 inputs). Rows outside ``[LO, HI)`` of a tile and query
-rows past the group are masked, so any T and Tq work.
+loading each ``[BLOCK_K, D]`` tile of K and V by pointer arithmetic from its source, and runs the online
+softmax in float32 with ``tl.dot`` (bf16/f16 tensor cores on GPU; ``input_precision="ieee"`` for float32).
 
-The same ``@triton.jit`` function is compiled for GPUs by jax-triton (:mod:`fkv_jax.kernels.triton_jax`)
-and executed on CPU by Triton's interpreter (:func:`interpret_attention`, torch CPU tensors). Triton picks
-one of the two when it is imported: ``TRITON_INTERPRET=1`` must be in the environment before ``import
-triton`` for the interpreter, and must not be for jax-triton, so the two never share a process.
+Layouts read in place (no copy, no reshape of any operand outside the kernel):
+
+* q, k_chunk, v_chunk, out: ``[B, S, H, D]``: row r of head h at ``((b * S + r) * H + h) * D``;
+* packed memory ``[B, ROWS_M, H, D]`` (same strides);
+* the cache ``[B, H, N, T, D]`` (heads first): slot s, token t of (b, h) is row ``s * T + t`` of the
+  contiguous ``[N * T, D]`` plane at ``(b * H + h) * N * T * D``.
+
+A cache whose dtype differs from q's (e.g. a float32 cache under bf16 queries) is cast per ``[BLOCK_K, D]``
+tile right after its load, to q's dtype (what the XLA reference does); the products accumulate in float32.
+Rows outside ``[LO, HI)`` of a tile and query rows past the group are masked, so any T and Tq work.
+
+The same ``@triton.jit`` function is compiled for GPUs (jax-triton in :mod:`fkv_jax.kernels.triton_jax`, or
+ahead of time by :mod:`fkv_jax.kernels.triton_aot`) and executed on CPU by Triton's interpreter
+(:func:`run_interpreted`): the interpreter wraps the kernel's Python function explicitly, so it does not
+depend on ``TRITON_INTERPRET`` and both can live in one process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 
 import numpy as np
@@ -29,8 +40,9 @@ def selection_attention_kernel(
     ROWS_M: tl.constexpr, ROWS_N: tl.constexpr, N_TILES: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """q, kc, vc, out: [B, S, H, D]; km, vm: [B, ROWS_M, H, D]; kn, vn: [B, ROWS_N, H, D];
-    table: int32 [B, QF, H, N_TILES, 4]; count: int32 [B, QF, H]. Grid: (cdiv(TQ, BLOCK_Q), QF * H, B)."""
+    """q, kc, vc, out: [B, S, H, D]; km, vm: [B, ROWS_M, H, D]; kn, vn: [B, H, ROWS_N = N * T, D] (the
+    cache [B, H, N, T, D]); table: int32 [B, QF, H, N_TILES, 4]; count: int32 [B, QF, H].
+    Grid: (cdiv(TQ, BLOCK_Q), QF * H, B)."""
     qt = tl.program_id(0)
     gh = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -40,7 +52,7 @@ def selection_attention_kernel(
     rows = qt * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_ok = rows < TQ
     dcol = tl.arange(0, D)
-    q_off = (b * S + g * TQ + rows)[:, None] * hd + h * D + dcol[None, :]
+    q_off = (b * S + g * TQ + rows)[:, None] * hd + h * D + dcol[None, :]  # [BLOCK_Q, D]
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
     m = tl.full([BLOCK_Q], -1e30, tl.float32)
     l = tl.zeros([BLOCK_Q], tl.float32)
@@ -54,37 +66,61 @@ def selection_attention_kernel(
         start = tl.load(entry + 1)
         lo = tl.load(entry + 2)
         hi = tl.load(entry + 3)
-        if src == 0:
-            k_base = kc_ptr + b * S * hd
-            v_base = vc_ptr + b * S * hd
-        elif src == 1:
-            k_base = km_ptr + b * ROWS_M * hd
-            v_base = vm_ptr + b * ROWS_M * hd
-        else:
-            k_base = kn_ptr + b * ROWS_N * hd
-            v_base = vn_ptr + b * ROWS_N * hd
         key_ok = (krow >= lo) & (krow < hi)
-        kv_off = (start + krow).to(tl.int64)[:, None] * hd + h * D + dcol[None, :]
-        k = tl.load(k_base + kv_off, mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_base + kv_off, mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE
+        r = (start + krow).to(tl.int64)  # [BLOCK_K] source rows
+        if src == 0:  # chunk [B, S, H, D]
+            off = (b * S + r)[:, None] * hd + h * D + dcol[None, :]
+            k = tl.load(kc_ptr + off, mask=key_ok[:, None], other=0.0).to(q.dtype)
+            v = tl.load(vc_ptr + off, mask=key_ok[:, None], other=0.0).to(q.dtype)
+        elif src == 1:  # packed memory [B, ROWS_M, H, D]
+            off = (b * ROWS_M + r)[:, None] * hd + h * D + dcol[None, :]
+            k = tl.load(km_ptr + off, mask=key_ok[:, None], other=0.0).to(q.dtype)
+            v = tl.load(vm_ptr + off, mask=key_ok[:, None], other=0.0).to(q.dtype)
+        else:  # cache [B, H, N * T, D], in place; a tile of another dtype is cast here, never the cache
+            off = ((b * H + h) * ROWS_N + r)[:, None] * D + dcol[None, :]
+            k = tl.load(kn_ptr + off, mask=key_ok[:, None], other=0.0).to(q.dtype)
+            v = tl.load(vn_ptr + off, mask=key_ok[:, None], other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # [BLOCK_Q, BLOCK_K] float32
         s = tl.where(key_ok[None, :], s, -1e30)
         m_new = tl.maximum(m, tl.max(s, 1))
         corr = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l = l * corr + tl.sum(p, 1)
-        acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * corr[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
         m = m_new
     l = tl.where(l == 0.0, 1.0, l)  # no key at all -> zeros
     out = acc / l[:, None]
     tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+@dataclasses.dataclass(frozen=True)
+class TritonBlocks:
+    """Launch configuration of :func:`selection_attention_kernel` (what the GPU wrapper uses by default)."""
+
+    block_q: int = 64  # query rows per program
+    block_k: int = 64  # key rows per tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"triton {name} must be a power of two >= 16 (tl.dot), got {v}")
+
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_head_dim(d: int) -> None:
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"triton needs a power-of-two head_dim >= 16 (tl.dot, tl.arange), got head_dim={d}")
+
+
 def kernel_params(dims, mem_rows: int, cache_rows: int, n_tiles: int, dtype, block_q: int, block_k: int) -> dict:
     """The constexpr arguments of :func:`selection_attention_kernel` for one call."""
-    if dims.head_dim & (dims.head_dim - 1) or dims.head_dim < 16 or block_q < 16 or block_k < 16:
-        raise ValueError(f"triton needs a power-of-two head_dim >= 16 and blocks >= 16 (tl.dot), got "
-                         f"D={dims.head_dim}, block_q={block_q}, block_k={block_k}")
+    check_head_dim(dims.head_dim)
+    TritonBlocks(block_q=block_q, block_k=block_k)
     return dict(H=dims.heads, D=dims.head_dim, S=dims.tokens, TQ=dims.group_tokens, QF=dims.groups,
                 ROWS_M=mem_rows, ROWS_N=cache_rows, N_TILES=n_tiles, SCALE=1.0 / math.sqrt(dims.head_dim),
                 BLOCK_Q=block_q, BLOCK_K=block_k, PRECISION="ieee" if np.dtype(dtype) == np.float32 else "tf32")
@@ -119,24 +155,55 @@ def _interpreter_bf16_dot() -> None:
     interpreter.InterpreterBuilder.create_dot = create_dot
 
 
-def interpret_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel, *, block_q: int = 16,
-                        block_k: int = 16) -> np.ndarray:
-    """Run :func:`selection_attention_kernel` in Triton's interpreter on CPU (torch CPU tensors).
+_INTERPRETED: dict = {}
 
-    Needs ``TRITON_INTERPRET=1`` in the environment before triton was imported. Same arguments as
-    :func:`~fkv_jax.kernels.triton_jax.triton_attention`; the XLA-side preparation (packing, tile table) is
-    shared with it. The output buffer starts as NaN, so an element the kernel does not write stays NaN.
-    Returns a numpy array [B, C*T, H, D] in q's dtype (bfloat16 as ``ml_dtypes.bfloat16``).
+
+def _interpreted(fn):
+    """``fn`` (a ``JITFunction``) as a Triton ``InterpretedFunction``, made once."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(fn, InterpretedFunction):
+        return fn
+    if fn.fn not in _INTERPRETED:
+        _INTERPRETED[fn.fn] = InterpretedFunction(fn.fn)
+    return _INTERPRETED[fn.fn]
+
+
+@contextlib.contextmanager
+def _device_calls_interpreted():
+    """Within the block, a call of a compiled-mode ``@triton.jit`` function from interpreted code (the
+    ``tl.max`` / ``tl.sum`` helpers of triton.language, decorated when triton was imported without
+    TRITON_INTERPRET) runs it through the interpreter, as it would under TRITON_INTERPRET=1."""
+    from triton.runtime.interpreter import _patch_lang
+    from triton.runtime.jit import JITFunction
+
+    def call(self, *args, **kwargs):
+        # what InterpretedFunction.__call__ does, except that the language patch is undone afterwards
+        # (Triton 3.9 leaves it in place, which breaks a later compile in the same process)
+        scope = _patch_lang(self.fn)
+        try:
+            return _interpreted(self).rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
+
+    original = JITFunction.__call__
+    JITFunction.__call__ = call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+
+
+def run_interpreted(operands, params: dict, grid_shape: tuple[int, int, int], out_dtype) -> np.ndarray:
+    """Execute the kernel in Triton's interpreter on CPU (torch CPU tensors) on numpy operands (q, kc, vc,
+    km, vm, kn, vn, table, count, as :func:`fkv_jax.kernels.triton_jax.prepare` builds them).
+
+    The output buffer starts as NaN, so an element the kernel does not write stays NaN. Returns a numpy
+    array [B, C*T, H, D] of ``out_dtype`` (bfloat16 as ``ml_dtypes.bfloat16``).
     """
     import torch
 
-    from fkv_jax.kernels.triton_jax import prepare
-
-    if not triton.knobs.runtime.interpret:
-        raise RuntimeError("the Triton interpreter needs TRITON_INTERPRET=1 set before triton is imported")
-
     _interpreter_bf16_dot()
-    dims, operands, params = prepare(q, k_chunk, v_chunk, k_cache, v_cache, sel, block_q=block_q, block_k=block_k)
 
     def to_torch(x):
         x = np.asarray(x)
@@ -145,8 +212,24 @@ def interpret_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel, *, block_q: 
         return torch.from_numpy(np.array(x))  # a writable copy
 
     args = [to_torch(x) for x in operands]
-    out = torch.full(args[0].shape, float("nan"), dtype=args[0].dtype)
-    selection_attention_kernel[grid(dims, block_q)](*args, out, **params)
+    out_np_dtype = np.dtype(out_dtype)
+    tdtype = torch.bfloat16 if out_np_dtype.name == "bfloat16" else getattr(torch, out_np_dtype.name)
+    out = torch.full(args[0].shape, float("nan"), dtype=tdtype)
+    with _device_calls_interpreted():
+        _interpreted(selection_attention_kernel)[grid_shape](*args, out, **params)
     if out.dtype == torch.bfloat16:
-        return out.view(torch.int16).numpy().view(np.asarray(q).dtype)
+        return out.view(torch.int16).numpy().view(out_np_dtype)
     return out.numpy()
+
+
+def interpret_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel, *, block_q: int = 16,
+                        block_k: int = 16) -> np.ndarray:
+    """Run :func:`selection_attention_kernel` in Triton's interpreter on CPU, eagerly (tests).
+
+    Same arguments as :func:`~fkv_jax.kernels.triton_jax.triton_attention`; the XLA-side preparation
+    (packing, tile table) is shared with it. Returns a numpy array [B, C*T, H, D] in q's dtype.
+    """
+    from fkv_jax.kernels.triton_jax import prepare
+
+    dims, operands, params = prepare(q, k_chunk, v_chunk, k_cache, v_cache, sel, block_q=block_q, block_k=block_k)
+    return run_interpreted([np.asarray(x) for x in operands], params, grid(dims, block_q), q.dtype)

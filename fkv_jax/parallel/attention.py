@@ -14,7 +14,7 @@ from fkv_jax.attention import BACKENDS
 from fkv_jax.attention.selection import Selection
 from fkv_jax.parallel.shardings import HEADS
 
-CACHE = P("data", None, None, "model", None)  # [B, N, T, H, D]
+CACHE = P("data", "model", None, None, None)  # [B, H, N, T, D]
 
 
 def selection_specs(sel: Selection) -> Selection:
@@ -29,7 +29,7 @@ def selection_specs(sel: Selection) -> Selection:
 def sharded_attention(mesh: Mesh, backend: str = "xla", **backend_kwargs):
     """``fn(q, k_chunk, v_chunk, k_cache, v_cache, sel)`` running ``BACKENDS[backend]`` per device.
 
-    q, k_chunk, v_chunk: [B, C*T, H, D] and k_cache, v_cache: [B, N, T, H, D] split as (data, model) on
+    q, k_chunk, v_chunk: [B, C*T, H, D] and k_cache, v_cache: [B, H, N, T, D] split as (data, model) on
     (B, H); the Selection likewise. ``backend_kwargs`` go to the kernel (e.g. ``interpret=...``).
     """
     kernel = functools.partial(BACKENDS[backend], **backend_kwargs)
