@@ -310,3 +310,29 @@ def test_bfloat16_model_end_to_end_stays_near_the_float32_reference(tiny_model, 
     assert res.cache["k"].dtype == jnp.bfloat16 and s.trace_count == 1
     err = rel_err(res.latents, ref[f"{case}/final_latents"])
     assert 1e-4 < err <= 3e-2, err  # really bf16 (not the f32 path), and close to it
+
+
+def test_attention_is_a_value_and_names_are_checked_at_construction(tiny_model, tiny_cfg, ref):
+    """Sampler(attention=fn) runs exactly fn; a backend name is resolved once, when the Sampler is built."""
+    from fkv_jax.attention import BackendError
+    from fkv_jax.attention.reference import selection_attention
+
+    graphdef, params = tiny_model
+    sc = sampler_preset("self_forcing")
+    noise = ref["global/noise"][:, :3]
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return selection_attention(*args)
+
+    base = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=3).generate(
+        params, ref["context"], noise, progress=False)
+    mine = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=3, attention=spy)
+    np.testing.assert_array_equal(mine.generate(params, ref["context"], noise, progress=False), base)
+    assert calls  # traced through the function given
+    zero = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=3,
+                   attention=lambda *a: 0 * selection_attention(*a))
+    assert not np.allclose(zero.generate(params, ref["context"], noise, progress=False), base)
+    with pytest.raises(BackendError, match="unknown attention backend 'nope'"):
+        Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=3, attention_backend="nope")

@@ -8,11 +8,11 @@ Multi-host: call ``jax.distributed.initialize()`` first on every host, then buil
 ``jax.devices()`` (all hosts' devices); see docs/kernels.md.
 """
 
-from fkv_jax.parallel.attention import register_sharded, sharded_attention
+from fkv_jax.parallel.attention import sharded, sharded_attention
 from fkv_jax.parallel.mesh import make_mesh, parse_mesh_spec
 from fkv_jax.parallel.sampler import ShardedSampler
 from fkv_jax.parallel.shardings import cache_shardings, param_shardings, param_spec
 
 __all__ = ["ShardedSampler", "cache_shardings", "make_mesh", "param_shardings", "param_spec", "parse_mesh_spec",
-           "register_sharded",
+           "sharded",
            "sharded_attention"]

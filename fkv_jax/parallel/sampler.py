@@ -10,12 +10,14 @@ hidden-sharded projections.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fkv_jax.cache.kv_cache import init_cache
-from fkv_jax.parallel.attention import register_sharded
+from fkv_jax.parallel.attention import sharded
 from fkv_jax.parallel.shardings import (
     CONTEXT_KV,
     batch_sharding,
@@ -23,7 +25,8 @@ from fkv_jax.parallel.shardings import (
     check_divisible,
     param_shardings,
 )
-from fkv_jax.sampling.rollout import ChunkOutput, Sampler
+from fkv_jax.model.build import model_dtype
+from fkv_jax.sampling.rollout import ChunkOutput, Sampler, _named_attention
 
 
 class ShardedSampler(Sampler):
@@ -40,13 +43,18 @@ class ShardedSampler(Sampler):
           mesh: a ``(data, model)`` mesh (:func:`~fkv_jax.parallel.mesh.make_mesh`).
           batch: videos per call; the ``data`` axis must divide it (``model`` must divide the heads).
           attention_backend: a key of ``fkv_jax.attention.BACKENDS``; it runs under ``jax.shard_map`` on
-            each device's batch rows and heads (:func:`~fkv_jax.parallel.attention.register_sharded`).
+            each device's batch rows and heads (:func:`~fkv_jax.parallel.attention.sharded`).
           attention_kwargs: extra keyword arguments of the backend (e.g. ``interpret=`` for a kernel on CPU).
           kwargs: the other :class:`~fkv_jax.sampling.rollout.Sampler` arguments.
         """
         check_divisible(model_cfg, mesh, batch)
-        backend = register_sharded(mesh, attention_backend, **(attention_kwargs or {}))
-        super().__init__(graphdef, model_cfg, sampler_cfg, batch=batch, attention_backend=backend, **kwargs)
+        dtype = model_dtype(graphdef)
+        gh, gw = model_cfg.grid_hw(tuple(kwargs["latent_hw"]))
+        fn = _named_attention(attention_backend, dtype, kwargs.get("cache_dtype") or dtype, model_cfg.head_dim,
+                              gh * gw)  # resolved and checked for this model
+        if attention_kwargs:
+            fn = functools.partial(fn, **attention_kwargs)
+        super().__init__(graphdef, model_cfg, sampler_cfg, batch=batch, attention=sharded(mesh, fn), **kwargs)
         self.mesh = mesh
         self.cache_sharding = cache_shardings(mesh)
         rep = NamedSharding(mesh, P())

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fkv_jax.attention import attend
 from fkv_jax.attention.selection import Selection, pack_mask
 from fkv_jax.cache.kv_cache import CacheGeometry, write
 from fkv_jax.model.embeddings import timestep_sinusoid_np
@@ -44,7 +43,7 @@ def recache_frames(geom: CacheGeometry, local_attn_size: int, start_frame: int) 
 
 
 def recache(graphdef: nnx.GraphDef, geom: CacheGeometry, rope, params, cache: dict, ctx_kv, latents: jax.Array,
-            recache_start: jax.Array, rewrite_sink: jax.Array, *, backend: str = "xla") -> dict:
+            recache_start: jax.Array, rewrite_sink: jax.Array, *, attention: Callable | None = None) -> dict:
     """Re-compute the cache from clean latents with new text K/V (one model call at ``t = 0``).
 
     Args:
@@ -55,6 +54,9 @@ def recache(graphdef: nnx.GraphDef, geom: CacheGeometry, rope, params, cache: di
       rewrite_sink: bool scalar; True for ``global_sink=False`` or ``rs == 0`` (see the module docstring).
     Returns the new cache (same shapes). Both scalars may be traced: one executable per re-cache length.
     """
+    from fkv_jax.attention.reference import selection_attention
+
+    attention = attention or selection_attention
     model = nnx.merge(graphdef, params)
     b, n = latents.shape[:2]
     s, num_slots = geom.sink, geom.num_slots
@@ -72,7 +74,7 @@ def recache(graphdef: nnx.GraphDef, geom: CacheGeometry, rope, params, cache: di
 
     def attn_fn(layer, lx, q, k, v):
         ck, cv = lx
-        return attend(q, k, v, ck, cv, sel, backend=backend), None
+        return attention(q, k, v, ck, cv, sel), None
 
     t0 = jnp.asarray(timestep_sinusoid_np(np.zeros(1), model.cfg.freq_dim))
     ts = jnp.broadcast_to(t0, (b, n, t0.shape[-1]))
@@ -94,8 +96,7 @@ def recache(graphdef: nnx.GraphDef, geom: CacheGeometry, rope, params, cache: di
 class PromptSwitcher:
     """Jitted :func:`recache` for one sampler (compiles once per re-cache length)."""
 
-    def __init__(self, sampler, graphdef: nnx.GraphDef | None = None, *, global_sink: bool = True,
-                 backend: str = "xla"):
+    def __init__(self, sampler, graphdef: nnx.GraphDef | None = None, *, global_sink: bool = True):
         if getattr(sampler, "rope_mode", "absolute") != "absolute":
             raise ValueError("prompt switching (KV re-cache) supports rope_mode='absolute' only")
         if type(sampler.policy) is not Policy:
@@ -106,7 +107,7 @@ class PromptSwitcher:
         geom, rope = sampler.geom, sampler.rope
         self._fn = jax.jit(
             lambda params, cache, ctx_kv, lat, rs, rewrite: recache(graphdef, geom, rope, params, cache, ctx_kv, lat,
-                                                                    rs, rewrite, backend=backend),
+                                                                    rs, rewrite, attention=sampler.attention),
             donate_argnums=(1,))
 
     def num_frames(self, start_frame: int) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from fkv_jax.attention import attend
+from fkv_jax.attention.backends import auto_attention, resolve_backend
 from fkv_jax.cache.kv_cache import CacheGeometry, init_cache, visible_slots, write
 from fkv_jax.config import ModelConfig, SamplerConfig
 from fkv_jax.model.build import model_dtype
@@ -70,6 +70,7 @@ class Sampler:
         max_traces: int | None = None,
         policy: Policy | None = None,
         attention_backend: str = "xla",
+        attention: Callable | None = None,
         rope_mode: str = "absolute",
         trajectories: bool = False,
     ):
@@ -80,7 +81,9 @@ class Sampler:
             dtype, i.e. the dtype its graphdef was built with: a bfloat16 model gets a bfloat16 cache).
           cache_frames: capacity of a global cache (local_attn_size = -1), default ``num_frames``.
           policy: the KV selection policy (default: plain cache, i.e. every frame the window allows).
-          attention_backend: a key of ``fkv_jax.attention.BACKENDS``.
+          attention: the attention function ``fn(q, k_chunk, v_chunk, k_cache, v_cache, selection) -> out`` (a
+            value: a kernel, a wrapped or a sharded one); when None, ``attention_backend`` names one, resolved
+            and checked here for this model's dtypes and sizes (``auto``: per call, at trace time).
           rope_mode: ``absolute`` (upstream: keys cached after RoPE at their absolute frame, at most
             ``rope_max_frames`` frames) or ``window_relative`` (LongLive's infinite variant: keys cached
             un-rotated, re-rotated at every call by their rank in the window, queries at the window's end;
@@ -117,14 +120,17 @@ class Sampler:
         if rope_mode == "window_relative" and policy is not None and not self.policy.supports_relative_rope:
             raise ValueError(f"policy {self.policy.name} assumes absolute RoPE; use rope_mode='absolute'")
         self.rope_mode = rope_mode
+
         self.trajectories = trajectories
         self.cache_dtype = cache_dtype.name
+        self.attention = attention if attention is not None else _named_attention(
+            attention_backend, self.dtype, self.cache_dtype, model_cfg.head_dim, gh * gw)
         self.schedule: Schedule = make_schedule(sampler_cfg)
         self.rope = make_rope_tables(model_cfg.head_dim, (gh, gw), model_cfg.rope_max_frames)
         t_sin = timestep_sinusoid_np(self.schedule.timesteps, model_cfg.freq_dim)  # [n + 1, freq_dim]
         self._graphdef = graphdef
         step, prefill = _make_chunk_step(graphdef, self.geom, self.schedule, self.rope, t_sin, self.policy,
-                                         attention_backend, rope_mode == "window_relative", sampler_cfg.solver,
+                                         self.attention, rope_mode == "window_relative", sampler_cfg.solver,
                                          sampler_cfg.prediction, trajectories)
         self.prefill_step = jax.jit(prefill, donate_argnums=(1, 2))
         self.trace_count = 0
@@ -205,7 +211,6 @@ def rollout(
     state=None,
     initial_latents: jax.Array | None = None,
     graphdef=None,
-    backend: str = "xla",
 ) -> Rollout:
     """The AR rollout: one ``sampler.chunk_step`` per chunk, with LongLive prompt switches (a KV re-cache at
     each switch) and video extension. The one host loop of the project.
@@ -215,7 +220,8 @@ def rollout(
         K/V is computed once, when the segment starts.
       noise: ``[B, F, C, H, W]`` initial noise (Self Forcing layout).
       switch_frames: latent frame of each prompt switch (``len(contexts) - 1`` of them).
-      global_sink, graphdef, backend: of the re-cache (:class:`~fkv_jax.sampling.recache.PromptSwitcher`).
+      global_sink, graphdef: of the re-cache (:class:`~fkv_jax.sampling.recache.PromptSwitcher`, which uses
+        the sampler's attention).
       renoise: ``[num_blocks, n - 1, B, C_blk, C, H, W]`` draws (a recorded run), or ``fn(block) -> [n - 1, B,
         C_blk, C, H, W]``; default :func:`~fkv_jax.sampling.noise.renoise_draws` of ``seed``.
       on_chunk: ``on_chunk(block, ChunkOutput)`` after each chunk (streaming consumers, tests).
@@ -244,7 +250,7 @@ def rollout(
         if tuple(renoise.shape) != want:
             raise ValueError(f"renoise must have shape [num_blocks, steps-1, B, C_blk, C, H, W] = {want}, "
                              f"got {tuple(renoise.shape)}")
-    switcher = PromptSwitcher(sampler, graphdef, global_sink=global_sink, backend=backend) if switch_frames else None
+    switcher = PromptSwitcher(sampler, graphdef, global_sink=global_sink) if switch_frames else None
     seg = 0
     ctx_kv = sampler.context_kv(params, contexts[0])
     cache = sampler.init_cache()
@@ -287,8 +293,17 @@ def rollout(
     return Rollout(latents=out, cache=cache, state=state)
 
 
+def _named_attention(name: str, dtype, cache_dtype, head_dim: int, tokens_per_frame: int) -> Callable:
+    """The attention function a backend name stands for, checked for this model (one BackendError line
+    otherwise). ``auto`` chooses per call, at trace time, from the call's own shapes."""
+    if name == "auto":
+        return auto_attention
+    return resolve_backend(name, dtype=dtype, cache_dtype=cache_dtype, head_dim=head_dim,
+                           tokens_per_frame=tokens_per_frame)[1]
+
+
 def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_sin_table: np.ndarray,
-                     policy: Policy, backend: str, relative: bool = False, solver: str = "renoise",
+                     policy: Policy, attention: Callable, relative: bool = False, solver: str = "renoise",
                      prediction: str = "flow", trajectories: bool = False):
     """The jitted bodies: ``chunk_step`` (denoise + clean pass + write) and ``prefill_step`` (clean pass + write)."""
     n = schedule.num_steps
@@ -332,7 +347,7 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
                 sel, aux = policy.select(call)
                 if clean:  # the clean pass may also hand its queries to on_write
                     aux = {"select": aux, "q": q if policy.needs_clean_queries else None}
-                out = policy.post_attention(call, attend(q, k, v, ck, cv, sel, backend=backend))
+                out = policy.post_attention(call, attention(q, k, v, ck, cv, sel))
                 return out, aux
             return attn_fn
 
