@@ -16,7 +16,6 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fkv_jax.cache.kv_cache import init_cache
 from fkv_jax.parallel.attention import sharded
 from fkv_jax.parallel.shardings import (
     CONTEXT_KV,
@@ -26,7 +25,14 @@ from fkv_jax.parallel.shardings import (
     param_shardings,
 )
 from fkv_jax.model.build import model_dtype
-from fkv_jax.sampling.rollout import ChunkOutput, Sampler, _named_attention
+from fkv_jax.sampling.rollout import Sampler, StepShardings, _named_attention
+
+
+def step_shardings(mesh: Mesh) -> StepShardings:
+    """The chunk step's shardings on a ``(data, model)`` mesh: batch on ``data``, heads on ``model``."""
+    rep = NamedSharding(mesh, P())
+    return StepShardings(cache=cache_shardings(mesh), state=rep, context=NamedSharding(mesh, CONTEXT_KV),
+                         chunk=batch_sharding(mesh, 5), steps=batch_sharding(mesh, 6, batch_axis=1), replicated=rep)
 
 
 class ShardedSampler(Sampler):
@@ -54,34 +60,14 @@ class ShardedSampler(Sampler):
                               gh * gw)  # resolved and checked for this model
         if attention_kwargs:
             fn = functools.partial(fn, **attention_kwargs)
-        super().__init__(graphdef, model_cfg, sampler_cfg, batch=batch, attention=sharded(mesh, fn), **kwargs)
+        super().__init__(graphdef, model_cfg, sampler_cfg, batch=batch, attention=sharded(mesh, fn),
+                         shardings=step_shardings(mesh), **kwargs)
         self.mesh = mesh
-        self.cache_sharding = cache_shardings(mesh)
-        rep = NamedSharding(mesh, P())
-        ctx = NamedSharding(mesh, CONTEXT_KV)
-        chunk = batch_sharding(mesh, 5)  # [B, C, Cin, H, W]
-        steps = batch_sharding(mesh, 6, batch_axis=1)  # [n, B, C, Cin, H, W]
-        traj = steps if self.trajectories else None
-        outputs = ChunkOutput(x0=chunk, flows=traj, x0s=traj, select_aux=rep, write_aux=rep)
-        # The Sampler's own (trace-counting) step, re-jitted with shardings. Params keep their placement;
-        # the policy state is replicated, so it comes back as it went in and the step compiles once.
-        self.chunk_step = jax.jit(self.chunk_step.__wrapped__, donate_argnums=(1, 2),
-                                  in_shardings=(None, self.cache_sharding, rep, (ctx, ctx), chunk, steps, rep),
-                                  out_shardings=(outputs, self.cache_sharding, rep))
-        self._context_kv = jax.jit(self._context_kv.__wrapped__, out_shardings=(ctx, ctx))
-        self._init_cache = jax.jit(lambda: init_cache(self.geom, self.cache_dtype), out_shardings=self.cache_sharding)
+        self.cache_sharding = self.shardings.cache
 
     def shard_params(self, params):
         """Place params on the mesh (a no-op for params already placed this way)."""
         return jax.device_put(params, param_shardings(params, self.mesh))
-
-    def init_cache(self):
-        """An empty cache, allocated sharded."""
-        return self._init_cache()
-
-    def init_state(self):
-        """The policy's initial state, replicated over the mesh (as the chunk step returns it)."""
-        return jax.device_put(super().init_state(), NamedSharding(self.mesh, P()))
 
     def generate(self, params, context, noise, **kwargs):
         """:meth:`Sampler.generate` with params placed on the mesh first."""

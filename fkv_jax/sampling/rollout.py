@@ -49,6 +49,19 @@ class ChunkOutput:
     write_aux: Any = None  # the policy's on_write() aux
 
 
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where the chunk step's arrays live (``jax.sharding.Sharding`` values), for a Sampler on a device mesh
+    (:class:`fkv_jax.parallel.ShardedSampler` builds one from a mesh)."""
+
+    cache: Any  # a pytree of shardings with the structure of the cache dict
+    state: Any  # the policy state (one sharding for every leaf)
+    context: Any  # each text K/V [L, B, Lt, H, Dh]
+    chunk: Any  # [B, C, Cin, H, W] noise chunk and x0
+    steps: Any  # [n, B, C, Cin, H, W] re-noise draws and trajectories
+    replicated: Any  # scalars and aux
+
+
 class Sampler:
     """Compiled AR sampler for one (model config, sampler config, batch, latent size, cache geometry).
 
@@ -73,6 +86,7 @@ class Sampler:
         attention: Callable | None = None,
         rope_mode: str = "absolute",
         trajectories: bool = False,
+        shardings: StepShardings | None = None,
     ):
         """
         Args:
@@ -90,6 +104,7 @@ class Sampler:
             a rolling video can then go on indefinitely).
           trajectories: also return every model call's flow and x0 in :class:`ChunkOutput` (diagnostics and
             parity tests); off by default, so a chunk returns only its final latents and the policy's aux.
+          shardings: place the step's inputs and outputs (a mesh); default: the first device.
           max_traces: if set, the chunk step is wrapped in ``chex.assert_max_traces(n=max_traces)`` (chex counts
             traces per definition site, so call ``chex.clear_trace_counter()`` before building another one).
             ``trace_count`` always tells how often the step was traced.
@@ -141,18 +156,34 @@ class Sampler:
 
         if max_traces is not None:
             counted = chex.assert_max_traces(counted, n=max_traces)
-        self.chunk_step = jax.jit(counted, donate_argnums=(1, 2))
-        self._context_kv = jax.jit(lambda params, ctx: nnx.merge(graphdef, params).context_kv(ctx))
+        self.shardings = sh = shardings
+        context_kv = lambda params, ctx: nnx.merge(graphdef, params).context_kv(ctx)  # noqa: E731
+        if sh is None:
+            self.chunk_step = jax.jit(counted, donate_argnums=(1, 2))
+            self._context_kv = jax.jit(context_kv)
+        else:
+            # params keep their placement; the policy state comes back as it went in, so one executable
+            traj = sh.steps if trajectories else None
+            outputs = ChunkOutput(x0=sh.chunk, flows=traj, x0s=traj, select_aux=sh.replicated,
+                                  write_aux=sh.replicated)
+            self.chunk_step = jax.jit(
+                counted, donate_argnums=(1, 2),
+                in_shardings=(None, sh.cache, sh.state, (sh.context, sh.context), sh.chunk, sh.steps, sh.replicated),
+                out_shardings=(outputs, sh.cache, sh.state))
+            self._context_kv = jax.jit(context_kv, out_shardings=(sh.context, sh.context))
 
     # ---- pieces ---------------------------------------------------------------------------------------
     def init_cache(self):
         """An empty cache, committed to the default device (so the first chunk compiles the same executable as
         every later one, whose cache comes back committed from the step)."""
+        if self.shardings is not None:  # allocated in place, sharded
+            return jax.jit(lambda: init_cache(self.geom, self.cache_dtype), out_shardings=self.shardings.cache)()
         return jax.device_put(init_cache(self.geom, self.cache_dtype), jax.devices()[0])
 
     def init_state(self):
         """The policy's initial state (fixed shapes), committed like the cache."""
-        return jax.device_put(self.policy.init_state(self.geom), jax.devices()[0])
+        where = jax.devices()[0] if self.shardings is None else self.shardings.state
+        return jax.device_put(self.policy.init_state(self.geom), where)
 
     def context_kv(self, params, context: jax.Array):
         """Text K/V of every layer [L, B, Lt, H, Dh] in the compute dtype, computed once per prompt batch."""
