@@ -69,3 +69,23 @@ def test_user_policy_runs_in_the_sampler_and_honours_budgets():
                 state=None, geom=s.geom)
     read = np.asarray(to_slot_mask(pol.select(call)[0], s.geom.num_slots))[0, 0]
     np.testing.assert_array_equal(read.sum(-1), [1 + 1, 1 + 4])
+
+
+def test_policies_holding_arrays_hash_and_compare_by_value():
+    """One convention: frozen, eq=False dataclasses hashed by value (arrays by bytes), so equal
+    configurations share compiled steps and differing arrays never collide."""
+    from fkv_jax.policies import FocusedForcing, ForcingKV, HeadTable
+
+    t1 = HeadTable(np.array([[True, False], [False, True]]))
+    t2 = HeadTable(np.array([[True, False], [False, True]]))
+    t3 = HeadTable(np.array([[False, False], [False, True]]))
+    a, b, c = ForcingKV(head_table=t1), ForcingKV(head_table=t2), ForcingKV(head_table=t3)
+    assert a == b and hash(a) == hash(b) and a is not b
+    assert a != c and {a: 1, c: 2}[b] == 1
+    imp = np.array([[0.0, 1.0], [0.5, 0.25]])
+    f1, f2 = FocusedForcing(importance=imp), FocusedForcing(importance=imp.copy())
+    assert f1 == f2 and hash(f1) == hash(f2)
+    assert f1 != FocusedForcing(importance=imp * 2) and f1 != FocusedForcing(importance=imp, min_budget=1)
+    assert ForcingKV() != FocusedForcing()
+    user = SinkDiverseTopK(importance=imp)  # the README's user policy, declared the same way
+    assert user == SinkDiverseTopK(importance=imp.copy()) and user != SinkDiverseTopK(importance=imp, window=9)

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fkv_jax.attention.selection import Selection, from_slot_mask
 from fkv_jax.cache.kv_cache import CacheGeometry, visible_slots
@@ -75,8 +76,41 @@ jax.tree_util.register_dataclass(
     meta_fields=[])
 
 
-class Policy:
-    """Base class with the behaviour of a plain cache: read every visible slot, keep no state."""
+def value_key(x) -> Any:
+    """A hashable stand-in for a static configuration value: arrays by (shape, dtype, bytes), dataclasses by
+    their fields, containers element-wise. Two configurations with equal values get equal keys."""
+    if isinstance(x, (np.ndarray, jax.Array)):
+        a = np.asarray(x)
+        return ("array", a.shape, a.dtype.str, a.tobytes())
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return (type(x).__qualname__, tuple((f.name, value_key(getattr(x, f.name))) for f in dataclasses.fields(x)))
+    if isinstance(x, (list, tuple)):
+        return tuple(value_key(v) for v in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, value_key(v)) for k, v in x.items()))
+    return x
+
+
+class ValueHashed:
+    """Equality and hash by value (:func:`value_key`) for frozen dataclasses that may hold arrays.
+
+    The one convention for policy configurations: declare them ``@dataclasses.dataclass(frozen=True,
+    eq=False)`` (so the dataclass keeps these methods). Equal configurations then share compiled steps
+    (they are static arguments of jit), whatever arrays (head tables, importance) they hold.
+    """
+
+    def __eq__(self, other):
+        return type(self) is type(other) and value_key(self) == value_key(other)
+
+    def __hash__(self):
+        return hash(value_key(self))
+
+
+class Policy(ValueHashed):
+    """Base class with the behaviour of a plain cache: read every visible slot, keep no state.
+
+    Subclasses are ``@dataclasses.dataclass(frozen=True, eq=False)``: hashed and compared by value.
+    """
 
     name: str = "policy"
     needs_clean_queries: bool = False  # hand the clean pass's queries of every layer to on_write

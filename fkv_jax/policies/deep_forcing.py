@@ -43,7 +43,7 @@ from fkv_jax.model.rope import shift_temporal
 from fkv_jax.policies.token_memory import Candidates, TokenMemory
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DeepForcing(TokenMemory):
     name = "deep_forcing"
     needs_clean_queries = True

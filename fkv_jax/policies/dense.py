@@ -8,7 +8,7 @@ from fkv_jax.policies.base import Policy
 from fkv_jax.policies.retain import window_geometry
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Full(Policy):
     """Global attention: every generated frame is kept (upstream ``local_attn_size = -1``)."""
 
@@ -20,7 +20,7 @@ class Full(Policy):
         return window_geometry(base, -1, 0, self.capacity_frames or num_frames or base.capacity_frames)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Window(Policy):
     """Sliding window of ``local_attn_size`` frames (counting the current chunk), no sink."""
 
@@ -32,7 +32,7 @@ class Window(Policy):
         return window_geometry(base, self.local_attn_size, 0, None)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class SinkWindow(Policy):
     """StreamingLLM / LongLive frame sink: the first ``sink_size`` frames forever plus a window of
     ``local_attn_size`` frames counted the upstream way (sink and current chunk included)."""

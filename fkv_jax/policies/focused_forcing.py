@@ -44,7 +44,7 @@ def history_order(slot_frame: jax.Array, start_frame: jax.Array, hist: int) -> j
     return jnp.argsort(key)[:hist].astype(jnp.int32)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class FocusedForcing(Policy):
     name = "focused_forcing"
     importance: np.ndarray | None = None  # float [L, H] head importance (needed unless min == max)
@@ -57,9 +57,6 @@ class FocusedForcing(Policy):
     pool_alpha: float = 0.5
     budget_gamma: float = 2.0
     sink_rerotation: bool = True
-
-    def __hash__(self):  # numpy fields are not hashable; identity is enough for a frozen config
-        return id(self)
 
     # ---- static sizes -----------------------------------------------------------------------------
     def budgets(self, num_layers: int, num_heads: int) -> np.ndarray:
@@ -161,7 +158,7 @@ class FocusedForcing(Policy):
         return Selection(frames=frames), aux
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class FocusedForcingLongLive(FocusedForcing):
     """Focused Forcing, LongLive variant: frames of the current chunk can be pruned too.
 

@@ -32,7 +32,7 @@ from fkv_jax.policies.retain import frame_kv, recent_slots, sink_slots, window_g
 from fkv_jax.policies.scores import segment_cosine
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ForcingKV(Policy):
     name = "forcing_kv"
     head_table: HeadTable | None = None  # None: every head static (a sink + anchor window)

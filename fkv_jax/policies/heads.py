@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fkv_jax.policies.base import ValueHashed
+
 FORMAT = "forcingkv_offline_head_custom2"
 
 
-@dataclasses.dataclass(frozen=True)
-class HeadTable:
+@dataclasses.dataclass(frozen=True, eq=False)
+class HeadTable(ValueHashed):
     """``dynamic[l, h]`` is True for a dynamic head, False for a static one."""
 
     dynamic: np.ndarray  # bool [L, H]

@@ -35,7 +35,7 @@ from fkv_jax.policies.token_memory import (Candidates, TokenMemory, masked_softm
                                            pool1d)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class H2O(TokenMemory):
     name = "h2o"
     uses_mass = True
@@ -54,7 +54,7 @@ class H2O(TokenMemory):
         return score, {"slot_score": slot_score}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class SnapKV(TokenMemory):
     name = "snapkv"
     uses_mass = True
@@ -73,7 +73,7 @@ class SnapKV(TokenMemory):
         return self.importance(cand, x), {}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class RKV(SnapKV):
     name = "rkv"
     kernel_size: int = 7

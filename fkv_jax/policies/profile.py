@@ -71,7 +71,7 @@ def frame_attention_mass(q, k_chunk, cache_k, visible, slot_frame, start_frame, 
     return out
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class AttentionMassProbe(Full):
     """Full cache; reports per-(layer, head, key frame) attention mass of every call as select aux."""
 
@@ -149,7 +149,7 @@ def profile_static_dynamic(
                           description=desc), scores
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class HeadGate(Policy):
     """Wraps a policy; multiplies head outputs by ``state["head_gate"][layer]`` (1 = on, 0 = masked)."""
 

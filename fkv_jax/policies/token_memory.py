@@ -144,7 +144,7 @@ def cache_geometry_of(k_new: jax.Array, sink: int, ring: int) -> CacheGeometry:
 
 
 # ---- the mechanism ---------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Candidates:
     """One layer's candidates: the memory entries first, then the evicted frames' tokens (origin order)."""
 
@@ -156,7 +156,7 @@ class Candidates:
     num_mem: int  # Mc: the first Mc candidates are the memory entries
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class TokenMemory(Policy):
     """Sink + ring cache plus a per-head token memory refreshed from evicted frames (see the module docstring).
 
