@@ -103,16 +103,16 @@ class DeepForcing(TokenMemory):
 
     # ---- scorer: summed raw logits of the recent queries -------------------------------------------------
     def score_candidates(self, cand: Candidates, x):
-        phi = jnp.einsum("bnhd,bhd->bhn", cand.k.astype(jnp.float32), x["q_bar"])
+        phi = jnp.einsum("bnhd,bhd->bhn", cand.k.astype(jnp.float32), x.layer.extra["q_bar"])
         if not self.per_head:
             phi = jnp.broadcast_to(jnp.where(cand.valid, phi, 0.0).sum(1, keepdims=True), phi.shape)
-        return phi, {"q_sum": x["q_sum_new"]}
+        return phi, {"q_sum": x.layer.extra["q_sum_new"]}
 
     # ---- RoPE: memory just before the recent frames, sink just before the memory -------------------------
     def place(self, mem, x, next_start):
         if not self.realign_memory:
             return mem
-        t = x["k_new"].shape[3]  # [B, H, C, T, D]
+        t = x.layer.k_new.shape[3]  # [B, H, C, T, D]
         valid = mem["mem_valid"]  # [B, H, Mc], valid first, origin order
         rank = jnp.arange(valid.shape[-1], dtype=jnp.int32)
         n_f = (valid.sum(-1, keepdims=True).astype(jnp.int32) + t - 1) // t

@@ -45,12 +45,12 @@ class H2O(TokenMemory):
         return {"slot_score": jnp.zeros(shape, jnp.float32)}
 
     def score_candidates(self, cand: Candidates, x):
-        ls = x["state"]
-        running = ls["slot_score"] + x["mass_cache"]  # [B, H, N, T]: every slot's total after this pass
-        ev = x["evicted"](running[..., None], x["mass_chunk"][..., None])[..., 0]  # [B, C*T, H]
-        score = jnp.concatenate([ls["mem_score"] + x["mass_cand"][..., :cand.num_mem], jnp.moveaxis(ev, 1, 2)], -1)
+        ls = x.layer.state
+        running = ls["slot_score"] + x.mass_cache  # [B, H, N, T]: every slot's total after this pass
+        ev = x.evicted(running[..., None], x.mass_chunk[..., None])[..., 0]  # [B, C*T, H]
+        score = jnp.concatenate([ls["mem_score"] + x.mass_cand[..., :cand.num_mem], jnp.moveaxis(ev, 1, 2)], -1)
         # the frames written now start with what their own chunk gave them
-        slot_score = running.at[:, :, x["written"]].set(x["mass_chunk"], mode="drop")
+        slot_score = running.at[:, :, x.written].set(x.mass_chunk, mode="drop")
         return score, {"slot_score": slot_score}
 
 
@@ -67,7 +67,7 @@ class SnapKV(TokenMemory):
         return super().geometry(base, num_frames)
 
     def importance(self, cand: Candidates, x):
-        return pool1d(jnp.where(cand.valid, x["mass_cand"], 0.0), self.kernel_size, self.pooling)
+        return pool1d(jnp.where(cand.valid, x.mass_cand, 0.0), self.kernel_size, self.pooling)
 
     def score_candidates(self, cand: Candidates, x):
         return self.importance(cand, x), {}

@@ -144,6 +144,54 @@ def cache_geometry_of(k_new: jax.Array, sink: int, ring: int) -> CacheGeometry:
 
 
 # ---- the mechanism ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LayerInputs:
+    """One layer's slice of what ``on_write`` maps over (every field has a leading [L] axis before the map)."""
+
+    cache_k: jax.Array  # [B, H, N, T, D] the pre-write cache
+    cache_v: jax.Array  # [B, H, N, T, D]
+    k_new: jax.Array  # [B, H, C, T, D] the chunk's clean K/V
+    v_new: jax.Array  # [B, H, C, T, D]
+    state: dict  # the layer's slice of state["layers"]
+    budget: jax.Array  # int32[] the layer's average per-head memory budget
+    q: jax.Array | None = None  # [B, C*T, H, D] the clean pass's queries (needs_clean_queries)
+    extra: Any = None  # what :meth:`TokenMemory.extra_layer_inputs` adds (a subclass's own pytree)
+
+
+jax.tree_util.register_dataclass(
+    LayerInputs, data_fields=["cache_k", "cache_v", "k_new", "v_new", "state", "budget", "q", "extra"],
+    meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class Evicted:
+    """Which frames a write evicts from the ring, and how to read them out of the cache or the chunk."""
+
+    frames: jax.Array  # int32 [C] absolute frames leaving the ring
+    slot_frame: jax.Array  # int32 [N]
+    start_frame: jax.Array  # int32[]
+
+    def __call__(self, cache_x: jax.Array, new_x: jax.Array) -> jax.Array:
+        """[B, H, N, T, R] (cache), [B, H, C, T, R] (chunk) -> the evicted frames' rows [B, C*T, H, R]."""
+        fr = jax.vmap(lambda f: frame_kv(cache_x, new_x, self.slot_frame, self.start_frame, f))(self.frames)
+        fr = jnp.transpose(fr, (1, 0, 3, 2, 4))  # [B, C, T, H, R]: C frames, not the cache
+        b, c, t, h, r = fr.shape
+        return fr.reshape(b, c * t, h, r)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreInputs:
+    """What a scorer sees for one layer: its inputs, the evicted-frame reader and, when the policy
+    ``uses_mass``, the clean pass's attention mass (heads-first, as the cache)."""
+
+    layer: LayerInputs
+    evicted: Evicted
+    written: jax.Array  # int32 [C] slots the chunk's frames go to
+    mass_cand: jax.Array | None = None  # [B, H, Nc] mean mass each candidate received
+    mass_cache: jax.Array | None = None  # [B, H, N, T]
+    mass_chunk: jax.Array | None = None  # [B, H, C, T]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Candidates:
     """One layer's candidates: the memory entries first, then the evicted frames' tokens (origin order)."""
@@ -231,21 +279,16 @@ class TokenMemory(Policy):
         return dataclasses.replace(sel, mem_k=ls["mem_k"], mem_v=ls["mem_v"], mem_valid=ls["mem_valid"]), None
 
     # ---- hooks --------------------------------------------------------------------------------------
-    def score_candidates(self, cand: Candidates, x: dict) -> tuple[jax.Array, dict]:
-        """float [B, H, Nc] (higher = keep; invalid entries are ignored) and per-layer state updates.
-
-        ``x`` holds this layer's inputs: ``q`` (clean queries [B, C*T, H, D]), ``state`` (the layer's slice of
-        ``state["layers"]``), ``k_new`` [B, H, C, T, D] and, when ``uses_mass``, ``mass_cand`` [B, H, Nc]
-        (mean attention mass the clean pass gave each candidate), ``mass_cache`` [B, H, N, T] and
-        ``mass_chunk`` [B, H, C, T] (heads-first, as the cache); plus whatever :meth:`extra_layer_inputs` adds.
-        """
+    def score_candidates(self, cand: Candidates, x: ScoreInputs) -> tuple[jax.Array, dict]:
+        """float [B, H, Nc] (higher = keep; invalid entries are ignored) and per-layer state updates."""
         return cand.src.astype(jnp.float32), {}
 
-    def extra_layer_inputs(self, call: WriteCall) -> dict:
-        """Per-layer arrays (leading [L]) handed to :meth:`score_candidates` as ``x[...]``."""
-        return {}
+    def extra_layer_inputs(self, call: WriteCall) -> Any:
+        """A pytree of per-layer arrays (leading [L]) handed to :meth:`score_candidates` as
+        ``x.layer.extra``; None by default."""
+        return None
 
-    def place(self, mem: dict, x: dict, next_start: jax.Array) -> dict:
+    def place(self, mem: dict, x: ScoreInputs, next_start: jax.Array) -> dict:
         """Post-process the kept memory of one layer (e.g. re-rotate keys); default: keys stay as they are."""
         return mem
 
@@ -268,45 +311,37 @@ class TokenMemory(Policy):
             raise ValueError(f"{self.name}.on_write needs the clean pass's queries (WriteCall.clean_q)")
         budgets = jnp.asarray(self.layer_budgets(L, t))
         mc = state["layers"]["mem_k"].shape[2]
-        xs = {"ck": cache["k"], "cv": cache["v"], "k_new": k_new, "v_new": v_new, "state": state["layers"],
-              "budget": budgets, **self.extra_layer_inputs(call)}
-        if q_all is not None:
-            xs["q"] = q_all
-
+        xs = LayerInputs(cache_k=cache["k"], cache_v=cache["v"], k_new=k_new, v_new=v_new, state=state["layers"],
+                         budget=budgets, q=q_all, extra=self.extra_layer_inputs(call))
         ev_src = (ev[:, None] * t + jnp.arange(t, dtype=jnp.int32)[None]).reshape(-1)  # [C*T]
+        evicted = Evicted(frames=ev, slot_frame=sf, start_frame=start_frame)
 
-        def evicted(cache_x, new_x):  # [B, H, N, T, R], [B, H, C, T, R] -> [B, C*T, H, R] (token-major)
-            fr = jax.vmap(lambda f: frame_kv(cache_x, new_x, sf, start_frame, f))(ev)  # [C, B, H, T, R]
-            fr = jnp.transpose(fr, (1, 0, 3, 2, 4))  # [B, C, T, H, R]: C frames, not the cache
-            return fr.reshape(b, c * t, h, fr.shape[-1])
-
-        def layer(x):
-            ls = x["state"]
+        def layer(li: LayerInputs):
+            ls = li.state
             cand = Candidates(
-                k=jnp.concatenate([ls["mem_k"], evicted(x["ck"], x["k_new"]).astype(ls["mem_k"].dtype)], axis=1),
-                v=jnp.concatenate([ls["mem_v"], evicted(x["cv"], x["v_new"]).astype(ls["mem_v"].dtype)], axis=1),
+                k=jnp.concatenate([ls["mem_k"], evicted(li.cache_k, li.k_new).astype(ls["mem_k"].dtype)], axis=1),
+                v=jnp.concatenate([ls["mem_v"], evicted(li.cache_v, li.v_new).astype(ls["mem_v"].dtype)], axis=1),
                 valid=jnp.concatenate([ls["mem_valid"], jnp.broadcast_to(jnp.repeat(ev_ok, t), (b, h, c * t))], -1),
                 src=jnp.concatenate([ls["mem_src"], jnp.broadcast_to(ev_src, (b, h, c * t))], -1),
                 pos=jnp.concatenate([ls["mem_pos"], jnp.broadcast_to(ev_src // t, (b, h, c * t))], -1),
                 num_mem=mc)
             if self.uses_mass:
-                k_chunk = jnp.moveaxis(x["k_new"], 1, 3).reshape(b, c * t, h, d)  # token-major, chunk-sized
+                k_chunk = jnp.moveaxis(li.k_new, 1, 3).reshape(b, c * t, h, d)  # token-major, chunk-sized
                 m_chunk, m_cache, m_mem = attention_mass(
-                    x["q"], k_chunk, x["ck"], vis, ls["mem_k"], ls["mem_valid"], self.query_block)
+                    li.q, k_chunk, li.cache_k, vis, ls["mem_k"], ls["mem_valid"], self.query_block)
                 m_chunk = m_chunk.reshape(b, h, c, t)
                 m_ev = evicted(m_cache[..., None], m_chunk[..., None])[..., 0]  # [B, C*T, H]
-                x = dict(x, mass_cache=m_cache, mass_chunk=m_chunk, written=written,
-                         mass_cand=jnp.concatenate([m_mem, jnp.moveaxis(m_ev, 1, 2)], -1),
-                         evicted=evicted)
+                x = ScoreInputs(layer=li, evicted=evicted, written=written, mass_cache=m_cache, mass_chunk=m_chunk,
+                                mass_cand=jnp.concatenate([m_mem, jnp.moveaxis(m_ev, 1, 2)], -1))
             else:
-                x = dict(x, written=written, evicted=evicted)
+                x = ScoreInputs(layer=li, evicted=evicted, written=written)
             score, updates = self.score_candidates(cand, x)
             score = jnp.where(cand.valid, score.astype(jnp.float32), -jnp.inf)
             if self.allocator == "adakv":
                 cap = min(mc, cand.valid.shape[-1])
-                per_head = adakv_head_budgets(score, cand.valid, x["budget"] * h, self.adakv_floor, cap)
+                per_head = adakv_head_budgets(score, cand.valid, li.budget * h, self.adakv_floor, cap)
             else:
-                per_head = uniform_head_budgets(cand.valid, x["budget"])
+                per_head = uniform_head_budgets(cand.valid, li.budget)
             _, idx = jax.lax.top_k(score, mc)  # [B, H, Mc] best first
             keep = (jnp.arange(mc) < per_head[..., None]) & jnp.take_along_axis(cand.valid, idx, -1)
             # memory in origin order, valid entries first
