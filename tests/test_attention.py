@@ -136,9 +136,11 @@ def _naive_selection(q, kc, vc, kcache, vcache, mask, chunk, mk, mv, mvalid):
     return ref
 
 
-@pytest.mark.parametrize("blocks", [XlaBlocks(), XlaBlocks(q_tile=1, k_tile=12), XlaBlocks(q_tile=3, k_tile=2)])
+@pytest.mark.parametrize("blocks", [XlaBlocks(), XlaBlocks(q_tile=1, k_tile=12, split_heads=False),
+                                    XlaBlocks(q_tile=3, k_tile=2, split_heads=True)])
 def test_selection_path_equals_naive_with_chunk_mask_and_memory(blocks):
-    """Default tiles; 3 slots per key tile with a budget of 4 (a padded last tile); token tiles (k_tile < T)."""
+    """Default tiles (heads split or not at run time); 3 slots per key tile with a budget of 4 (a padded last
+    tile), heads batched; token tiles (k_tile < T), each head on its own."""
     from fkv_jax.attention.reference import selection_attention
 
     rng = np.random.default_rng(3)
@@ -190,7 +192,7 @@ def test_rows_with_no_key_at_all_are_zeros():
     for g in range(c):
         for hi in range(h):
             mask[0, g, hi, frames[0, g, hi][frames[0, g, hi] >= 0]] = True
-    for blocks in (XlaBlocks(), XlaBlocks(q_tile=2, k_tile=4)):
+    for blocks in (XlaBlocks(split_heads=False), XlaBlocks(q_tile=2, k_tile=4, split_heads=True)):
         out = np.asarray(selection_attention(*(jnp.asarray(a) for a in (q, kc, vc, kcache, vcache)), sel,
                                              blocks=blocks))
         assert np.all(np.isfinite(out))
@@ -264,3 +266,30 @@ def test_unknown_backend_is_a_clear_error():
 
     with pytest.raises(ValueError, match="unknown attention backend 'cuda'"):
         attend(None, None, None, None, None, Selection(frames=jnp.zeros((1, 1, 1, 1), jnp.int32)), backend="cuda")
+
+
+def test_cpu_roofline_bench_runs_and_agrees(capsys):
+    """``python -m fkv_jax.bench.attention --cpu-roofline`` at tiny sizes: every entry point is timed and
+    matches a float64 softmax (and torch SDPA when torch imports)."""
+    from fkv_jax.bench.attention import cpu_roofline
+
+    rows = cpu_roofline(1, geometry=dict(c=3, t=8, h=2, d=16), caches=((0, 3), (2, 3)))
+    assert [r["keys"] for r in rows] == [24, 40]
+    for r in rows:
+        assert {"chunk", "sel1", "sel3"} <= set(r["errs"])
+        assert all(e <= 1e-5 for e in r["errs"].values())
+        assert r["chunk_ms"] > 0 and r["matmul_gflops"] > 0 and r["frac_matmul_cpu"] > 0
+    assert "% matmul wall/CPU" in capsys.readouterr().out
+
+
+def test_polynomial_exp_matches_exp_on_the_softmax_range():
+    from fkv_jax.attention.reference import _exp_nonpositive
+
+    x = np.concatenate([-np.logspace(-8, np.log10(87.0), 20001), [0.0, -1e-30]]).astype(np.float32)
+    got = np.asarray(_exp_nonpositive(jnp.asarray(x)), np.float64)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 5e-7, np.max(np.abs(got - want) / want)
+    assert got[-2] == 1.0
+    # below float32's normal range it returns ~2**-126, never inf or NaN
+    tiny = np.asarray(_exp_nonpositive(jnp.asarray([-100.0, -1e30, -np.inf], jnp.float32)))
+    assert np.all(np.isfinite(tiny)) and np.all(tiny <= 2.0 ** -125)

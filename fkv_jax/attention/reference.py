@@ -11,7 +11,9 @@ It is a tiled online softmax (flash-attention order) written with XLA ops, shape
     [queries x all keys] matrix is ever materialised;
   * everything is heads-first ([B, H, tokens, D]), so the matmuls batch over (B, H) with no transposes in
     the loop (only chunk-sized ones before and after);
-  * a key tile that every row may read skips the mask, a tile nobody may read is skipped entirely.
+  * a key tile that every row may read skips the mask, a tile nobody may read is skipped entirely;
+  * the softmax's exp is a polynomial XLA vectorises (:func:`_exp_nonpositive`);
+  * selections whose heads read different numbers of slots run head by head when that saves work.
 Tile sizes (:class:`XlaBlocks`) were picked by measurement on a 2-core x86 CPU (BENCHMARKS.md).
 Scores and the accumulator are float32 (``preferred_element_type``); lower precision inputs are cast per tile,
 never as a whole cache. A row with no readable key at all returns zeros (as the kernels do).
@@ -38,10 +40,15 @@ class XlaBlocks:
     k_tile: keys per tile, at most this many: whole cache slots when a slot fits (a divisor of N for
       ``chunk_attention``), else an equal split of one slot's T tokens; the chunk's own keys are split the
       same way.
+    split_heads: ``selection_attention`` runs each head on its own, each up to its own longest selection,
+      instead of all heads up to the longest (smaller matmuls, but no work for the other heads' padding).
+      None (default) decides per call at run time: split when batching the heads would compute over 20 %
+      more key tiles than splitting them (per-head budgets, e.g. Focused Forcing's); both are compiled.
     """
 
-    q_tile: int = 390
-    k_tile: int = 1170
+    q_tile: int = 195
+    k_tile: int = 390
+    split_heads: bool | None = None
 
     def __post_init__(self):
         if self.q_tile < 1 or self.k_tile < 1:
@@ -77,6 +84,30 @@ def _divisor_at_most(n: int, cap: int) -> int:
     return best
 
 
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 = hi + lo, hi with few mantissa bits (n * hi is exact)
+_EXP_COEFFS = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720)  # Taylor, degree 6: < 2e-7 on |r| <= ln2 / 2
+
+
+def _exp_nonpositive(x: jax.Array) -> jax.Array:
+    """exp(x) for float32 x <= 0 (every exponent of the online softmax is), as 2**n * exp(r).
+
+    n = round(x / ln 2), r = x - n ln 2 (two-part ln 2, so r is accurate), exp(r) by a degree-6 polynomial:
+    elementwise ops that XLA:CPU fuses and vectorises; measured ~10 % less CPU time per attention call than
+    ``jnp.exp`` on a 2-core x86 CPU (BENCHMARKS.md). Below exp(-87.3) (2**-126) the result stays about
+    2**-126 instead of going to 0: the row's maximum contributes exp(0) = 1, so this is far below float32
+    rounding of the softmax sum.
+    """
+    x = jnp.maximum(x, -87.3)
+    n = jnp.floor(x * _LOG2E + 0.5)  # [-126, 0]
+    r = (x - n * _LN2_HI) - n * _LN2_LO  # [-ln2/2, ln2/2]
+    p = _EXP_COEFFS[-1]
+    for c in _EXP_COEFFS[-2::-1]:
+        p = p * r + c
+    scale = jax.lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, jnp.float32)  # 2**n
+    return p * scale
+
+
 def _queries(q: jax.Array) -> tuple[jax.Array, float]:
     """q [B, Sq, H, D] -> heads-first [B, H, Sq, D] (chunk-sized copy) and the score scale still to apply.
 
@@ -104,10 +135,10 @@ def _update(carry, q, k, v, mask, scale):
     if mask is not None:
         s = jnp.where(mask[:, :, None, :], s, _NEG)
     m_new = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.exp(s - m_new[..., None])
+    p = _exp_nonpositive(s - m_new[..., None])
     if mask is not None:  # a row whose keys are all masked so far must keep l = 0 (-> zeros, not a mean)
         p = jnp.where(mask[:, :, None, :], p, 0.0)
-    corr = jnp.exp(m - m_new)
+    corr = _exp_nonpositive(m - m_new)
     pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, l * corr + p.sum(axis=-1), acc * corr[..., None] + pv
 
@@ -154,13 +185,18 @@ def _tiled(q, k_chunk, v_chunk, qf, blocks, chunk_mask, mem, cache_tiles):
         qi = jax.lax.dynamic_slice_in_dim(qh, i * tq, tq, axis=2)  # [B, H, tq, D]
         carry = (jnp.full((b, h, tq), _NEG, jnp.float32), jnp.zeros((b, h, tq), jnp.float32),
                  jnp.zeros((b, h, tq, d), jnp.float32))
-        for c0 in range(0, sq, ck):  # the chunk's own keys
-            k, v = kc[:, :, c0:c0 + ck], vc[:, :, c0:c0 + ck]
+
+        def chunk_body(j, carry):  # the chunk's own keys, ck at a time
+            def fetch():
+                return (jax.lax.dynamic_slice_in_dim(kc, j * ck, ck, axis=2),
+                        jax.lax.dynamic_slice_in_dim(vc, j * ck, ck, axis=2))
+
             if chunk_mask is None:
-                carry = _update(carry, qi, k, v, None, scale)
-            else:
-                mk = jax.lax.dynamic_index_in_dim(cm_tok, g, axis=2, keepdims=False)[:, :, c0:c0 + ck]
-                carry = _masked_update(carry, qi, lambda k=k, v=v: (k, v), mk, scale)
+                return _update(carry, qi, *fetch(), None, scale)
+            mk = jax.lax.dynamic_index_in_dim(cm_tok, g, axis=2, keepdims=False)  # [B, H, Sq]
+            return _masked_update(carry, qi, fetch, jax.lax.dynamic_slice_in_dim(mk, j * ck, ck, axis=2), scale)
+
+        carry = jax.lax.fori_loop(0, sq // ck, chunk_body, carry)
         if mem is not None:  # memory tokens (few): one tile
             mk_, mv_, mvalid = mem
             carry = _update(carry, qi, mk_, mv_, mvalid, scale)
@@ -224,7 +260,8 @@ def chunk_attention(
     smask = jnp.moveaxis(slot_mask, 2, 1)  # [B|1, H|1, G, N]
     # per group: tiles up to the last slot that group reads (a dynamic trip count), so a half-empty global
     # cache costs what it holds, not its capacity
-    last = jnp.max(jnp.where(smask, jnp.arange(1, n + 1), 0), axis=(0, 1, 3))  # [G]
+    if n:
+        last = jnp.max(jnp.where(smask, jnp.arange(1, n + 1), 0), axis=(0, 1, 3))  # [G]
 
     def cache_tiles(g):
         mg = jax.lax.dynamic_index_in_dim(smask, g, axis=2, keepdims=False)  # [B|1, H|1, N]
@@ -260,8 +297,37 @@ def selection_attention(
     q, k_chunk, v_chunk: [B, Sq, H, D] (Sq = C * T); k_cache, v_cache: [B, H, N, T, D]. Each query tile
     gathers the slots of its own query-frame group, a key tile (``blocks.k_tile`` keys) at a time, and stops
     at that group's longest selection (selections are left-packed), so the cost follows what is selected,
-    not the budget or the cache size.
+    not the budget or the cache size. With ``blocks.split_heads`` each head runs alone up to its own longest
+    selection (per-head budgets then cost their own size, not the largest head's).
     """
+    b, sq, h, d = q.shape
+    heads = jnp.arange(h)
+    if blocks.split_heads is False or h == 1:
+        return _selection(q, k_chunk, v_chunk, k_cache, v_cache, sel, blocks, heads)
+
+    def one_head(i):  # chunk-sized slices of the queries and the selection; the cache is indexed in place
+        def cut(x, axis):
+            return None if x is None else jax.lax.dynamic_slice_in_dim(x, i, 1, axis=axis)
+
+        sel_i = Selection(frames=cut(sel.frames, 2), chunk_mask=cut(sel.chunk_mask, 2), mem_k=cut(sel.mem_k, 2),
+                          mem_v=cut(sel.mem_v, 2), mem_valid=cut(sel.mem_valid, 1))
+        return _selection(cut(q, 2), cut(k_chunk, 2), cut(v_chunk, 2), k_cache, v_cache, sel_i, blocks, i[None])
+
+    def split():
+        out = jax.lax.map(one_head, heads)  # [H, B, Sq, 1, D]: one compiled body, a trip count per head
+        return jnp.moveaxis(out[:, :, :, 0], 0, 2)
+
+    if blocks.split_heads:
+        return split()
+    count = jnp.sum(sel.frames >= 0, axis=-1).max(axis=0)  # [Qf, H]: longest selection per (group, head)
+    batched_work, split_work = h * jnp.sum(count.max(axis=1)), jnp.sum(count)
+    return jax.lax.cond(batched_work * 5 > split_work * 6, split,
+                        lambda: _selection(q, k_chunk, v_chunk, k_cache, v_cache, sel, blocks, heads))
+
+
+def _selection(q, k_chunk, v_chunk, k_cache, v_cache, sel, blocks, heads):
+    """selection_attention for the cache heads ``heads`` (int32 [H']); q, k_chunk, v_chunk, sel hold those
+    heads only, the cache all of them."""
     b, sq, h, d = q.shape
     t = k_cache.shape[3]
     qf, kmax = sel.frames.shape[1], sel.frames.shape[3]
@@ -275,7 +341,7 @@ def selection_attention(
         frames = jnp.pad(frames, ((0, 0), (0, 0), (0, 0), (0, kb - kmax % kb)), constant_values=-1)
     counts = jnp.max(jnp.sum(frames >= 0, axis=-1), axis=(0, 1))  # [G]: longest selection per group
     bi = jnp.arange(b)[:, None, None, None]
-    hi = jnp.arange(h)[None, :, None, None]
+    hi = heads[None, :, None, None]
     tok = jnp.arange(tt)
 
     def cache_tiles(g):

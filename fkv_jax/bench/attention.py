@@ -2,7 +2,7 @@
 
     python -m fkv_jax.bench.attention                  # on a GPU (H100/H200) or TPU; needs an accelerator
     python -m fkv_jax.bench.attention --cpu-smoke      # tiny sizes, xla + dense on CPU: proves the script runs
-    python -m fkv_jax.bench.attention --cpu-roofline   # xla backend's FLOP/s vs this CPU's matmul FLOP/s
+    python -m fkv_jax.bench.attention --cpu-roofline   # CPU: xla attention vs matmul FLOP/s and torch SDPA
 
 Accelerator mode uses the 480x832 geometry (T = 1560 tokens per latent frame, H = 12, D = 128, C = 3 frames
 per chunk, bfloat16, a cache of N = 21 frames) for a few budgets K (selected frames per head), with one
@@ -14,19 +14,28 @@ The dense baseline is ``jax.nn.dot_product_attention`` (cuDNN flash attention on
 over the same keys gathered into a contiguous array beforehand (gathering not timed): what the selected
 keys would cost if they were dense.
 
+``--cpu-roofline`` times the xla backend at the "mini" shapes of the upstream comparison (1,170 queries = 3
+frames x 390 tokens, 8 heads x 64, float32; 0 / 9 / 18 cached frames = 1,170 / 4,680 / 8,190 keys) through
+both entry points (``chunk_attention`` with a slot mask; ``selection_attention``, i.e. ``attend(xla)``, with a
+Selection of one group or of one group per query frame), next to torch's fused CPU SDPA over the same keys
+when torch imports and a float32 matmul (the mini model's 4680x512x2048 MLP matmul), all interleaved in one
+process (median of ``--iters`` rounds), and reports the attention's FLOP/s (4 * queries * keys * D per head)
+against that matmul's.
+
 Nothing in this repository was measured on an accelerator; the numbers are for users who have one.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fkv_jax.attention import BACKENDS
+from fkv_jax.attention import chunk_attention, from_slot_mask, get_backend, selection_attention
 from fkv_jax.attention.selection import Selection
 from fkv_jax.bench.common import median
 
@@ -48,12 +57,12 @@ def chip_limits(device_kind: str) -> tuple[float, float] | None:
 
 
 def make_inputs(rng, *, b, c, t, h, d, n, k, qf, dtype):
-    """Random q/k/v, a cache of n frames and k distinct random slots per (b, group, head)."""
+    """Random q/k/v [B, C*T, H, D], a cache [B, H, N, T, D] and k distinct random slots per (b, group, head)."""
     def rand(*shape):
         return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
 
     q, kc, vc = rand(b, c * t, h, d), rand(b, c * t, h, d), rand(b, c * t, h, d)
-    kn, vn = rand(b, n, t, h, d), rand(b, n, t, h, d)
+    kn, vn = rand(b, h, n, t, d), rand(b, h, n, t, d)
     frames = np.stack([rng.permutation(n)[:k] for _ in range(b * qf * h)]).reshape(b, qf, h, k)
     return (q, kc, vc, kn, vn), Selection(frames=jnp.asarray(frames, jnp.int32))
 
@@ -64,10 +73,12 @@ def dense_inputs(args, sel: Selection):
     b, s, h, d = q.shape
     qf = sel.frames.shape[1]
 
+    bi = jnp.arange(b)[:, None, None, None]
+    hi = jnp.arange(h)[None, None, :, None]
+
     def keys(chunk, cache):
-        picked = jnp.take_along_axis(cache[:, None], sel.frames.transpose(0, 1, 3, 2)[:, :, :, None, :, None],
-                                     axis=2)  # [B, Qf, K, T, H, D]
-        picked = picked.reshape(b, qf, -1, h, d)
+        picked = cache[bi, hi, sel.frames]  # [B, Qf, H, K, T, D] from the heads-first cache [B, H, N, T, D]
+        picked = jnp.moveaxis(picked, 2, 4).reshape(b, qf, -1, h, d)  # [B, Qf, K*T, H, D]
         own = jnp.broadcast_to(chunk[:, None], (b, qf, s, h, d))
         return jnp.concatenate([own, picked], axis=2).reshape(b * qf, -1, h, d)
 
@@ -78,7 +89,7 @@ def work(args, sel: Selection) -> tuple[float, float]:
     """(FLOPs, minimum bytes) of one call: every chunk frame allowed, K slots per (b, group, head)."""
     q, _, _, kn, _ = args
     b, s, h, d = q.shape
-    t = kn.shape[2]
+    t = kn.shape[3]
     qf, k = sel.frames.shape[1], sel.frames.shape[3]
     keys = s + k * t  # per (b, group, head)
     flops = 4.0 * b * h * s * keys * d
@@ -108,7 +119,7 @@ def run(*, backends, geometry, budgets, dtype, iters, limits, seed=0) -> list[di
     import fkv_jax.kernels  # noqa: F401  (registers the kernel backends)
 
     rng = np.random.default_rng(seed)
-    fns = {name: jax.jit(BACKENDS[name]) for name in dict.fromkeys([*backends, "xla"])}
+    fns = {name: jax.jit(get_backend(name)) for name in dict.fromkeys([*backends, "xla"])}
     dense = jax.jit(jax.nn.dot_product_attention)
     rows = []
     print(f"{'Qf':>3} {'K':>3} {'backend':<11} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'%peak':>6} {'%HBM':>6} "
@@ -138,31 +149,128 @@ def run(*, backends, geometry, budgets, dtype, iters, limits, seed=0) -> list[di
     return rows
 
 
-def matmul_flops(n: int = 2048, iters: int = 10) -> float:
-    """Measured float32 FLOP/s of an n x n matmul on the default device."""
+def interleaved(cases: dict, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (wall seconds, process CPU seconds) of each zero-argument callable, timed in turn round after
+    round (one warm-up call each first), so that a change of machine load hits every case alike. CPU time
+    (every thread of this process) is the load-robust measure of work: other processes on a shared machine
+    stretch the wall time of multi-threaded calls far more than their CPU time."""
+    for fn in cases.values():
+        fn()
+    walls = {name: [] for name in cases}
+    cpus = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            walls[name].append(time.perf_counter() - t0)
+            cpus[name].append(time.process_time() - c0)
+    return {name: (median(walls[name]), median(cpus[name])) for name in cases}
+
+
+def _torch_sdpa():
+    """torch's scaled_dot_product_attention on this CPU's cores, or None when torch does not import."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch
+
+
+MINI = dict(c=3, t=390, h=8, d=64)  # the upstream comparison's geometry (shared/bench/upstream_compare)
+MINI_CACHES = ((0, 9), (9, 9), (18, 21))  # (cached frames read, cache slots)
+
+
+def cpu_roofline(rounds: int, geometry: dict = MINI, caches=MINI_CACHES) -> list[dict]:
+    """xla attention at the mini shapes vs the matmul FLOP/s of this CPU and vs torch SDPA, one process.
+
+    ``geometry`` (c, t, h, d) and ``caches`` ((frames read, slots), ...) default to the mini comparison's;
+    returns one dict per cache size (times in ms, FLOP/s, fraction of the matmul rate, errors)."""
+    c, t, h, d = geometry["c"], geometry["t"], geometry["h"], geometry["d"]
+    sq = c * t
+    torch = _torch_sdpa()
+    mm_shape = (4 * sq, 512, 2048)  # the mini model's MLP matmul over 4 chunks' tokens, as in the issue
+    mm_a = jnp.asarray(np.random.default_rng(1).standard_normal(mm_shape[:2], np.float32))
+    mm_b = jnp.asarray(np.random.default_rng(2).standard_normal(mm_shape[1:], np.float32))
+    mm_fn = jax.jit(jnp.dot)
+    mm_flops = 2.0 * np.prod(mm_shape)
+    print(f"CPU roofline: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, jax {jax.__version__}, float32, "
+          f"median of {rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f}")
+    print(f"geometry: {sq} queries ({c} frames x {t} tokens), {h} heads x {d}; torch "
+          f"{torch.__version__ + f' ({torch.get_num_threads()} threads)' if torch else 'not importable: no SDPA column'}")
     rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((n, n), np.float32))
-    b = jnp.asarray(rng.standard_normal((n, n), np.float32))
-    fn = jax.jit(jnp.dot)
-    return 2.0 * n ** 3 / time_fn(fn, a, b, iters=iters)
+    rows = []
+    head = (f"{'keys':>5} | {'torch SDPA':>10} | {'chunk_attention':>15} | {'attend Qf=1':>11} | {'attend Qf=3':>11} | "
+            f"{'best GFLOP/s':>12} | {'matmul GFLOP/s':>14} | {'% matmul wall/CPU':>17} | {'best/SDPA wall/CPU':>12}")
+    print(head)
+    for used, n in caches:
+        def rand(*shape):
+            return jnp.asarray(rng.standard_normal(shape, np.float32))
+
+        q, kc, vc = rand(1, sq, h, d), rand(1, sq, h, d), rand(1, sq, h, d)
+        kn, vn = rand(1, h, n, t, d), rand(1, h, n, t, d)
+        mask = jnp.arange(n) < used  # the global cache's filled prefix
+        slot_mask = mask[None, None, None]
+        sel1 = from_slot_mask(slot_mask, 1, h)
+        sel3 = from_slot_mask(jnp.broadcast_to(slot_mask, (1, c, 1, n)), 1, h)  # one selection per query frame
+        f_chunk = jax.jit(chunk_attention)
+        f_sel = jax.jit(selection_attention)
+        cases = {"matmul": lambda: jax.block_until_ready(mm_fn(mm_a, mm_b)),
+                 "chunk": lambda: jax.block_until_ready(f_chunk(q, kc, vc, kn, vn, slot_mask)),
+                 "sel1": lambda: jax.block_until_ready(f_sel(q, kc, vc, kn, vn, sel1)),
+                 "sel3": lambda: jax.block_until_ready(f_sel(q, kc, vc, kn, vn, sel3))}
+        ref = np.asarray(dense_attention_np(q, kc, vc, kn, vn, used))
+        errs = {name: rel_err(fn_out, ref) for name, fn_out in (
+            ("chunk", f_chunk(q, kc, vc, kn, vn, slot_mask)), ("sel1", f_sel(q, kc, vc, kn, vn, sel1)),
+            ("sel3", f_sel(q, kc, vc, kn, vn, sel3)))}
+        if torch is not None:
+            tq = torch.from_numpy(np.array(q)).transpose(1, 2).contiguous()
+            tk = torch.from_numpy(np.concatenate([np.asarray(kn)[:, :, :used].reshape(1, h, -1, d),
+                                                  np.asarray(kc).transpose(0, 2, 1, 3)], 2)).contiguous()
+            tv = torch.from_numpy(np.concatenate([np.asarray(vn)[:, :, :used].reshape(1, h, -1, d),
+                                                  np.asarray(vc).transpose(0, 2, 1, 3)], 2)).contiguous()
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            cases["torch"] = lambda: sdpa(tq, tk, tv)
+            errs["torch"] = rel_err(sdpa(tq, tk, tv).transpose(1, 2).numpy(), ref)
+        res = interleaved(cases, rounds)
+        sec = {k: w for k, (w, _) in res.items()}
+        cpu = {k: c_ for k, (_, c_) in res.items()}
+        keys = (used + c) * t
+        flops = 4.0 * sq * keys * d * h
+        best = min(("chunk", "sel1", "sel3"), key=lambda k: sec[k])
+        best_cpu = min(("chunk", "sel1", "sel3"), key=lambda k: cpu[k])
+        peak = mm_flops / sec["matmul"]
+        row = dict(keys=keys, **{f"{k}_ms": v * 1e3 for k, v in sec.items()},
+                   **{f"{k}_cpu_ms": v * 1e3 for k, v in cpu.items()}, best_gflops=flops / sec[best] / 1e9,
+                   matmul_gflops=peak / 1e9, frac_matmul=flops / sec[best] / peak,
+                   frac_matmul_cpu=(flops / cpu[best_cpu]) / (mm_flops / cpu["matmul"]), errs=errs)
+        row["vs_torch"] = sec[best] / sec["torch"] if "torch" in sec else None
+        row["vs_torch_cpu"] = cpu[best_cpu] / cpu["torch"] if "torch" in cpu else None
+        rows.append(row)
+        tcol = f"{sec['torch'] * 1e3:8.1f}ms" if "torch" in sec else f"{'n/a':>10}"
+        vs = f"{row['vs_torch']:5.2f} / {row['vs_torch_cpu']:4.2f}" if row["vs_torch"] else f"{'n/a':>12}"
+        print(f"{keys:>5} | {tcol} | {sec['chunk'] * 1e3:13.1f}ms | {sec['sel1'] * 1e3:9.1f}ms | "
+              f"{sec['sel3'] * 1e3:9.1f}ms | {row['best_gflops']:12.1f} | {row['matmul_gflops']:14.1f} | "
+              f"{100 * row['frac_matmul']:5.1f}% / {100 * row['frac_matmul_cpu']:5.1f}% | {vs}")
+    print("relative errors vs a float64 softmax: " + "; ".join(
+        f"{r['keys']} keys: " + ", ".join(f"{k} {v:.1e}" for k, v in r["errs"].items()) for r in rows))
+    print(f"matmul = [{mm_shape[0]} x {mm_shape[1]}] x [{mm_shape[1]} x {mm_shape[2]}] float32, timed in the same "
+          f"rounds. Times are wall medians; '/ CPU' columns use process CPU seconds instead (FLOPs per CPU-second "
+          f"vs the matmul's; CPU time vs SDPA's), which a loaded machine distorts far less. Load average at the "
+          f"end {os.getloadavg()[0]:.1f}")
+    return rows
 
 
-def cpu_roofline(iters: int) -> int:
-    """The xla backend (and the dense baseline) at a mid-size geometry against this CPU's matmul FLOP/s."""
-    peak = matmul_flops()
-    geometry = dict(b=1, c=3, t=384, h=4, d=128, n=12)
-    print(f"CPU roofline: {jax.devices()[0].device_kind}, jax {jax.__version__}, float32; "
-          f"measured 2048^3 matmul: {peak / 1e9:.1f} GFLOP/s")
-    print(f"geometry: T={geometry['t']}, H={geometry['h']}, D={geometry['d']}, C={geometry['c']}, "
-          f"N={geometry['n']} frames")
-    rows = run(backends=["xla"], geometry=geometry, budgets=[3, 6], dtype=jnp.float32, iters=iters, limits=None)
-    after = matmul_flops()
-    print(f"matmul again after the attention runs: {after / 1e9:.1f} GFLOP/s (a large change means the machine was "
-          f"busy; ratios below use the first measurement)")
-    for r in rows:
-        print(f"  Qf={r['qf']} K={r['k']} {r['backend']:<6} {r['tflops'] * 1e3:7.1f} GFLOP/s = "
-              f"{100 * r['tflops'] * 1e12 / peak:5.1f} % of matmul")
-    return 0
+def dense_attention_np(q, kc, vc, kn, vn, used: int) -> np.ndarray:
+    """float64 softmax of the chunk's queries over the first ``used`` cache slots and the chunk (numpy)."""
+    q, kc, vc, kn, vn = (np.asarray(x, np.float64) for x in (q, kc, vc, kn, vn))
+    b, sq, h, d = q.shape
+    k = np.concatenate([kn[:, :, :used].reshape(b, h, -1, d), kc.transpose(0, 2, 1, 3)], 2)  # [B, H, S, D]
+    v = np.concatenate([vn[:, :, :used].reshape(b, h, -1, d), vc.transpose(0, 2, 1, 3)], 2)
+    s = np.einsum("bqhd,bhkd->bhqk", q, k) / np.sqrt(d)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bhkd->bqhd", p, v)
 
 
 def main(argv=None) -> int:
@@ -179,7 +287,8 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
 
     if args.cpu_roofline:
-        return cpu_roofline(max(args.iters // 4, 3))
+        cpu_roofline(max(args.iters, 3))
+        return 0
     if args.cpu_smoke:
         print(f"CPU smoke run (tiny sizes, not a benchmark): {device.device_kind}, jax {jax.__version__}")
         run(backends=["xla"], geometry=dict(b=1, c=3, t=16, h=2, d=32, n=6), budgets=[3], dtype=jnp.float32,
