@@ -1,4 +1,4 @@
-"""Frozen configuration dataclasses and the named presets shipped in ``configs/``.
+"""Frozen configuration dataclasses and the named presets shipped in ``fkv_jax/presets/``.
 
 Three small configs describe a run:
 
@@ -6,14 +6,13 @@ Three small configs describe a run:
 * :class:`SamplerConfig`: the flow-matching schedule and the chunking of the AR rollout.
 * :class:`CacheConfig`: the fixed-shape KV cache geometry (sink slots, ring slots, tokens per frame).
 
-Presets are JSON files in the top-level ``configs/`` folder, installed as the ``fkv_jax.presets`` package.
+Presets are JSON files in ``fkv_jax/presets/``, read by :func:`fkv_jax.presets.load`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from importlib import resources
 from typing import Any
 
 
@@ -142,18 +141,17 @@ class SamplerConfig:
         return cls(**kw)
 
 
-def _read_preset(kind: str, name: str) -> dict[str, Any]:
-    folder = resources.files("fkv_jax.presets") / kind
-    path = folder / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(f"unknown {kind[:-1]} preset {name!r}; available: {', '.join(list_presets(kind))}")
-    return json.loads(path.read_text())
-
-
 def list_presets(kind: str) -> list[str]:
-    """Names of the presets of one kind (``models`` or ``samplers``)."""
-    folder = resources.files("fkv_jax.presets") / kind
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+    """Names of the presets of one kind (``models``, ``samplers``, ``policies``, ``heads``)."""
+    from fkv_jax import presets
+
+    return presets.names(kind)
+
+
+def _read_preset(kind: str, name: str) -> dict[str, Any]:
+    from fkv_jax import presets
+
+    return presets.load(kind, name)
 
 
 def model_preset(name: str) -> ModelConfig:
@@ -162,5 +160,5 @@ def model_preset(name: str) -> ModelConfig:
 
 
 def sampler_preset(name: str) -> SamplerConfig:
-    """A sampler preset by name: ``self_forcing``, ``longlive`` or ``causvid``."""
+    """A sampler preset by name: ``self_forcing``, ``longlive``, ``causvid`` or ``toy`` (the toy-world model's)."""
     return SamplerConfig.from_dict(_read_preset("samplers", name))

@@ -4,7 +4,7 @@
     policy = make_policy("forcing_kv", head_table="forcingkv_heads_selfforcing.json", num_layers=30, num_heads=12)
     sampler = fkv_jax.Sampler(graphdef, cfg, sampler_cfg, batch=1, latent_hw=(60, 104), policy=policy)
 
-Every policy has a preset of its paper's defaults in ``configs/policies/NAME.json``; options use the
+Every policy has a preset of its paper's defaults in ``fkv_jax/presets/policies/NAME.json``; options use the
 upstream configuration names where one exists. A new policy is a frozen dataclass subclassing
 :class:`~fkv_jax.policies.base.Policy` (see README, "Writing a policy").
 """
@@ -15,10 +15,10 @@ import dataclasses
 import json
 import types
 import typing
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fkv_jax import presets
 from fkv_jax.policies.base import Call, Policy, WriteCall, dense_selection
 from fkv_jax.policies.dense import Full, SinkWindow, Window
 from fkv_jax.policies.budgets import importance_budgets
@@ -52,10 +52,9 @@ def register(name: str, cls: type[Policy]) -> type[Policy]:
 
 def preset(name: str) -> dict[str, Any]:
     """The preset options of a policy (its paper's defaults); {} when it has no preset file."""
-    path = resources.files("fkv_jax.presets") / "policies" / f"{name}.json"
-    if not path.is_file():
+    if presets.path("policies", name) is None:
         return {}
-    d = json.loads(path.read_text())
+    d = presets.load("policies", name)
     d.pop("description", None)
     return d
 

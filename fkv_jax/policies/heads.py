@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from fkv_jax import presets
 from fkv_jax.policies.base import ValueHashed
 
 FORMAT = "forcingkv_offline_head_custom2"
@@ -64,8 +64,7 @@ class HeadTable(ValueHashed):
 
 def packaged_head_tables() -> list[str]:
     """Names of the head tables shipped with the package (``selfforcing``, ``longlive``, ...)."""
-    folder = resources.files("fkv_jax.presets") / "heads"
-    return sorted(p.name[len("forcingkv_heads_"):-5] for p in folder.iterdir() if p.name.endswith(".json"))
+    return presets.names("heads")
 
 
 def resolve_head_table(name_or_path: str | Path) -> Path:
@@ -73,8 +72,8 @@ def resolve_head_table(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.is_file() or p.suffix == ".json" or "/" in str(name_or_path):
         return p
-    packaged = resources.files("fkv_jax.presets") / "heads" / f"forcingkv_heads_{name_or_path}.json"
-    if not packaged.is_file():
+    packaged = presets.path("heads", str(name_or_path))
+    if packaged is None:
         raise ValueError(f"head table {name_or_path!r} is neither a file nor a packaged table "
                          f"({', '.join(packaged_head_tables())})")
     return Path(str(packaged))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fkv_jax.config import ModelConfig, SamplerConfig
+from fkv_jax.config import ModelConfig, SamplerConfig, sampler_preset
 from fkv_jax.model.build import abstract_model
 from fkv_jax.model.transformer import CausalWanModel
 from fkv_jax.sampling.noise import batch_noise
@@ -27,19 +27,18 @@ from fkv_jax.toyworld.text import ToyTextEncoder, tokenize
 from fkv_jax.toyworld.weights import WEIGHTS_DIR, _abstract_text_encoder, load_params, weights_prediction
 
 TOY_DIR = Path(__file__).resolve().parent
-SAMPLER_JSON = TOY_DIR / "toy_sampler.json"
 
 __all__ = ["WEIGHTS_DIR", "ToyModel", "build", "generate_video", "load_params", "load_toy_model", "save_video",
            "toy_context", "toy_sampler_config", "weights_prediction"]
 
 
 def toy_sampler_config(weights: str | Path | None = None, **overrides) -> SamplerConfig:
-    """The toy model's default sampler (``fkv_jax/toyworld/toy_sampler.json``), with optional overrides.
+    """The toy model's default sampler (the ``toy`` sampler preset), with optional overrides.
 
     ``prediction`` (what the model outputs, x0 or flow) comes from the weights' ``config.json`` (the
     training config it was trained with), the shipped weights by default.
     """
-    sc = SamplerConfig.from_dict(json.loads(SAMPLER_JSON.read_text())["sampler"])
+    sc = sampler_preset("toy")
     pred = weights_prediction(weights)
     if pred is not None:
         sc = dataclasses.replace(sc, prediction=pred)
