@@ -10,7 +10,7 @@ from flax import nnx
 import fkv_jax
 from fkv_jax.config import sampler_preset
 from fkv_jax.policies.heads import load_head_table, load_importance
-from fkv_jax.policies.profile import head_importance, profile_static_dynamic
+from fkv_jax.policies.calibration import head_importance, profile_static_dynamic
 from fkv_jax.sampling.rollout import Sampler
 
 

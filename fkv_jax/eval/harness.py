@@ -73,7 +73,7 @@ def quality(frames: np.ndarray, ref: np.ndarray, ep, start: int) -> dict:
 def build_toy_policies(names, cfg, graphdef, params, sampler_cfg, enc, *, profile_frames=24, seed=0, log=print):
     """Policies for the toy model; Forcing-KV's head table and Focused Forcing's head importance are profiled
     on the toy model itself (reported in the result)."""
-    from fkv_jax.policies.profile import head_importance, profile_static_dynamic
+    from fkv_jax.policies.calibration import head_importance, profile_static_dynamic
     from fkv_jax.toyworld.model import toy_context
     from fkv_jax.toyworld.world import make_episode
 
@@ -248,7 +248,7 @@ def _plots(report, examples, sampler, params, out_dir: Path, cfg, sc, enc) -> No
 
 def _attention_plot(sampler, params, out_dir, cfg, sc, enc, plt) -> None:
     """Per-head attention mass over key frames for the clean pass of every chunk (a few heads)."""
-    from fkv_jax.policies.profile import AttentionMassProbe
+    from fkv_jax.policies.calibration import AttentionMassProbe
     from fkv_jax.toyworld.model import toy_context
     from fkv_jax.toyworld.world import make_episode
 
