@@ -131,7 +131,7 @@ def test_triton_refusals(deps):
 
 
 def test_triton_interpreted_on_cpu(deps):
-    from fkv_jax.kernels.triton_jax import triton_interpret_attention
+    from fkv_jax.kernels.triton_interpret import triton_interpret_attention
 
     deps.setattr(backends, "jax_triton_available", lambda: False)  # not needed by the interpreter
     assert resolve_backend("triton", dtype=jnp.float32, head_dim=16, tokens_per_frame=4, interpret=True,

@@ -27,8 +27,8 @@ pytest.importorskip("torch")
 from fkv_jax.attention import attend, resolve_backend  # noqa: E402
 from fkv_jax.attention.reference import selection_attention  # noqa: E402
 from fkv_jax.kernels.testing import random_problem, relative_error  # noqa: E402
-from fkv_jax.kernels.triton_jax import triton_interpret_attention  # noqa: E402
-from fkv_jax.kernels.triton_kernel import interpret_attention  # noqa: E402
+from fkv_jax.kernels.triton_interpret import triton_interpret_attention  # noqa: E402
+from fkv_jax.kernels.triton_interpret import interpret_attention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = jax.jit(selection_attention)

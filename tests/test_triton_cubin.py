@@ -65,7 +65,7 @@ def test_compiles_after_the_interpreter_ran_in_this_process():
     import numpy as np
 
     from fkv_jax.kernels.testing import random_problem
-    from fkv_jax.kernels.triton_kernel import interpret_attention
+    from fkv_jax.kernels.triton_interpret import interpret_attention
 
     args, sel = random_problem(np.random.default_rng(0), b=1, c=1, t=16, h=1, d=16, n=2, k=1, qf=1, dtype=jnp.bfloat16)
     assert np.isfinite(np.asarray(interpret_attention(*args, sel), np.float32)).all()

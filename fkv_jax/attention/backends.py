@@ -302,7 +302,7 @@ def _bind(name: str, fn: Callable, t: Target, interpret: bool) -> Callable:
     if not (interpret and t.platform == "cpu"):
         return fn
     if name == "triton":
-        return _load("fkv_jax.kernels.triton_jax:triton_interpret_attention")
+        return _load("fkv_jax.kernels.triton_interpret:triton_interpret_attention")
     if name == "mosaic_gpu":
         params = _load("fkv_jax.kernels.mosaic_gpu_interpret:interpret_params")()
         return functools.partial(fn, interpret=params)

@@ -21,8 +21,7 @@ from fkv_jax.attention.selection import Selection
 from fkv_jax.kernels.packing import chunk_frames, pack_indices, pack_memory
 from fkv_jax.kernels.shapes import Dims, attention_dims
 from fkv_jax.kernels.tiles import tile_table
-from fkv_jax.kernels.triton_kernel import (TritonBlocks, grid, kernel_params, run_interpreted,
-                                           selection_attention_kernel)
+from fkv_jax.kernels.triton_kernel import TritonBlocks, grid, kernel_params, selection_attention_kernel
 
 
 def prepare(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, block_q: int, block_k: int
@@ -88,22 +87,4 @@ def triton_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, b
         compute_capability=compute_capability, name="fkv_selection_attention", **params)
 
 
-def triton_interpret_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, block_q: int = 32,
-                               block_k: int = 32) -> jax.Array:
-    """The same kernel in Triton's interpreter on the host, as a ``jax.pure_callback`` (traceable, jittable;
-    CPU only, slow: for checking a model with ``backend="triton"`` on a machine without a GPU).
-
-    The callback receives the cache buffers as they are (the host's own arrays on CPU). Returns
-    [B, C*T, H, D] in q's dtype.
-    """
-    TritonBlocks(block_q=block_q, block_k=block_k)
-    dims, operands, params = prepare(q, k_chunk, v_chunk, k_cache, v_cache, sel, block_q=block_q, block_k=block_k)
-    shape = grid(dims, block_q)
-
-    def host(*arrays):
-        return run_interpreted(arrays, params, shape, q.dtype)
-
-    return jax.pure_callback(host, jax.ShapeDtypeStruct(q.shape, q.dtype), *operands)
-
-
-__all__ = ["prepare", "triton_attention", "triton_interpret_attention"]
+__all__ = ["prepare", "triton_attention"]

@@ -12,7 +12,6 @@ upstream configuration names where one exists. A new policy is a frozen dataclas
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from pathlib import Path

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from fkv_jax.model.rope import shift_temporal

@@ -23,8 +23,7 @@ slots) and from the chunk frames' positions, never from slot order.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -146,10 +145,3 @@ class PromptSchedule:
     def segment_of_chunk(self, start_frame: int) -> int:
         """LongLive's rule: prompt i + 1 starts at the first chunk whose start frame is >= switch_frames[i]."""
         return sum(start_frame >= f for f in self.switch_frames)
-
-
-def rollout(sampler, params, contexts: Sequence[Any], noise, **kwargs) -> np.ndarray:
-    """The latents of :func:`fkv_jax.sampling.rollout.rollout` (kept for callers of the old entry point)."""
-    from fkv_jax.sampling.rollout import rollout as run
-
-    return run(sampler, params, contexts, noise, **kwargs).latents

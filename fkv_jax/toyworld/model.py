@@ -10,7 +10,6 @@ denoising steps, then the clean t = 0 pass whose K/V go to the cache), in pixel 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax

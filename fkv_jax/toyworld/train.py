@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import queue
 import threading
@@ -47,7 +46,7 @@ from fkv_jax.model.transformer import CausalWanModel
 from fkv_jax.sampling.scheduler import training_table
 from fkv_jax.toyworld.attention import teacher_forcing_attention
 from fkv_jax.toyworld.text import ToyTextEncoder, init_text_encoder, tokenize
-from fkv_jax.toyworld.weights import flatten, unflatten
+from fkv_jax.toyworld.weights import flatten
 from fkv_jax.toyworld.world import WorldConfig, make_batch
 
 TOY_DIR = Path(__file__).resolve().parent
