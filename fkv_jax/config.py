@@ -12,7 +12,6 @@ Presets are JSON files in ``fkv_jax/presets/``, read by :func:`fkv_jax.presets.l
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 

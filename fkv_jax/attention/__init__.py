@@ -7,7 +7,7 @@ Backends are listed in :mod:`fkv_jax.attention.backends` (one table of lazy refe
 
 from __future__ import annotations
 
-import jax
+from jaxtyping import Array, Float
 
 from fkv_jax.attention.backends import (BACKENDS, BackendError, get_backend, problem_of, register_backend,
                                         resolve_backend)
@@ -15,7 +15,9 @@ from fkv_jax.attention.reference import chunk_attention, dense_attention, select
 from fkv_jax.attention.selection import Selection, from_slot_mask, pack_mask, to_slot_mask
 
 
-def attend(q, k_chunk, v_chunk, k_cache, v_cache, selection: Selection, backend: str = "xla") -> jax.Array:
+def attend(q: Float[Array, "B CT H Dh"], k_chunk: Float[Array, "B CT H Dh"], v_chunk: Float[Array, "B CT H Dh"],
+           k_cache: Float[Array, "B H N T Dh"], v_cache: Float[Array, "B H N T Dh"], selection: Selection,
+           backend: str = "xla") -> Float[Array, "B CT H Dh"]:
     """Softmax attention of a chunk's queries over its own (allowed) keys, the selected cache slots and
     the valid memory tokens. Shapes: q, k_chunk, v_chunk [B, C*T, H, Dh]; k_cache, v_cache [B, H, N, T, Dh].
 

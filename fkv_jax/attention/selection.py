@@ -20,15 +20,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
 
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    frames: jax.Array  # int32 [B, Qf, H, K], left-packed, -1 = unused
-    chunk_mask: jax.Array | None = None  # bool [B, Qf, H, C]
-    mem_k: jax.Array | None = None  # [B, M, H, Dh]
-    mem_v: jax.Array | None = None  # [B, M, H, Dh]
-    mem_valid: jax.Array | None = None  # bool [B, H, M]
+    frames: Int[Array, "B Qf H K"]  # left-packed slots, -1 = unused
+    chunk_mask: Bool[Array, "B Qf H C"] | None = None
+    mem_k: Float[Array, "B M H Dh"] | None = None
+    mem_v: Float[Array, "B M H Dh"] | None = None
+    mem_valid: Bool[Array, "B H M"] | None = None
 
     @property
     def num_query_groups(self) -> int:

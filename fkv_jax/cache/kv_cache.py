@@ -31,6 +31,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
 
 Cache = dict  # {"k", "v", "slot_frame", "next_frame"}
 
@@ -133,7 +134,8 @@ def slot_of_frames(geom: CacheGeometry, frames: jax.Array) -> jax.Array:
     return jnp.where(frames < s, frames, jnp.where(keep, ring_slot, geom.num_slots)).astype(jnp.int32)
 
 
-def write(geom: CacheGeometry, cache: Cache, k_new: jax.Array, v_new: jax.Array, start_frame: jax.Array) -> Cache:
+def write(geom: CacheGeometry, cache: Cache, k_new: Float[Array, "L B H C T Dh"], v_new: Float[Array, "L B H C T Dh"],
+          start_frame: Int[Array, ""]) -> Cache:
     """Store a chunk's clean K/V. k_new, v_new: [L, B, H, C, T, Dh] for frames start_frame .. start_frame+C-1.
 
     An in-place scatter of C frames into the donated buffers (no copy of the cache)."""

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Bool, Float, Int
 
 from fkv_jax.attention.selection import Selection, from_slot_mask
 from fkv_jax.cache.kv_cache import CacheGeometry, visible_slots
@@ -38,17 +39,17 @@ State = dict[str, Any]
 class Call:
     """Everything a policy may look at in one attention call of one layer."""
 
-    layer: jax.Array  # int32[] layer index
-    step: jax.Array  # int32[] call index in the chunk: 0..n-1 denoising steps, n = the clean pass
+    layer: Int[Array, ""]  # layer index
+    step: Int[Array, ""]  # call index in the chunk: 0..n-1 denoising steps, n = the clean pass
     num_steps: int  # n (static)
-    start_frame: jax.Array  # int32[] absolute index of the chunk's first frame
-    q: jax.Array  # [B, C*T, H, Dh] rotated queries of this call
-    k_chunk: jax.Array  # [B, C*T, H, Dh] rotated keys of the chunk
-    v_chunk: jax.Array  # [B, C*T, H, Dh]
-    cache_k: jax.Array  # [B, H, N, T, Dh] this layer's cache slots (heads-first, as stored)
-    cache_v: jax.Array  # [B, H, N, T, Dh]
-    slot_frame: jax.Array  # int32[N]
-    visible: jax.Array  # bool[N] slots the upstream window rule allows
+    start_frame: Int[Array, ""]  # absolute index of the chunk's first frame
+    q: Float[Array, "B CT H Dh"]  # rotated queries of this call
+    k_chunk: Float[Array, "B CT H Dh"]  # rotated keys of the chunk
+    v_chunk: Float[Array, "B CT H Dh"]
+    cache_k: Float[Array, "B H N T Dh"]  # this layer's cache slots (heads-first, as stored)
+    cache_v: Float[Array, "B H N T Dh"]
+    slot_frame: Int[Array, " N"]
+    visible: Bool[Array, " N"]  # slots the upstream window rule allows
     layer_state: Any  # this layer's slice of state["layers"]
     state: State  # the whole state (shared entries)
     geom: CacheGeometry
@@ -64,11 +65,11 @@ class WriteCall:
 
     state: State  # the policy state
     cache: dict  # the cache before the write ([L, B, H, N, T, Dh] K/V)
-    k_new: jax.Array  # [L, B, H, C, T, Dh] the chunk's clean keys (rotated), heads-first as cached
-    v_new: jax.Array  # [L, B, H, C, T, Dh]
-    start_frame: jax.Array  # int32[] the chunk's first frame
+    k_new: Float[Array, "L B H C T Dh"]  # the chunk's clean keys (rotated), heads-first as cached
+    v_new: Float[Array, "L B H C T Dh"]
+    start_frame: Int[Array, ""]  # the chunk's first frame
     clean_select: Any = None  # the clean pass's select() aux, stacked over layers
-    clean_q: jax.Array | None = None  # [L, B, C*T, H, Dh] its rotated queries (needs_clean_queries only)
+    clean_q: Float[Array, "L B CT H Dh"] | None = None  # its rotated queries (needs_clean_queries only)
 
 
 jax.tree_util.register_dataclass(

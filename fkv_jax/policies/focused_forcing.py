@@ -74,7 +74,8 @@ class FocusedForcing(Policy):
         c = base.frames_per_block
         hist = self.local_attn_size - c
         if hist < FRONT + 1:
-            raise ValueError(f"local_attn_size={self.local_attn_size} leaves {hist} history frames; need >= {FRONT + 1}")
+            raise ValueError(f"local_attn_size={self.local_attn_size} leaves {hist} history frames; "
+                             f"need >= {FRONT + 1}")
         if self.min_budget < FRONT + 1 or self.max_budget < self.min_budget:
             raise ValueError(f"need {FRONT + 1} <= min_budget <= max_budget, got {self.min_budget}, {self.max_budget}")
         self.budgets(base.num_layers, base.num_heads)
@@ -151,7 +152,8 @@ class FocusedForcing(Policy):
         dense = dense_selection(call, call.visible)
         active = self._active(call.start_frame, c)
         k_max = max(geom.num_slots, 1 + k_extra)
-        pad = lambda f: jnp.pad(f, ((0, 0), (0, 0), (0, 0), (0, k_max - f.shape[-1])), constant_values=-1)
+        def pad(f):
+            return jnp.pad(f, ((0, 0), (0, 0), (0, 0), (0, k_max - f.shape[-1])), constant_values=-1)
         frames = jnp.where(active, pad(sel_frames),
                            pad(jnp.broadcast_to(dense.frames, (b, 1, h, dense.frames.shape[-1])).repeat(c, 1)))
         aux = {"attn_z": attn_z, "selected": jnp.where(active, slot_mask, False)}

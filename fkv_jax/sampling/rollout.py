@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Array, Float
 from tqdm.auto import tqdm
 
 from fkv_jax.attention.backends import auto_attention, resolve_backend
@@ -40,11 +41,11 @@ from fkv_jax.sampling.scheduler import Schedule, make_schedule
 
 @dataclasses.dataclass(frozen=True)
 class ChunkOutput:
-    x0: jax.Array  # [B, C, Cin, H, W] the chunk's final latents
+    x0: Float[Array, "B C Cin H W"]  # the chunk's final latents
     # with Sampler(trajectories=True), else None: [n + 1, B, C, Cin, H, W] flow of every model call (for
     # prediction="x0" the flow it implies; the last entry is the raw output of the clean pass) and its x0
-    flows: jax.Array | None = None
-    x0s: jax.Array | None = None
+    flows: Float[Array, "n1 B C Cin H W"] | None = None
+    x0s: Float[Array, "n1 B C Cin H W"] | None = None
     select_aux: Any = None  # the policy's select() aux, stacked [n + 1 calls, L, ...]
     write_aux: Any = None  # the policy's on_write() aux
 
@@ -193,7 +194,8 @@ class Sampler:
                 f"text context must have shape [B={self.batch}, L<={self.model_cfg.text_len}, "
                 f"text_dim={self.model_cfg.text_dim}], got {tuple(context.shape)}")
         if context.shape[1] > self.model_cfg.text_len:
-            raise ValueError(f"text context has {context.shape[1]} tokens, more than text_len={self.model_cfg.text_len}")
+            raise ValueError(f"text context has {context.shape[1]} tokens, more than "
+                             f"text_len={self.model_cfg.text_len}")
         return self._context_kv(params, context)
 
     def check_length(self, num_frames: int) -> None:
@@ -296,8 +298,8 @@ def rollout(
                              f"{noise.shape[4]}] with F0 a multiple of {c} below {f}, got {tuple(init.shape)}")
         first = init.shape[1] // c
         for blk in range(first):
-            cache, state = sampler.prefill_step(params, cache, state, ctx_kv, jnp.asarray(init[:, blk * c:(blk + 1) * c]),
-                                                jnp.int32(blk * c))
+            x0 = jnp.asarray(init[:, blk * c:(blk + 1) * c])
+            cache, state = sampler.prefill_step(params, cache, state, ctx_kv, x0, jnp.int32(blk * c))
         out[:, :first * c] = init
     bar = tqdm(range(first, nblk), desc="chunks", unit="chunk", disable=None if progress else True,
                dynamic_ncols=True)

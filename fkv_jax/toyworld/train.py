@@ -309,7 +309,8 @@ def train(tc: TrainConfig, out: Path, *, resume: bool = False, export: Path | No
         state = r.state
         saved_tc = r.meta["train"]
         if saved_tc != json.loads(json.dumps(dataclasses.asdict(tc))):
-            raise SystemExit(f"--resume with a different training config: saved {saved_tc}, now {dataclasses.asdict(tc)}")
+            raise SystemExit(f"--resume with a different training config: saved {saved_tc}, "
+                             f"now {dataclasses.asdict(tc)}")
         wall_before = float(r.meta["wall_seconds"])
         if log_path.exists():  # drop log lines written after the checkpoint
             lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= latest]
@@ -352,7 +353,8 @@ def train(tc: TrainConfig, out: Path, *, resume: bool = False, export: Path | No
                 save(done, wall_before + time.perf_counter() - t0)
     mgr.wait_until_finished()
     wall = wall_before + time.perf_counter() - t0
-    summary = {"steps": int(state["step"]), "wall_seconds": wall, **{k: v for k, v in last.items() if k != "wall_seconds"}}
+    summary = {"steps": int(state["step"]), "wall_seconds": wall,
+               **{k: v for k, v in last.items() if k != "wall_seconds"}}
     if export is not None and int(state["step"]) == tc.steps:
         export_weights(export, state["ema"], cfg, tc, {"summary": summary})
     return summary
