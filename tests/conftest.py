@@ -20,14 +20,7 @@ from flax import nnx  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / "fkv_jax_test_xla_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
-DATA = Path(__file__).parent / "data"
-CHECKPOINT_PT = DATA / "convert" / "checkpoint.pt"
-
-
-def rel_err(ours, ref) -> float:
-    """||ours - ref|| / ||ref|| in float64."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+from helpers import CHECKPOINT_PT, DATA, load_tiny, rel_err  # noqa: E402,F401  (tests import them from helpers)
 
 
 @pytest.fixture(scope="session")
@@ -61,21 +54,6 @@ def tiny_model(tiny_cfg, tiny_wan):
     graphdef, params = nnx.split(abstract_model(tiny_cfg), nnx.Param)
     nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, to_flax_params(tiny_wan, tiny_cfg)))
     return graphdef, params
-
-
-def load_tiny(path, num_layers):
-    """(cfg, graphdef, params) of a tiny fixture model stored at ``path`` (.pt or .safetensors, Wan names)."""
-    import dataclasses
-
-    from checkpoints_convert import load_wan_state_dict
-    from checkpoints_convert.wan_keymap import to_flax_params
-    from fkv_jax.config import model_preset
-    from fkv_jax.model.build import abstract_model
-
-    cfg = dataclasses.replace(model_preset("tiny"), num_layers=num_layers)
-    graphdef, params = nnx.split(abstract_model(cfg), nnx.Param)
-    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, to_flax_params(load_wan_state_dict(path), cfg)))
-    return cfg, graphdef, params
 
 
 @pytest.fixture(scope="session")

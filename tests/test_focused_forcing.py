@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import DATA, load_tiny, rel_err
+from helpers import DATA, load_policy_fixture, rel_err, run_reference_rollout
 from fkv_jax.config import sampler_preset
 from fkv_jax.policies import FocusedForcing, SinkWindow, importance_budgets, load_importance, make_policy
 from fkv_jax.sampling.rollout import Sampler
@@ -14,20 +14,12 @@ P = DATA / "policies"
 
 @pytest.fixture(scope="module")
 def ff():
-    cfg, graphdef, params = load_tiny(P / "focused_forcing_tiny.pt", 4)
-    with np.load(P / "focused_forcing_tiny.npz") as z:
-        ref = {k: z[k] for k in z.files}
-    return cfg, graphdef, params, ref
+    return load_policy_fixture("focused_forcing_tiny")
 
 
 def run(ff, policy, record=None):
-    cfg, graphdef, params, ref = ff
-    s = Sampler(graphdef, cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=33,
-                policy=policy)
-    ren = ref["renoise"].reshape(11, 3, 1, 3, 16, 8, 12)
-    lat = s.generate(params, ref["context"], ref["noise"], renoise=ren, progress=False,
-                     on_chunk=None if record is None else (lambda b, r: record.append(jax.device_get(r))))
-    return s, lat
+    s, res = run_reference_rollout(ff, policy, record)
+    return s, res.latents
 
 
 def test_budgets_round_half_to_even(ff):

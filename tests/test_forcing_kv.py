@@ -7,35 +7,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import DATA, load_tiny, rel_err
+from helpers import DATA, load_policy_fixture, rel_err, run_reference_rollout
 from fkv_jax.attention.selection import to_slot_mask
-from fkv_jax.config import sampler_preset
 from fkv_jax.policies import ForcingKV, HeadTable, SinkWindow, make_policy
-from fkv_jax.sampling.rollout import Sampler, rollout
 
 P = DATA / "policies"
 
 
 @pytest.fixture(scope="module")
 def fkv():
-    cfg, graphdef, params = load_tiny(P / "forcing_kv_tiny.safetensors", 4)
-    with np.load(P / "forcing_kv_tiny.npz") as z:
-        ref = {k: z[k] for k in z.files}
-    return cfg, graphdef, params, ref
+    return load_policy_fixture("forcing_kv_tiny")
 
 
-def run(fkv, policy, record=None):
-    cfg, graphdef, params, ref = fkv
-    s = Sampler(graphdef, cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=21,
-                policy=policy, trajectories=record is not None)
-    ren = ref["renoise"].reshape(7, 3, 1, 3, 16, 8, 12)
-    res = rollout(s, params, [ref["context"]], ref["noise"], renoise=ren,
-                  on_chunk=None if record is None else (lambda b, r: record.append(jax.device_get(r))))
-    return s, res
+run = run_reference_rollout
 
 
 def test_matches_official_code(fkv):
-    cfg = fkv[0]
     policy = make_policy("forcing_kv", head_table=P / "forcingkv_heads_tiny.json", num_layers=4, num_heads=2)
     assert policy.ar_start == 2 and policy.sink_size == 1 and policy.num_frame_patch == 6
     outs = []

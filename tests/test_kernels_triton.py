@@ -137,7 +137,7 @@ def test_bf16_model_with_triton_in_the_interpreter_matches_xla(tiny_model, tiny_
 
     from flax import nnx
 
-    from conftest import rel_err
+    from helpers import rel_err
     from fkv_jax.config import sampler_preset
     from fkv_jax.model.build import cast_model
     from fkv_jax.sampling.rollout import Sampler

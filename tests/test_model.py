@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 import fkv_jax
-from conftest import rel_err
+from helpers import rel_err
 from fkv_jax.model.embeddings import patchify, timestep_sinusoid_np
 from fkv_jax.model.rope import make_rope_tables
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import fkv_jax
-from conftest import rel_err
+from helpers import rel_err
 from fkv_jax.config import sampler_preset
 from fkv_jax.sampling.rollout import Sampler, rollout
 

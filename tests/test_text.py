@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 from checkpoints_convert import ConvertError
 from checkpoints_convert.__main__ import main as convert_main
-from conftest import rel_err
+from helpers import rel_err
 from fkv_jax.checkpoint import CheckpointError
 from fkv_jax.text import (
     TextEncoder, TokenizerError, UMT5Tokenizer, clean_prompt, encode_token_ids, load_text_encoder,

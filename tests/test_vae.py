@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 
 from checkpoints_convert import ConvertError
 from checkpoints_convert.__main__ import main as convert_main
-from conftest import rel_err
+from helpers import rel_err
 from fkv_jax.checkpoint import CheckpointError, load_transformer
 from fkv_jax.decode import main as decode_main
 from fkv_jax.vae import VAE, VAEConfig, read_vae_config
