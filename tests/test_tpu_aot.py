@@ -236,9 +236,6 @@ def test_small_model_chunk_step_compiles_and_fits(target, policy):
     assert r["hbm"]["cache"] == 2 * 2 * 2 * r["cache_slots"] * 192 * 128 * 2  # k, v x [L=2, B=1, H=2, N, T, D] bf16
 
 
-@pytest.mark.xfail(strict=True, reason="the model's layer scan hands each layer a slice cache[l] (scan xs), which "
-                   "XLA copies for the kernel's custom call: one layer-sized copy of K and of V per layer and pass. "
-                   "Fix: pass the stacked cache and the layer index (pallas_tpu_attention(..., layer=i)).")
 def test_small_model_chunk_step_has_no_cache_copies():
     r = _chunk_step_report("--target", "tpu-v5e")
     assert r["cache_copies"] == 0, r["cache_copy_ops"]

@@ -312,3 +312,6 @@ def pallas_tpu_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, 
     )(cfetch.reshape(-1), ccount.reshape(-1), sfetch.reshape(-1), scount.reshape(-1), mcount.reshape(-1), layer_idx,
       *operands)
     return jnp.swapaxes(out, 1, 2)  # [B, S, H, D]
+
+
+pallas_tpu_attention.reads_stacked_cache = True  # the sampler hands it [L, B, H, N, T, D] + layer=

@@ -125,11 +125,11 @@ class ForcingKV(Policy):
         # candidates: the C frames leaving the dynamic ring, each compared with the frame after it
         cand = start_frame - self.temporal_context_length + jnp.arange(c + 1)
 
-        def frames_of(kk, kn):  # [B, H, N, T, D], [B, H, C, T, D] -> [C + 1, B, H, T, D]
-            return jax.vmap(lambda f: frame_kv(kk, kn, cache["slot_frame"], start_frame, f))(cand)
+        def frames_of(kk, kn, layer=None):  # [B, H, N, T, D] (or [L, ...] + layer), [B, H, C, T, D] -> [C+1, B, H, T, D]
+            return jax.vmap(lambda f: frame_kv(kk, kn, cache["slot_frame"], start_frame, f, layer))(cand)
 
         ls = self.score_layer
-        keys = frames_of(cache["k"][ls], k_new[ls])[:, 0]  # batch element 0: [C + 1, H, T, D]
+        keys = frames_of(cache["k"], k_new[ls], ls)[:, 0]  # batch element 0: [C + 1, H, T, D]
         keys = jnp.moveaxis(keys * table[ls][None, :, None, None], 1, 2).reshape(c + 1, t, h * d)
         scores = jax.vmap(lambda a, bb: segment_cosine(a, bb, n))(keys[:-1], keys[1:])  # [C, n]
         _, idx = jax.lax.top_k(-scores.reshape(-1), keep)

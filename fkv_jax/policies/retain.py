@@ -19,14 +19,20 @@ def recent_slots(slot_frame: jax.Array, start_frame: jax.Array, frames) -> jax.A
 
 
 def frame_kv(cache_k: jax.Array, k_new: jax.Array, slot_frame: jax.Array, start_frame: jax.Array,
-             frame: jax.Array) -> jax.Array:
+             frame: jax.Array, layer: int | None = None) -> jax.Array:
     """K (or V) of absolute ``frame``, from the cache if it is older than the chunk, else from the chunk's own.
 
-    cache_k: [..., N, T, D] (heads-first: [B, H, N, T, D]); k_new: [..., C, T, D]; returns [..., T, D].
+    cache_k: [..., N, T, D] (heads-first: [B, H, N, T, D]), or with ``layer`` the whole cache [L, B, H, N, T, D]
+    (one frame of that layer is read, never a copy of the layer); k_new: [..., C, T, D]; returns [..., T, D].
     """
     slot = jnp.argmax(slot_frame == frame)
     own = jnp.clip(frame - start_frame, 0, k_new.shape[-3] - 1)
-    from_cache = jnp.take(cache_k, slot, axis=-3)
+    if layer is None:
+        from_cache = jnp.take(cache_k, slot, axis=-3)
+    else:  # [L, B, H, N, T, D] -> the frame's [B, H, T, D] of one layer, by a small dynamic slice
+        start = (layer,) + (0,) * (cache_k.ndim - 4) + (slot, 0, 0)
+        size = (1,) + cache_k.shape[1:-3] + (1,) + cache_k.shape[-2:]
+        from_cache = jax.lax.dynamic_slice(cache_k, start, size)[0].squeeze(-3)
     from_chunk = jnp.take(k_new, own, axis=-3)
     return jnp.where(frame < start_frame, from_cache, from_chunk)
 

@@ -326,6 +326,16 @@ def rollout(
     return Rollout(latents=out, cache=cache, state=state)
 
 
+def reads_stacked_cache(fn: Callable) -> bool:
+    """Whether an attention function takes the layer-stacked cache ``[L, B, H, N, T, Dh]`` plus ``layer=`` (it
+    says so with a ``reads_stacked_cache = True`` attribute, also through ``functools.partial``)."""
+    while fn is not None:
+        if getattr(fn, "reads_stacked_cache", False):
+            return True
+        fn = getattr(fn, "func", None)
+    return False
+
+
 def _named_attention(name: str, dtype, cache_dtype, head_dim: int, tokens_per_frame: int) -> Callable:
     """The attention function a backend name stands for, checked for this model (one BackendError line
     otherwise). ``auto`` chooses per call, at trace time, from the call's own shapes."""
@@ -342,6 +352,7 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
     n = schedule.num_steps
     sig = schedule.sigmas  # [n + 1]
     euler = solver == "euler"
+    stacked = reads_stacked_cache(attention)
     if prediction == "x0" and (sig[:n] <= 0).any():
         raise ValueError("prediction='x0' needs every denoising step at a noise level > 0 (the flow is "
                          "(x_t - x0) / sigma)")
@@ -371,23 +382,34 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
         tsin = jnp.asarray(t_sin_table)
 
         def make_attn_fn(step, clean: bool):
-            """Self-attention of one model call (denoising step ``step`` or the clean pass), per layer."""
-            def attn_fn(layer, lx, q, k, v):
-                ck, cv, ls = lx
+            """Self-attention of one model call (denoising step ``step`` or the clean pass), per layer.
+
+            The cache is not scanned over layers: a per-layer slice handed to a kernel's custom call is a copy
+            of that layer's cache (XLA materialises it). A backend that reads the stacked cache in place
+            (``reads_stacked_cache``) gets the whole cache and the layer index; the others, and the policy's
+            view, get ``cache[layer]``, which XLA fuses into its consumers where it can.
+            """
+            def attn_fn(layer, ls, q, k, v):
+                ck = jax.lax.dynamic_index_in_dim(read_k, layer, 0, keepdims=False)  # [B, H, N, T, Dh]
+                cv = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
                 call = Call(layer=layer, step=step, num_steps=n, start_frame=start_frame, q=q, k_chunk=k,
                             v_chunk=v, cache_k=ck, cache_v=cv, slot_frame=cache["slot_frame"], visible=visible,
                             layer_state=ls, state=state, geom=geom)
                 sel, aux = policy.select(call)
                 if clean:  # the clean pass may also hand its queries to on_write
                     aux = {"select": aux, "q": q if policy.needs_clean_queries else None}
-                out = policy.post_attention(call, attention(q, k, v, ck, cv, sel))
+                if stacked:
+                    out = attention(q, k, v, read_k, cache["v"], sel, layer=layer)
+                else:
+                    out = attention(q, k, v, ck, cv, sel)
+                out = policy.post_attention(call, out)
                 return out, aux
             return attn_fn
 
         def call_model(xt, i, clean=False):
             ts = jnp.broadcast_to(tsin[i], (b, c, tsin.shape[-1]))
-            flow, k_new, v_new, aux = model.forward(
-                xt, ts, ctx_kv, rope, frame_pos, (read_k, cache["v"], state["layers"]), make_attn_fn(i, clean))
+            flow, k_new, v_new, aux = model.forward(xt, ts, ctx_kv, rope, frame_pos, state["layers"],
+                                                    make_attn_fn(i, clean))
             return flow, k_new, v_new, aux
 
         def clean_and_store(x0):
