@@ -1,132 +1,17 @@
-"""Command line: ``python -m checkpoints_convert --input PATH --output DIR [options]`` (also ``fkv-convert``)."""
+"""``python -m checkpoints_convert``: an alias of ``fkv convert`` (see :mod:`fkv_jax.cli.convert`)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from checkpoints_convert.components import KINDS, convert_any, convert_model_dir
-from checkpoints_convert.errors import ConvertError
-
-DESCRIPTION = """\
-Convert a Wan2.1 (T2V) causal-DiT checkpoint into an fkv_jax checkpoint directory
-(DIR/config.json + DIR/params/, an Orbax checkpoint), loaded with fkv_jax.load_transformer(DIR).
-
-Input formats (--input):
-  Self Forcing / CausVid / LongLive .pt (.pth, .ckpt)
-      torch.save dict; the generator is taken from 'generator_ema', else 'generator', else 'model',
-      else the file is a raw state dict. --key NAME picks another entry. Wrapper prefixes
-      (model., module., _fsdp_wrapped_module., _checkpoint_wrapped_module., diffusion_model., _orig_mod.)
-      are stripped. Needs PyTorch.
-  Original Wan .safetensors
-      one file, a sharded checkpoint's *.safetensors.index.json (weight_map), or a directory holding
-      either. A Wan config.json beside the weights supplies num_heads / text_len.
-  diffusers WanTransformer3DModel
-      the transformer/ folder (config.json + diffusion_pytorch_model.safetensors), a pipeline folder
-      holding transformer/, or the .safetensors file; detected from its names (attn1/attn2/
-      scale_shift_table/condition_embedder) and mapped back to Wan names. Its config.json gives the
-      head count.
-  bf16/fp16 tensors are read and upcast to float32 before conversion.
-  Wan2.1 VAE (Wan2.1_VAE.pth, or a diffusers AutoencoderKLWan folder / .safetensors) and the UMT5 text
-      encoder (models_t5_umt5-xxl-enc-bf16.pth, or Hugging Face UMT5EncoderModel .safetensors) are detected
-      from their tensor names (--kind transformer|vae|umt5 overrides) and converted to DIR/config.json +
-      DIR/params/ as well (fkv_jax.vae.VAE.load / fkv_jax.text.TextEncoder.load). UMT5 heads come from the
-      position-bias tables (--num-heads is checked against them).
-  A whole model folder: --wan-dir WAN2.1_DOWNLOAD --generator GEN.pt --output DIR writes DIR/transformer,
-      DIR/vae, DIR/text_encoder and DIR/tokenizer (a copy of google/umt5-xxl), what
-      `python -m fkv_jax.generate --model-dir DIR "a prompt"` reads.
-
-Sizes (dim, ffn_dim, layers, text_dim, freq_dim, in/out channels, patch) are read from tensor shapes;
-the head count and text length cannot be: they come from --num-heads/--text-len, --preset or a config.json
-(all stated values must agree), else num_heads = dim // 128 and text_len = 512. A config whose sizes all
-equal a shipped preset's is recorded as that preset (name, default latent size). Every tensor is checked
-by name and shape; nothing is written unless the whole conversion succeeds.
-"""
-
-EPILOG = """\
-examples:
-  python -m checkpoints_convert --input self_forcing_dmd.pt --output ckpt/self_forcing --dtype bfloat16
-  python -m checkpoints_convert --input longlive_base.pt --lora lora.pt --output ckpt/longlive
-  python -m checkpoints_convert --input Wan2.1-T2V-1.3B-Diffusers/transformer --output ckpt/wan --preset wan2.1-t2v-1.3b
-  python -m checkpoints_convert --input Wan2.1-T2V-1.3B/Wan2.1_VAE.pth --output ckpt/vae
-  python -m checkpoints_convert --wan-dir Wan2.1-T2V-1.3B --generator self_forcing_dmd.pt --output models/self_forcing
-
-exit codes: 0 success, 2 bad input or options (one 'error: ...' message on stderr)
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m checkpoints_convert",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument(
-        "--input", metavar="PATH", help=".pt, .pth, .safetensors, .safetensors.index.json or a directory"
-    )
-    ap.add_argument(
-        "--kind", choices=KINDS, help="what --input holds (default: detected from its tensor names)"
-    )
-    ap.add_argument(
-        "--wan-dir", metavar="DIR", help="the Wan2.1-T2V-1.3B download: with --generator, builds a whole model folder"
-    )
-    ap.add_argument("--generator", metavar="PATH", help="with --wan-dir: the causal transformer (e.g. self_forcing_dmd.pt)")
-    ap.add_argument(
-        "--output", required=True, metavar="DIR", help="output checkpoint directory (must not exist, or be empty)"
-    )
-    ap.add_argument(
-        "--num-heads", type=int, metavar="N", help="attention heads (default: config.json, preset, else dim // 128)"
-    )
-    ap.add_argument("--text-len", type=int, metavar="N", help="text tokens the model attends to (default: 512)")
-    ap.add_argument(
-        "--key", metavar="NAME", help="top-level entry of a .pt to convert (default: generator_ema > generator > model)"
-    )
-    ap.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32", help="stored parameter dtype (default float32)"
-    )
-    ap.add_argument(
-        "--lora",
-        metavar="PATH",
-        help="LongLive PEFT lora.pt (raw or under 'generator_lora') merged as W += (alpha/r) B A in float32",
-    )
-    ap.add_argument(
-        "--lora-alpha", type=float, metavar="A", help="LoRA alpha (default: the rank, i.e. scale 1 as in LongLive)"
-    )
-    ap.add_argument(
-        "--preset",
-        metavar="NAME",
-        help="model preset (wan2.1-t2v-1.3b, tiny, ...): supplies num_heads and text_len; checked against the tensors",
-    )
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing fkv_jax checkpoint at --output")
-    return ap
+from fkv_jax.cli.convert import DESCRIPTION, EPILOG, build_parser, run_args  # noqa: F401 - the alias' names
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the converter; returns the process exit code (0 ok, 2 bad input, 130 interrupted: nothing written)."""
-    from fkv_jax.cli import run_cli
+    from fkv_jax.cli.convert import main as _main
 
-    return run_cli(build_parser, run_args, argv, errors=(ConvertError,))
-
-
-def run_args(args) -> None:
-    """Dispatch parsed arguments: a whole model folder (--wan-dir), a VAE / text encoder, or a transformer."""
-    if (args.input is None) == (args.wan_dir is None):
-        raise ConvertError("give either --input PATH (one checkpoint) or --wan-dir DIR --generator PATH (a model folder)")
-    if args.wan_dir is not None:
-        if args.generator is None:
-            raise ConvertError("--wan-dir needs --generator PATH (the causal transformer, e.g. self_forcing_dmd.pt)")
-        if args.kind is not None:
-            raise ConvertError("--kind applies to --input, not to --wan-dir")
-        convert_model_dir(args.wan_dir, args.generator, args.output, key=args.key, num_heads=args.num_heads,
-                          text_len=args.text_len, dtype=args.dtype, lora=args.lora, lora_alpha=args.lora_alpha,
-                          preset=args.preset, overwrite=args.overwrite, progress=True, log=print)
-        return
-    if args.generator is not None:
-        raise ConvertError("--generator goes with --wan-dir; for one checkpoint use --input")
-    convert_any(args.input, args.output, kind=args.kind, num_heads=args.num_heads, text_len=args.text_len,
-                key=args.key, dtype=args.dtype, lora=args.lora, lora_alpha=args.lora_alpha, preset=args.preset,
-                overwrite=args.overwrite, progress=True, log=print)
+    return _main(argv, prog="python -m checkpoints_convert")
 
 
 if __name__ == "__main__":

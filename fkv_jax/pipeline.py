@@ -1,6 +1,6 @@
 """Text -> mp4, end to end: UMT5 encode -> AR rollout (with LongLive prompt switches) -> streaming VAE decode -> mp4.
 
-A model folder (``python -m checkpoints_convert --wan-dir WAN2.1_DOWNLOAD --generator GEN.pt --output DIR``)::
+A model folder (``fkv convert --wan-dir WAN2.1_DOWNLOAD --generator GEN.pt --output DIR``)::
 
     DIR/transformer/    converted causal DiT          DIR/vae/         converted Wan2.1 VAE
     DIR/text_encoder/   converted UMT5 encoder        DIR/tokenizer/   the google/umt5-xxl tokenizer files
@@ -20,7 +20,6 @@ Python API::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -66,12 +65,13 @@ class ModelDir:
 
         root = Path(root)
         if not root.is_dir():
-            raise PipelineError(f"--model-dir {root} does not exist")
+            raise PipelineError(f"--model-dir {root} does not exist (build it with `fkv convert --wan-dir "
+                                "WAN2.1_DOWNLOAD --generator GEN.pt --output DIR`)")
         missing = [c for c in COMPONENTS if not (root / c).is_dir()]
         if missing:
             raise PipelineError(
                 f"--model-dir {root} lacks {', '.join(m + '/' for m in missing)} (build the folder with "
-                "`python -m checkpoints_convert --wan-dir WAN2.1_DOWNLOAD --generator GEN.pt --output DIR`)")
+                "`fkv convert --wan-dir WAN2.1_DOWNLOAD --generator GEN.pt --output DIR`)")
         try:
             info = read_info(root / "transformer")
             model_cfg = info.cfg
@@ -91,28 +91,26 @@ class ModelDir:
 # ---- prompts and schedules ---------------------------------------------------------------------------------
 
 
-def read_prompt_lines(path: str | Path) -> list[str]:
+def read_prompt_lines(path: str | Path, flag: str = "--prompts") -> list[str]:
+    """The non-empty lines of a UTF-8 prompts file (one prompt per line)."""
     path = Path(path)
-    if not path.exists() or path.is_dir():
-        raise PipelineError(f"--prompts file not found: {path}")
+    if path.is_dir():
+        raise PipelineError(f"{flag} {path} is a directory; expected a text file, one prompt per line")
+    if not path.is_file():
+        raise PipelineError(f"{flag} not found: {path}")
     try:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise PipelineError(f"cannot read --prompts file {path}: {e}") from None
-    prompts = [ln for ln in lines if ln]
+        data = path.read_bytes()
+    except OSError as e:
+        raise PipelineError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{flag} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                            "save it as UTF-8") from None
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not prompts:
-        raise PipelineError(f"--prompts file {path} has no prompts (it is empty)")
+        raise PipelineError(f"{flag} file {path} has no prompts (it is empty)")
     return prompts
-
-
-def parse_int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise PipelineError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise PipelineError(f"{flag} is empty")
-    return values
 
 
 _START_KEYS = ("start_frame", "start", "frame")
@@ -198,7 +196,8 @@ class TextToVideo:
     def __init__(self, model_dir: str | Path | ModelDir, sampler_cfg=None, *, num_frames: int = 21,
                  latent_hw: tuple[int, int] | None = None, batch_size: int = 1, cache_frames: int | None = None,
                  policy=None, attention_backend: str = "xla", global_sink: bool = True, fps: float = 16,
-                 progress: bool = True, log: Callable[[str], None] | None = None):
+                 progress: bool = True, log: Callable[[str], None] | None = None, dtype: str | None = None,
+                 cache_dtype: str | None = None):
         from fkv_jax.config import sampler_preset
 
         self.dir = model_dir if isinstance(model_dir, ModelDir) else ModelDir.check(model_dir)
@@ -207,6 +206,8 @@ class TextToVideo:
         self.latent_hw = tuple(latent_hw or self.dir.model_cfg.latent_hw)
         self.policy, self.backend, self.global_sink = policy, attention_backend, global_sink
         self.fps, self.progress = fps, progress
+        # compute dtype: the stored one unless overridden (weights cast at load); the cache follows it by default
+        self.dtype, self.cache_dtype = dtype or self.dir.model_dtype, cache_dtype
         self.log = log or (lambda s: print(s, file=sys.stderr))
         self._params = None
         self._vae = None
@@ -223,11 +224,13 @@ class TextToVideo:
 
         if self.batch_size < 1:
             raise PipelineError(f"--batch-size must be >= 1, got {self.batch_size}")
-        graphdef = nnx.split(abstract_model(self.dir.model_cfg, DTYPES[self.dir.model_dtype]), nnx.Param)[0]
+        if self.dtype not in DTYPES:
+            raise PipelineError(f"--dtype {self.dtype} is not one of {', '.join(DTYPES)}")
+        graphdef = nnx.split(abstract_model(self.dir.model_cfg, DTYPES[self.dtype]), nnx.Param)[0]
         try:
             sampler = Sampler(graphdef, self.dir.model_cfg, self.sampler_cfg, batch=self.batch_size,
                               latent_hw=self.latent_hw, num_frames=self.num_frames, cache_frames=self.cache_frames,
-                              policy=self.policy, attention_backend=self.backend)
+                              policy=self.policy, attention_backend=self.backend, cache_dtype=self.cache_dtype)
             sampler.check_length(self.num_frames)
         except ValueError as e:
             raise PipelineError(str(e)) from None
@@ -271,7 +274,7 @@ class TextToVideo:
             from fkv_jax.checkpoint import load_transformer
 
             t0 = time.perf_counter()
-            _, model = load_transformer(self.dir.path("transformer"))
+            _, model = load_transformer(self.dir.path("transformer"), self.dtype)
             graphdef, self._params = nnx.split(model, nnx.Param)
             assert graphdef == self.sampler._graphdef, "the loaded model's graph is not the one the sampler was built on"
             self.log(f"model:  {self.dir.path('transformer')} loaded in {time.perf_counter() - t0:.1f} s")
@@ -285,10 +288,8 @@ class TextToVideo:
         return self._vae
 
     # -- videos -------------------------------------------------------------------------------------------
-    def run(self, jobs: Sequence[Job], *, save_latents: str | Path | None = None) -> list[Path]:
-        """Generate every job (in batches of ``batch_size``); returns the mp4 paths written."""
-        from fkv_jax.video import check_output_folder
-
+    def check_jobs(self, jobs: Sequence[Job]) -> None:
+        """Every job fits the sampler (video length, switch frames shared by a batch); nothing is written."""
         if not jobs:
             raise PipelineError("nothing to generate")
         for job in jobs:
@@ -296,12 +297,29 @@ class TextToVideo:
                 job.schedule.check_length(self.num_frames)
             except ValueError as e:
                 raise PipelineError(str(e)) from None
-            check_output_folder(job.path.parent)
+            if job.path.is_dir():
+                raise PipelineError(f"output {job.path} is a directory")
         for start in range(0, len(jobs), self.batch_size):
             if len({j.schedule.switch_frames for j in jobs[start: start + self.batch_size]}) > 1:
                 raise PipelineError("videos generated together must share their switch frames; use --batch-size 1")
-        emb = self.encode([p for job in jobs for p in job.schedule.prompts])
-        params, vae = self.params(), self.vae()
+
+    def run(self, jobs: Sequence[Job], *, save_latents: str | Path | None = None) -> list[Path]:
+        """Generate every job (in batches of ``batch_size``); returns the mp4 paths written."""
+        from fkv_jax.video import check_output_folder
+
+        self.check_jobs(jobs)
+        for job in jobs:
+            check_output_folder(job.path.parent)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=3, desc="text encoder, transformer, VAE", unit="model", leave=False,
+                  disable=None if self.progress else True) as stages:
+            emb = self.encode([p for job in jobs for p in job.schedule.prompts])
+            stages.update(1)
+            params = self.params()
+            stages.update(1)
+            vae = self.vae()
+            stages.update(1)
         all_lat = []
         for start in range(0, len(jobs), self.batch_size):
             group = list(jobs[start: start + self.batch_size])
@@ -309,16 +327,16 @@ class TextToVideo:
             all_lat.append(lat[: len(group)])
         latents = np.concatenate(all_lat)
         if save_latents is not None:
-            from fkv_jax.generate import _save_npy_atomic
+            from fkv_jax.video import save_npy_atomic
 
-            _save_npy_atomic(Path(save_latents), latents)
+            save_npy_atomic(Path(save_latents), latents)
             self.log(f"latents: {save_latents} {list(latents.shape)} (model space, before the VAE's de-normalisation)")
         return [job.path for job in jobs]
 
     def _run_batch(self, group: list[Job], emb, params, vae, *, first: int, total: int) -> np.ndarray:
         from tqdm.auto import tqdm
 
-        from fkv_jax.sampling.recache import rollout
+        from fkv_jax.sampling.rollout import rollout
         from fkv_jax.video import VideoWriter
 
         sampler = self.sampler
@@ -359,7 +377,7 @@ class TextToVideo:
 
         try:
             lat = rollout(sampler, params, contexts, noise, switch_frames=switch, global_sink=self.global_sink,
-                          renoise=renoise, on_chunk=on_chunk, on_switch=on_switch, backend=self.backend)
+                          renoise=renoise, on_chunk=on_chunk, on_switch=on_switch).latents
             completed = True
         finally:
             bar.close()
@@ -383,116 +401,3 @@ class TextToVideo:
         else:
             scheds = [PromptSchedule((p,)) for p in prompts]
         return self.run([Job(s, seed, Path(p)) for s, seed, p in zip(scheds, seeds, paths)])
-
-
-# ---- the CLI (hooked into `python -m fkv_jax.generate`) -----------------------------------------------------
-
-PIPELINE_FLAGS = ("seeds", "batch_size", "switch_frames", "schedule", "no_global_sink")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("text to video (--model-dir): prompts -> mp4")
-    g.add_argument("--model-dir", type=Path, help="model folder from `python -m checkpoints_convert --wan-dir ... "
-                                                  "--generator ...` (transformer/, vae/, text_encoder/, tokenizer/)")
-    g.add_argument("--seeds", help="comma-separated seeds: one video per prompt and seed (default: --seed)")
-    g.add_argument("--batch-size", type=int, help="videos generated together (default 1)")
-    g.add_argument("--switch-frames", help="LongLive prompt switching: latent frames at which the 2nd, 3rd, ... "
-                                           "line of --prompts starts, e.g. 40,80 (one video)")
-    g.add_argument("--schedule", type=Path, help="prompt schedule file (.yaml/.json: [{prompt, start_frame}, ...] "
-                                                 "or {prompts, switch_frames}; .jsonl: one segment per line)")
-    g.add_argument("--no-global-sink", action="store_true",
-                   help="on a switch, re-cache the sink too (LongLive global_sink: false)")
-    g.add_argument("--fps", type=float, help="frame rate of the mp4 (default 16; the toy-world model: 8)")
-
-
-def wants_pipeline(args) -> bool:
-    """Whether the pipeline handles these arguments (``--model-dir`` or one of its own flags was given)."""
-    return getattr(args, "model_dir", None) is not None or any(
-        getattr(args, f, None) not in (None, False) for f in PIPELINE_FLAGS)
-
-
-def _jobs_from_args(args, out_dir: Path) -> list[Job]:
-    from fkv_jax.sampling.recache import PromptSchedule
-
-    if args.prompt and args.prompt_arg:
-        raise PipelineError("give the prompt either positionally or with --prompt, not both")
-    prompt = args.prompt or args.prompt_arg
-    given = [n for n, v in (("PROMPT", prompt), ("--prompts", args.prompts), ("--schedule", args.schedule)) if v]
-    if len(given) != 1:
-        raise PipelineError("give exactly one of PROMPT, --prompts FILE and --schedule FILE" +
-                            (f" (got {', '.join(given)})" if given else ""))
-    seeds = parse_int_list(args.seeds, "--seeds") if args.seeds else [args.seed]
-    if args.schedule is not None:
-        if args.switch_frames:
-            raise PipelineError("--switch-frames goes with --prompts; a --schedule file holds its own frames")
-        schedules = [read_schedule_file(args.schedule)]
-    elif args.prompts is not None:
-        lines = read_prompt_lines(args.prompts)
-        if args.switch_frames:
-            frames = parse_int_list(args.switch_frames, "--switch-frames")
-            try:
-                schedules = [PromptSchedule(tuple(lines), tuple(frames))]
-            except ValueError as e:
-                raise PipelineError(f"--prompts {args.prompts} with --switch-frames: {e}") from None
-        else:
-            schedules = [PromptSchedule((ln,)) for ln in lines]
-    else:
-        if not prompt.strip():
-            raise PipelineError("empty prompt")
-        if args.switch_frames:
-            raise PipelineError("--switch-frames needs --prompts FILE (one prompt per segment)")
-        schedules = [PromptSchedule((prompt.strip(),))]
-    jobs = []
-    for i, sched in enumerate(schedules):
-        for seed in seeds:
-            tag = f"_seed{seed}" if len(seeds) > 1 else ""
-            jobs.append(Job(sched, seed, out_dir / f"{i:03d}_{slug(sched.prompts[0])}{tag}.mp4"))
-    return jobs
-
-
-def run_cli(args, usage_error: type[Exception] = PipelineError) -> Path:
-    """``python -m fkv_jax.generate --model-dir DIR ...``: check everything, then generate; returns the output
-    folder. Bad input raises ``usage_error`` (one line, before any heavy work)."""
-    from fkv_jax.video import VideoError
-
-    try:
-        if args.model_dir is None:
-            used = [f"--{f.replace('_', '-')}" for f in PIPELINE_FLAGS if getattr(args, f, None) not in (None, False)]
-            raise PipelineError(f"{', '.join(used)} need(s) --model-dir DIR")
-        clash = [n for n, v in (("--checkpoint", args.checkpoint), ("--text-embeddings", args.text_embeddings),
-                                ("--noise-file", args.noise_file)) if v is not None]
-        if clash:
-            raise PipelineError(f"--model-dir encodes prompts and draws noise itself; drop {', '.join(clash)}")
-        from fkv_jax.video import check_output_folder
-
-        model_dir = ModelDir.check(args.model_dir)
-        jobs = _jobs_from_args(args, args.output_dir)
-        from fkv_jax.generate import _enable_compilation_cache, _parse_hw, _policy, _sampler_config
-
-        sampler_cfg = _sampler_config(args, toy=False)
-        latent_hw = _parse_hw(args.latent_size) if args.latent_size else None
-        policy = _policy(args, model_dir.model_cfg)
-        if any(j.schedule.switch_frames for j in jobs) and policy is not None:
-            raise PipelineError("prompt switching (KV re-cache) works with the plain cache only; drop --policy")
-        t2v = TextToVideo(model_dir, sampler_cfg, num_frames=21 if args.frames is None else args.frames,
-                          latent_hw=latent_hw,
-                          batch_size=1 if args.batch_size is None else min(args.batch_size, len(jobs)),
-                          cache_frames=args.cache_frames, policy=policy,
-                          attention_backend=getattr(args, "attention_backend", "xla"),
-                          global_sink=not args.no_global_sink, fps=args.fps or 16, progress=not args.no_progress)
-        for j in jobs:
-            j.schedule.check_length(t2v.num_frames)
-        check_output_folder(args.output_dir)  # last: creates the folder
-        if args.save_latents is not None:
-            check_output_folder(args.save_latents.parent)
-    except (PipelineError, VideoError, ValueError) as e:
-        if isinstance(e, usage_error):
-            raise
-        raise usage_error(str(e)) from None
-    _enable_compilation_cache()
-    m, v, (h, w) = model_dir.model_cfg, model_dir.vae_cfg, t2v.latent_hw
-    print(f"model:  {model_dir.root} ({m.name}: dim {m.dim}, {m.num_layers} layers); {len(jobs)} video(s) of "
-          f"{t2v.num_frames} latent frames ({v.num_video_frames(t2v.num_frames)} video frames at "
-          f"{v.spatial_factor * h}x{v.spatial_factor * w}) -> {args.output_dir}", file=sys.stderr)
-    t2v.run(jobs, save_latents=args.save_latents)
-    return args.output_dir

@@ -44,6 +44,23 @@ def check_output_folder(folder: str | Path) -> Path:
     return folder
 
 
+def save_npy_atomic(path: str | Path, arr) -> Path:
+    """Write ``arr`` as ``.npy`` through a temporary file in the same folder: ``path`` is either absent, its old
+    content, or the whole new array (never half written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.asarray(arr))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def _ffmpeg():
     try:
         import imageio_ffmpeg

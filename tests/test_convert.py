@@ -377,7 +377,7 @@ def test_unknown_key_lists_available(tmp_path):
 def test_cli_error_is_one_line_exit_2(tmp_path, capsys):
     assert main(["--input", str(tmp_path / "nope.pt"), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: input ") and "nope.pt" in err and err.count("\n") == 1
+    assert err.startswith("error: --input not found") and "nope.pt" in err and err.count("\n") == 1
     no_leftovers(tmp_path)
 
 

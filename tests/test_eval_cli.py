@@ -5,7 +5,7 @@ import json
 from fkv_jax.eval.__main__ import main
 
 
-def test_eval_cli_tiny(random_toy_weights, tmp_path):
+def test_eval_cli_tiny(random_toy_weights, tmp_path, capsys):
     out = tmp_path / "eval"
     vb = tmp_path / "vbench"
     assert main(["--weights", str(random_toy_weights), "--frames", "9", "--episodes", "1", "--policies",
@@ -20,6 +20,9 @@ def test_eval_cli_tiny(random_toy_weights, tmp_path):
     md = (out / "eval.md").read_text()
     assert "| sink_window |" in md and "Peak RSS of the whole run" in md and row["peak_rss_mib"] > 0
     assert (out / "frontier.png").is_file() or (out / "PLOTS_SKIPPED.txt").is_file()
+    stdout = capsys.readouterr().out
+    assert f"to {out}/: " in stdout and "eval.json" in stdout and "eval.md" in stdout  # says where it wrote
+    assert "columns: denoise FPS = " in stdout and "pos err px = " in stdout  # a legend for the table
     videos = sorted(p.name for p in (vb / "sink_window").iterdir())
     assert len(videos) == 1 and videos[0].endswith("-0.mp4")
 
@@ -27,7 +30,8 @@ def test_eval_cli_tiny(random_toy_weights, tmp_path):
 def test_eval_cli_bad_lengths(random_toy_weights, tmp_path, capsys):
     assert main(["--weights", str(random_toy_weights), "--frames", "10", "--policies", "sink_window",
                  "--output-dir", str(tmp_path), "--no-plots"]) == 2
-    assert "multiples of 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "multiples of 3" in err and err.startswith("error: ")
 
 
 def test_toy_samples_bench_runs(random_toy_weights, capsys):

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CHECKPOINT_PT, rel_err
+from helpers import CHECKPOINT_PT, rel_err
 from fkv_jax.generate import main as generate_main
 
 CASES = {"global": ["--local-attn-size", "-1"],
@@ -110,7 +110,7 @@ def test_toy_model_writes_one_mp4_per_prompt(random_toy_weights, tmp_path):
     assert lat.shape == (2, 6, 3, 32, 32)
     assert not np.allclose(lat[0], lat[1])  # the prompt reaches the model
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["000_a-red-circle.mp4", "001_a-blue-square-and-a-green-cross.mp4"]
+    assert names == ["000_a-red-circle_seed0.mp4", "001_a-blue-square-and-a-green-cross_seed0.mp4"]
     video, meta = read_video(out / names[1])
     assert video.shape == (6, 256, 256, 3) and meta["fps"] == 4
     want = to_uint8(np.clip(lat[1], -1, 1)).astype(np.float32)
@@ -127,7 +127,7 @@ def test_default_command_makes_a_sprite_video_with_the_shipped_model(tmp_path, c
     assert generate_main(["--frames", "12", "--output-dir", str(tmp_path), "--save-latents", str(lat_file),
                           "--no-progress"]) == 0
     assert "toy-world model (shipped weights)" in capsys.readouterr().err
-    video, _ = read_video(tmp_path / "000_a-red-circle-and-a-blue-square.mp4")
+    video, _ = read_video(tmp_path / "000_a-red-circle-and-a-blue-square_seed0.mp4")
     assert video.shape == (12, 256, 256, 3)
     report = colour_report(np.clip(np.load(lat_file)[0], -1, 1), "a red circle and a blue square")
     assert min(report["shown"].values()) >= 0.25, report  # both sprites are drawn (untrained weights: 0)
@@ -138,9 +138,10 @@ def test_default_command_makes_a_sprite_video_with_the_shipped_model(tmp_path, c
     (["--frames", "10"], "multiple of frames_per_block=3"),
     (["--local-attn-size", "5", "--sink-size", "3"], "need local_attn_size >= 6"),
     (["--noise-file", "/nonexistent.npz"], "--noise-file not found"),
-    (["--preset", "nope"], "unknown sampler preset 'nope'"),
+    (["--model-preset", "tiny", "--preset", "nope"], "unknown sampler preset 'nope'"),
     (["--latent-size", "8by12"], "--latent-size must look like"),
     (["--latent-size", "7x12"], "not divisible by the patch size"),
+    (["--latent-size", "0x0"], "--latent-size must be positive"),
     (["--denoising-steps", "1000,abc"], "comma-separated numbers"),
     (["a purple dog"], "outside the toy vocabulary: ['dog', 'purple']"),
     (["--toy-weights", "/nonexistent/w"], "cannot load --toy-weights"),
@@ -184,7 +185,8 @@ def test_mesh_flag_runs_sharded_and_matches(tmp_path):
     for extra in ([], ["--mesh", "data=1,model=2"]):
         out = tmp_path / f"lat{len(outs)}.npy"
         r = subprocess.run([sys.executable, "-m", "fkv_jax.generate", "--frames", "6", "--save-latents", str(out),
-                            "--no-progress", *extra], env=env, capture_output=True, text=True)
+                            "--output-dir", str(tmp_path / "videos"), "--no-progress", *extra], env=env,
+                           capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         outs.append(np.load(out))
     assert rel_err(outs[1], outs[0]) <= 1e-5

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from checkpoints_convert.__main__ import main as convert_main
-from conftest import CHECKPOINT_PT
+from helpers import CHECKPOINT_PT
 from fkv_jax.config import sampler_preset
 from fkv_jax.decode import main as decode_main
 from fkv_jax.generate import main as generate_main
@@ -58,7 +58,7 @@ def test_prompt_to_mp4_and_the_decode_cli(model_dir, tmp_path):
     out = tmp_path / "videos"
     assert generate_main(["--model-dir", str(model_dir), "A red cat, surfing!", "--frames", "6", *SMALL,
                           "--output-dir", str(out), "--save-latents", str(tmp_path / "lat.npy")]) == 0
-    frames, meta = read_video(out / "000_a-red-cat-surfing.mp4")
+    frames, meta = read_video(out / "000_a-red-cat-surfing_seed0_longlive.mp4")
     assert frames.shape == (1 + 4 * 5, 32, 48, 3) and meta["fps"] == 16 and meta["codec"] == "h264"
     lat = np.load(tmp_path / "lat.npy")
     assert lat.shape == (1, 6, 16, 4, 6)
@@ -78,7 +78,8 @@ def test_prompt_file_batches_and_seeds(model_dir, tmp_path):
     assert generate_main(["--model-dir", str(model_dir), "--prompts", str(prompts), "--batch-size", "2",
                           "--frames", "3", *SMALL, "--output-dir", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["000_a-red-cat.mp4", "001_a-blue-dog-on-the-sky.mp4", "002_a-ball.mp4"]
+    assert names == ["000_a-red-cat_seed0_longlive.mp4", "001_a-blue-dog-on-the-sky_seed0_longlive.mp4",
+                     "002_a-ball_seed0_longlive.mp4"]
     videos = [read_video(out / n)[0] for n in names]
     assert all(v.shape == (9, 32, 48, 3) for v in videos)
     assert np.abs(videos[0].astype(int) - videos[1].astype(int)).mean() > 1  # different prompts, different videos
@@ -91,7 +92,7 @@ def test_prompt_switching_with_seeds(model_dir, tmp_path):
     assert generate_main(["--model-dir", str(model_dir), "--prompts", str(prompts), "--switch-frames", "9",
                           "--frames", "12", "--seeds", "1,2", *SMALL, "--output-dir", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["000_a-red-cat_seed1.mp4", "000_a-red-cat_seed2.mp4"]
+    assert names == ["000_a-red-cat_seed1_longlive.mp4", "000_a-red-cat_seed2_longlive.mp4"]
     assert all(read_video(out / n)[0].shape == (45, 32, 48, 3) for n in names)
 
 
@@ -122,7 +123,7 @@ def test_interrupted_generation_leaves_a_playable_file(model_dir, tmp_path, monk
     _boom_after(monkeypatch, 2, KeyboardInterrupt())  # Ctrl-C through the CLI: exit 130, file kept
     assert generate_main(["--model-dir", str(model_dir), "a dog", "--frames", "6", *SMALL,
                           "--output-dir", str(tmp_path / "o")]) == 130
-    assert read_video(tmp_path / "o" / "000_a-dog.mp4")[0].shape[0] == 9
+    assert read_video(tmp_path / "o" / "000_a-dog_seed0_longlive.mp4")[0].shape[0] == 9
     assert "interrupted; kept" in capsys.readouterr().err
 
 
@@ -154,7 +155,7 @@ def test_bad_input_is_one_error_line_before_any_work(model_dir, tmp_path, monkey
         np.save(tmp_path / "x.npy", np.zeros((1, 4, 64), np.float32))
     elif case == "unwritable":
         (tmp_path / "file").write_text("not a folder")
-        args[4], want = str(tmp_path / "file" / "videos"), "cannot create output folder"
+        args[4], want = str(tmp_path / "file" / "videos"), "cannot be created"
     elif case == "empty_prompts":
         (tmp_path / "p.txt").write_text("\n  \n")
         args[2:3], want = ["--prompts", str(tmp_path / "p.txt")], "has no prompts"
@@ -164,7 +165,7 @@ def test_bad_input_is_one_error_line_before_any_work(model_dir, tmp_path, monkey
         (tmp_path / "s.json").write_text(json.dumps({"prompts": ["a", "b", "c"], "switch_frames": [3]}))
         args[2:3], want = ["--schedule", str(tmp_path / "s.json")], "3 prompts need 2 switch_frames"
     else:
-        args, want = ["--seeds", "1,2", "a cat"], "need(s) --model-dir"
+        args, want = ["--batch-size", "2", "a cat"], "need(s) --model-dir"
     assert generate_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and want in err[0], err

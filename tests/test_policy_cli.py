@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import DATA, rel_err
+from helpers import DATA, rel_err
 from fkv_jax.generate import main as generate_main
 
 P = DATA / "policies"
@@ -51,7 +51,7 @@ def test_focused_forcing_cli_replay(tmp_path):
     (["--policy", "forcing_kv", "--policy-opt", "ar_start=x"], "not a int"),
     (["--policy", "forcing_kv", "--head-table", "nope"], "neither a file nor a packaged table"),
     (["--policy", "forcing_kv", "--head-table", "selfforcing"], "num_layers=30, the model has 2"),
-    (["--policy", "focused_forcing", "--head-importance", "/nonexistent.json"], "--head-importance file not found"),
+    (["--policy", "focused_forcing", "--head-importance", "/nonexistent.json"], "--head-importance not found"),
     (["--policy", "sink_window", "--local-attn-size", "12"], "with --policy set the window"),
     (["--policy-opt", "a=1"], "need --policy"),
 ])
