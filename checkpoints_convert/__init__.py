@@ -19,5 +19,12 @@ from checkpoints_convert.plan import Plan, plan
 from checkpoints_convert.readers import open_checkpoint
 
 __all__ = [
-    "ConvertError", "Plan", "convert", "load_wan_state_dict", "merge_lora", "open_checkpoint", "plan", "read_lora",
+    "ConvertError",
+    "Plan",
+    "convert",
+    "load_wan_state_dict",
+    "merge_lora",
+    "open_checkpoint",
+    "plan",
+    "read_lora",
 ]

@@ -61,17 +61,27 @@ class ComponentPlan:
     rows: dict[str, tuple[str, Any, int | None]]  # Wan name -> (Flax path, transform, layer index or None)
 
 
-def _validate(kind: str, stored: Mapping[str, tuple[int, ...]], names: Mapping[str, str],
-              expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+def _validate(
+    kind: str,
+    stored: Mapping[str, tuple[int, ...]],
+    names: Mapping[str, str],
+    expected: Mapping[str, tuple[int, ...]],
+    what: str,
+) -> None:
     """One error listing every missing, unexpected and mis-shaped tensor."""
     wan_to_stored = {w: s for s, w in names.items()}
     missing = [f"{w} {_fmt(s)}" for w, s in expected.items() if w not in wan_to_stored]
     unexpected = [f"{s} {_fmt(stored[s])}" for s, w in names.items() if w not in expected]
-    wrong = [f"{s}: {_fmt(stored[s])}, expected {_fmt(expected[w])}" for s, w in names.items()
-             if w in expected and tuple(stored[s]) != tuple(expected[w])]
+    wrong = [
+        f"{s}: {_fmt(stored[s])}, expected {_fmt(expected[w])}"
+        for s, w in names.items()
+        if w in expected and tuple(stored[s]) != tuple(expected[w])
+    ]
     if missing or unexpected or wrong:
-        head = (f"the checkpoint does not match a {what}: {len(missing)} missing, {len(unexpected)} unexpected, "
-                f"{len(wrong)} wrong shape")
+        head = (
+            f"the checkpoint does not match a {what}: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(wrong)} wrong shape"
+        )
         body = _listing("missing (Wan names)", missing) + _listing("unexpected", unexpected)
         raise ConvertError("\n".join([head, *body, *_listing("wrong shape", wrong)]))
 
@@ -97,7 +107,9 @@ def _hints(src: Source, kind: str) -> tuple[dict, Path | None]:
     return {}, None
 
 
-def plan_component(kind: str, src: Source, *, num_heads: int | None = None, text_len: int | None = None) -> ComponentPlan:
+def plan_component(
+    kind: str, src: Source, *, num_heads: int | None = None, text_len: int | None = None
+) -> ComponentPlan:
     """Names, config and rows of a VAE / text-encoder checkpoint, validated against the expected tensors."""
     hints, _ = _hints(src, kind)
     if kind == "vae":
@@ -115,7 +127,9 @@ def plan_component(kind: str, src: Source, *, num_heads: int | None = None, text
         cfg = umt5_keymap.infer_config(wan_shapes, num_heads=num_heads, text_len=text_len or 512, hints=hints)
         expected = umt5_keymap.expected_shapes(cfg)
         rows = umt5_keymap.rows(cfg)
-        what = f"UMT5 encoder with dim={cfg.dim}, layers={cfg.num_layers}, heads={cfg.num_heads}, vocab={cfg.vocab_size}"
+        what = (
+            f"UMT5 encoder with dim={cfg.dim}, layers={cfg.num_layers}, heads={cfg.num_heads}, vocab={cfg.vocab_size}"
+        )
     else:
         raise ConvertError(f"unknown component kind {kind!r}")
     _validate(kind, src.shapes, names, expected, what)
@@ -136,8 +150,12 @@ def build_params(p: ComponentPlan, src: Source, dtype: str, progress: bool = Fal
     expected = _abstract(p.kind, p.cfg)
     arrays = {k: np.empty(a.shape, np_dtype) for k, a in _flatten(expected).items()}
     wan_to_stored = {w: s for s, w in p.names.items()}
-    items = tqdm(p.rows.items(), desc="reading", unit="tensor",
-                 disable=None if progress and len(p.rows) >= PROGRESS_MIN_TENSORS else True)
+    items = tqdm(
+        p.rows.items(),
+        desc="reading",
+        unit="tensor",
+        disable=None if progress and len(p.rows) >= PROGRESS_MIN_TENSORS else True,
+    )
     for wan, (path, tf, layer) in items:
         value = tf.apply(src.read(wan_to_stored[wan]))
         target = arrays[path] if layer is None else arrays[path][layer]
@@ -145,7 +163,8 @@ def build_params(p: ComponentPlan, src: Source, dtype: str, progress: bool = Fal
             raise AssertionError(f"{wan} -> {path}: {value.shape} vs {target.shape}")
         target[...] = value
     return jax.tree_util.tree_map_with_path(
-        lambda kp, _: arrays["/".join(str(getattr(k, "key", k)) for k in kp)], expected)
+        lambda kp, _: arrays["/".join(str(getattr(k, "key", k)) for k in kp)], expected
+    )
 
 
 def _open(input: str | Path, kind: str | None, key: str | None) -> Source:
@@ -170,23 +189,40 @@ def _save(p: ComponentPlan, src: Source, output: Path, dtype: str, overwrite: bo
 def _summary(p: ComponentPlan, src: Source, dtype: str, out: Path) -> list[str]:
     c = p.cfg
     if p.kind == "vae":
-        desc = (f"VAE dim {c.dim}, z_dim {c.z_dim}, dim_mult {list(c.dim_mult)}, res blocks {c.num_res_blocks}, "
-                f"temporal downsample {list(c.temperal_downsample)}")
+        desc = (
+            f"VAE dim {c.dim}, z_dim {c.z_dim}, dim_mult {list(c.dim_mult)}, res blocks {c.num_res_blocks}, "
+            f"temporal downsample {list(c.temperal_downsample)}"
+        )
     else:
-        desc = (f"UMT5 encoder: dim {c.dim}, layers {c.num_layers}, heads {c.num_heads}, ffn {c.dim_ffn}, "
-                f"vocab {c.vocab_size}, {c.num_buckets} buckets (max dist {c.max_dist}), text_len {c.text_len}")
+        desc = (
+            f"UMT5 encoder: dim {c.dim}, layers {c.num_layers}, heads {c.num_heads}, ffn {c.dim_ffn}, "
+            f"vocab {c.vocab_size}, {c.num_buckets} buckets (max dist {c.max_dist}), text_len {c.text_len}"
+        )
     n = sum(int(np.prod(s)) for s in (src.shapes[k] for k in p.names))
-    lines = [f"source:  {src.path} ({p.kind}, {p.layout} layout, {len(src.shapes)} tensors)", f"config:  {desc}",
-             f"params:  {n:,} ({dtype})", f"output:  {out}"]
+    lines = [
+        f"source:  {src.path} ({p.kind}, {p.layout} layout, {len(src.shapes)} tensors)",
+        f"config:  {desc}",
+        f"params:  {n:,} ({dtype})",
+        f"output:  {out}",
+    ]
     if p.ignored:
         lines.insert(1, f"ignored: {len(p.ignored)} tensors not part of the encoder (e.g. {p.ignored[0]})")
     return lines
 
 
-def convert_component(kind: str, input: str | Path, output: str | Path, *, num_heads: int | None = None,
-                      text_len: int | None = None, key: str | None = None, dtype: str = "float32",
-                      overwrite: bool = False, progress: bool = False,
-                      log: Callable[[str], None] | None = None) -> Path:
+def convert_component(
+    kind: str,
+    input: str | Path,
+    output: str | Path,
+    *,
+    num_heads: int | None = None,
+    text_len: int | None = None,
+    key: str | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """Convert a VAE (``kind="vae"``) or UMT5 text encoder (``kind="umt5"``) checkpoint into a directory."""
     if dtype not in DTYPES:
         raise ConvertError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -240,11 +276,22 @@ def _wan_file(wan_dir: Path, name: str, what: str) -> Path:
     return f
 
 
-def convert_model_dir(wan_dir: str | Path, generator: str | Path, output: str | Path, *, key: str | None = None,
-                      num_heads: int | None = None, text_len: int | None = None, dtype: str = "float32",
-                      lora: str | Path | None = None, lora_alpha: float | None = None, preset: str | None = None,
-                      overwrite: bool = False, progress: bool = False,
-                      log: Callable[[str], None] | None = None) -> Path:
+def convert_model_dir(
+    wan_dir: str | Path,
+    generator: str | Path,
+    output: str | Path,
+    *,
+    key: str | None = None,
+    num_heads: int | None = None,
+    text_len: int | None = None,
+    dtype: str = "float32",
+    lora: str | Path | None = None,
+    lora_alpha: float | None = None,
+    preset: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """Build the folder ``python -m fkv_jax.generate --model-dir DIR`` reads, from the Wan2.1 download and a
     causal generator checkpoint (Self Forcing / CausVid / LongLive ``.pt``, or any transformer format)."""
     from fkv_jax.text.tokenizer import TokenizerError, find_tokenizer_file
@@ -272,8 +319,10 @@ def convert_model_dir(wan_dir: str | Path, generator: str | Path, output: str | 
         for kind, src in srcs.items():
             if (found := detect_kind(src.shapes)) != kind:
                 raise ConvertError(f"{src.path} holds a {_KIND_TEXT[found]} checkpoint, not a {_KIND_TEXT[kind]} one")
-        plans = {"vae": plan_component("vae", srcs["vae"]),
-                 "umt5": plan_component("umt5", srcs["umt5"], text_len=text_len)}
+        plans = {
+            "vae": plan_component("vae", srcs["vae"]),
+            "umt5": plan_component("umt5", srcs["umt5"], text_len=text_len),
+        }
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
 
@@ -285,17 +334,32 @@ def convert_model_dir(wan_dir: str | Path, generator: str | Path, output: str | 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        convert(generator, tmp / COMPONENT_DIRS["transformer"], num_heads=num_heads, text_len=text_len, key=key,
-                dtype=dtype, lora=lora, lora_alpha=lora_alpha, preset=preset, progress=progress, log=lines.append)
+        convert(
+            generator,
+            tmp / COMPONENT_DIRS["transformer"],
+            num_heads=num_heads,
+            text_len=text_len,
+            key=key,
+            dtype=dtype,
+            lora=lora,
+            lora_alpha=lora_alpha,
+            preset=preset,
+            progress=progress,
+            log=lines.append,
+        )
         for kind in ("vae", "umt5"):
             dst = tmp / COMPONENT_DIRS[kind]
             _save(plans[kind], srcs[kind], dst, dtype, False, progress)
             lines += _summary(plans[kind], srcs[kind], dtype, out / COMPONENT_DIRS[kind])
         shutil.copytree(wan_dir / WAN_TOKENIZER_DIR, tmp / COMPONENT_DIRS["tokenizer"])
         lines.append(f"tokenizer: {wan_dir / WAN_TOKENIZER_DIR} copied to {out / COMPONENT_DIRS['tokenizer']}")
-        meta = {"format": MODEL_DIR_FORMAT, "format_version": 1, "dtype": dtype,
-                "components": sorted(COMPONENT_DIRS.values()),
-                "source": {"wan_dir": str(wan_dir.absolute()), "generator": str(Path(generator).absolute())}}
+        meta = {
+            "format": MODEL_DIR_FORMAT,
+            "format_version": 1,
+            "dtype": dtype,
+            "components": sorted(COMPONENT_DIRS.values()),
+            "source": {"wan_dir": str(wan_dir.absolute()), "generator": str(Path(generator).absolute())},
+        }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         check_output_dir(out, overwrite)
         swap_into_place(tmp, out, old)

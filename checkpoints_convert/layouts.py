@@ -44,7 +44,12 @@ DIFFUSERS_BLOCK: dict[str, str] = {
         f"{d_attn}.{d_proj}": f"{w_attn}.{w_proj}"
         for d_attn, w_attn in (("attn1", "self_attn"), ("attn2", "cross_attn"))
         for d_proj, w_proj in (
-            ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"), ("norm_q", "norm_q"), ("norm_k", "norm_k")
+            ("to_q", "q"),
+            ("to_k", "k"),
+            ("to_v", "v"),
+            ("to_out.0", "o"),
+            ("norm_q", "norm_q"),
+            ("norm_k", "norm_k"),
         )
     },
     "norm2": "norm3",
@@ -68,7 +73,7 @@ def is_diffusers(names: Iterable[str]) -> bool:
 def _rename(name: str, table: Mapping[str, str]) -> str:
     for src, dst in table.items():
         if name == src or name.startswith(src + "."):
-            return dst + name[len(src):]
+            return dst + name[len(src) :]
     return name
 
 

@@ -33,8 +33,13 @@ OUT_RULE = ("head.head.weight", 2)  # [out_dim * pt * ph * pw, D]
 # Tensors that state the same size (tensor, rank, axis): when they disagree, the error names every one of them
 # (sizes are otherwise read from one tensor, and a damaged one would make its healthy neighbours look wrong).
 SIZE_WITNESSES: dict[str, list[tuple[str, int, int]]] = {
-    "dim": [("patch_embedding.weight", 5, 0), ("patch_embedding.bias", 1, 0), ("head.head.weight", 2, 1),
-            ("text_embedding.0.weight", 2, 0), ("time_embedding.0.weight", 2, 0)],
+    "dim": [
+        ("patch_embedding.weight", 5, 0),
+        ("patch_embedding.bias", 1, 0),
+        ("head.head.weight", 2, 1),
+        ("text_embedding.0.weight", 2, 0),
+        ("time_embedding.0.weight", 2, 0),
+    ],
     "out_dim x patch volume": [("head.head.weight", 2, 0), ("head.head.bias", 1, 0)],
     "ffn_dim": [("blocks.0.ffn.0.weight", 2, 0), ("blocks.0.ffn.0.bias", 1, 0), ("blocks.0.ffn.2.weight", 2, 1)],
 }
@@ -69,12 +74,17 @@ def _shape(shapes: Mapping[str, tuple[int, ...]], key: str, rank: int) -> tuple[
 def infer_sizes(wan_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, object]:
     """Every ModelConfig size readable from Wan-named shapes (all but num_heads and text_len)."""
     for size, witnesses in SIZE_WITNESSES.items():
-        seen = [(k, tuple(wan_shapes[k]), wan_shapes[k][axis]) for k, rank, axis in witnesses
-                if k in wan_shapes and len(wan_shapes[k]) == rank]
+        seen = [
+            (k, tuple(wan_shapes[k]), wan_shapes[k][axis])
+            for k, rank, axis in witnesses
+            if k in wan_shapes and len(wan_shapes[k]) == rank
+        ]
         if len({v for _, _, v in seen}) > 1:
-            raise ConvertError(f"the tensors disagree on {size}: " + ", ".join(f"{k} {_fmt(s)} gives {v}"
-                                                                            for k, s, v in seen)
-                               + " (one of them is damaged or comes from another model)")
+            raise ConvertError(
+                f"the tensors disagree on {size}: "
+                + ", ".join(f"{k} {_fmt(s)} gives {v}" for k, s, v in seen)
+                + " (one of them is damaged or comes from another model)"
+            )
     sizes = {f: fn(_shape(wan_shapes, key, rank)) for f, (key, rank, fn) in SIZE_RULES.items()}
     patch_volume = math.prod(sizes["patch_size"])
     out_patch = _shape(wan_shapes, *OUT_RULE)[0]

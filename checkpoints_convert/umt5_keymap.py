@@ -49,14 +49,19 @@ HF_TOP = {"encoder.embed_tokens.weight": "token_embedding.weight", "encoder.fina
 _HF_BLOCK = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
 HF_IGNORED = re.compile(r"^(decoder\.|lm_head\.)")
 # Hints from a HF config.json (UMT5Config / T5Config) -> our field
-HF_CONFIG_FIELDS = {"num_heads": "num_heads", "relative_attention_num_buckets": "num_buckets",
-                    "relative_attention_max_distance": "max_dist", "layer_norm_epsilon": "eps"}
+HF_CONFIG_FIELDS = {
+    "num_heads": "num_heads",
+    "relative_attention_num_buckets": "num_buckets",
+    "relative_attention_max_distance": "max_dist",
+    "layer_norm_epsilon": "eps",
+}
 
 
 def is_umt5(names: Iterable[str]) -> bool:
     names = set(names)
     return ("token_embedding.weight" in names and any(".attn.q.weight" in n for n in names)) or any(
-        n.startswith("encoder.block.") and ".SelfAttention." in n for n in names)
+        n.startswith("encoder.block.") and ".SelfAttention." in n for n in names
+    )
 
 
 def normalise_names(names: Iterable[str]) -> tuple[str, dict[str, str], list[str]]:
@@ -83,16 +88,23 @@ def normalise_names(names: Iterable[str]) -> tuple[str, dict[str, str], list[str
     return "hf", mapping, ignored
 
 
-def infer_config(wan_shapes: Mapping[str, tuple[int, ...]], *, num_heads: int | None = None, text_len: int = 512,
-                 hints: Mapping[str, object] | None = None) -> UMT5Config:
+def infer_config(
+    wan_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    num_heads: int | None = None,
+    text_len: int = 512,
+    hints: Mapping[str, object] | None = None,
+) -> UMT5Config:
     """Sizes from the shapes (vocab, dim, dim_attn, dim_ffn, layers, buckets and heads of the position tables)."""
     hints = dict(hints or {})
 
     def shape(key, rank):
         s = wan_shapes.get(key)
         if s is None or len(s) != rank:
-            raise ConvertError(f"cannot infer the text encoder size: {key!r} is "
-                               f"{'missing' if s is None else f'of shape {list(s)}'} (found e.g. {sorted(wan_shapes)[:5]})")
+            raise ConvertError(
+                f"cannot infer the text encoder size: {key!r} is "
+                f"{'missing' if s is None else f'of shape {list(s)}'} (found e.g. {sorted(wan_shapes)[:5]})"
+            )
         return s
 
     vocab, dim = shape("token_embedding.weight", 2)
@@ -107,10 +119,19 @@ def infer_config(wan_shapes: Mapping[str, tuple[int, ...]], *, num_heads: int | 
     if hints.get("num_buckets") not in (None, buckets):
         raise ConvertError(f"config.json says {hints['num_buckets']} buckets, the tables have {buckets}")
     try:
-        return UMT5Config(vocab_size=vocab, dim=dim, dim_attn=dim_attn, dim_ffn=dim_ffn, num_heads=heads,
-                          num_layers=layers, num_buckets=buckets, max_dist=int(hints.get("max_dist", 128)),
-                          eps=float(hints.get("eps", 1e-6)), text_len=text_len,
-                          name="umt5-xxl" if (vocab, dim, layers) == (256384, 4096, 24) else "umt5")
+        return UMT5Config(
+            vocab_size=vocab,
+            dim=dim,
+            dim_attn=dim_attn,
+            dim_ffn=dim_ffn,
+            num_heads=heads,
+            num_layers=layers,
+            num_buckets=buckets,
+            max_dist=int(hints.get("max_dist", 128)),
+            eps=float(hints.get("eps", 1e-6)),
+            text_len=text_len,
+            name="umt5-xxl" if (vocab, dim, layers) == (256384, 4096, 24) else "umt5",
+        )
     except ValueError as e:
         raise ConvertError(f"the inferred text encoder config is invalid: {e}") from None
 
@@ -118,9 +139,18 @@ def infer_config(wan_shapes: Mapping[str, tuple[int, ...]], *, num_heads: int | 
 def expected_shapes(cfg: UMT5Config) -> dict[str, tuple[int, ...]]:
     """Every Wan key of an encoder with this config, with its PyTorch shape."""
     d, a, f = cfg.dim, cfg.dim_attn, cfg.dim_ffn
-    block = {"norm1.weight": (d,), "attn.q.weight": (a, d), "attn.k.weight": (a, d), "attn.v.weight": (a, d),
-             "attn.o.weight": (d, a), "norm2.weight": (d,), "ffn.gate.0.weight": (f, d), "ffn.fc1.weight": (f, d),
-             "ffn.fc2.weight": (d, f), "pos_embedding.embedding.weight": (cfg.num_buckets, cfg.num_heads)}
+    block = {
+        "norm1.weight": (d,),
+        "attn.q.weight": (a, d),
+        "attn.k.weight": (a, d),
+        "attn.v.weight": (a, d),
+        "attn.o.weight": (d, a),
+        "norm2.weight": (d,),
+        "ffn.gate.0.weight": (f, d),
+        "ffn.fc1.weight": (f, d),
+        "ffn.fc2.weight": (d, f),
+        "pos_embedding.embedding.weight": (cfg.num_buckets, cfg.num_heads),
+    }
     assert set(block) == set(PER_BLOCK)
     out = {"token_embedding.weight": (cfg.vocab_size, d), "norm.weight": (d,)}
     for i in range(cfg.num_layers):

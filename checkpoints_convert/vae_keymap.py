@@ -99,18 +99,24 @@ DIFFUSERS_MARKERS = ("down_blocks", "up_blocks", "mid_block", "quant_conv", "con
 
 def is_vae(names: Iterable[str]) -> bool:
     names = list(names)
-    return any(n.startswith("decoder.") for n in names) and any(n.startswith(("encoder.", "conv2.", "post_quant_conv."))
-                                                              for n in names)
+    return any(n.startswith("decoder.") for n in names) and any(
+        n.startswith(("encoder.", "conv2.", "post_quant_conv.")) for n in names
+    )
 
 
-_RES_RENAME = (("norm1.gamma", "residual.0.gamma"), ("conv1.", "residual.2."), ("norm2.gamma", "residual.3.gamma"),
-               ("conv2.", "residual.6."), ("conv_shortcut.", "shortcut."))
+_RES_RENAME = (
+    ("norm1.gamma", "residual.0.gamma"),
+    ("conv1.", "residual.2."),
+    ("norm2.gamma", "residual.3.gamma"),
+    ("conv2.", "residual.6."),
+    ("conv_shortcut.", "shortcut."),
+)
 
 
 def _res_inner(rest: str) -> str:
     for src, dst in _RES_RENAME:
         if rest.startswith(src):
-            return dst + rest[len(src):]
+            return dst + rest[len(src) :]
     return rest
 
 
@@ -118,14 +124,14 @@ def diffusers_to_wan(name: str, num_res_blocks: int) -> str:
     """One diffusers ``AutoencoderKLWan`` tensor name -> its Wan name (unknown names unchanged)."""
     for src, dst in (("quant_conv.", "conv1."), ("post_quant_conv.", "conv2.")):
         if name.startswith(src):
-            return dst + name[len(src):]
+            return dst + name[len(src) :]
     m = re.match(r"^(encoder|decoder)\.(.+)$", name)
     if not m:
         return name
     part, rest = m[1], m[2]
     for src, dst in (("conv_in.", "conv1."), ("norm_out.", "head.0."), ("conv_out.", "head.2.")):
         if rest.startswith(src):
-            return f"{part}.{dst}{rest[len(src):]}"
+            return f"{part}.{dst}{rest[len(src) :]}"
     if mm := re.match(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", rest):
         idx = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}.get((mm[1], mm[2]))
         if idx is None:
@@ -166,8 +172,10 @@ def infer_config(wan_shapes: Mapping[str, tuple[int, ...]], hints: Mapping[str, 
 
     def shape(key):
         if key not in wan_shapes:
-            raise ConvertError(f"cannot infer the VAE size: tensor {key!r} is missing "
-                               f"(found {len(wan_shapes)} tensors, e.g. {sorted(wan_shapes)[:5]})")
+            raise ConvertError(
+                f"cannot infer the VAE size: tensor {key!r} is missing "
+                f"(found {len(wan_shapes)} tensors, e.g. {sorted(wan_shapes)[:5]})"
+            )
         return wan_shapes[key]
 
     z_dim = shape("conv2.weight")[0]
@@ -185,10 +193,14 @@ def infer_config(wan_shapes: Mapping[str, tuple[int, ...]], hints: Mapping[str, 
             temporal.append(f"{pre}.time_conv.weight" in wan_shapes)
             levels.append({"res": [], "attn": False})
         else:
-            raise ConvertError(f"cannot tell what encoder.downsamples.{i} is (no residual, attention or resample tensor)")
+            raise ConvertError(
+                f"cannot tell what encoder.downsamples.{i} is (no residual, attention or resample tensor)"
+            )
     if not levels[0]["res"] or any(not lv["res"] for lv in levels):
-        raise ConvertError("every encoder level needs residual blocks; the checkpoint's encoder.downsamples "
-                           f"sequence does not look like a Wan VAE ({len(idx)} entries)")
+        raise ConvertError(
+            "every encoder level needs residual blocks; the checkpoint's encoder.downsamples "
+            f"sequence does not look like a Wan VAE ({len(idx)} entries)"
+        )
     mult = []
     for lv in levels:
         if lv["res"][-1] % dim:
@@ -197,14 +209,25 @@ def infer_config(wan_shapes: Mapping[str, tuple[int, ...]], hints: Mapping[str, 
     mean = tuple(hints.get("latents_mean") or (WAN21_LATENTS_MEAN if z_dim == len(WAN21_LATENTS_MEAN) else ()))
     std = tuple(hints.get("latents_std") or (WAN21_LATENTS_STD if z_dim == len(WAN21_LATENTS_STD) else ()))
     if not mean or not std:
-        raise ConvertError(f"z_dim={z_dim}: no latent mean/std known for it (Wan2.1's are for z_dim 16); convert "
-                           "from a diffusers folder whose config.json has latents_mean / latents_std")
+        raise ConvertError(
+            f"z_dim={z_dim}: no latent mean/std known for it (Wan2.1's are for z_dim 16); convert "
+            "from a diffusers folder whose config.json has latents_mean / latents_std"
+        )
     try:
-        cfg = VAEConfig(dim=dim, z_dim=z_dim, dim_mult=tuple(mult), num_res_blocks=len(levels[0]["res"]),
-                        attn_scales=tuple(1.0 / 2 ** i for i, lv in enumerate(levels) if lv["attn"]),
-                        temperal_downsample=tuple(temporal), latents_mean=mean, latents_std=std)
+        cfg = VAEConfig(
+            dim=dim,
+            z_dim=z_dim,
+            dim_mult=tuple(mult),
+            num_res_blocks=len(levels[0]["res"]),
+            attn_scales=tuple(1.0 / 2**i for i, lv in enumerate(levels) if lv["attn"]),
+            temperal_downsample=tuple(temporal),
+            latents_mean=mean,
+            latents_std=std,
+        )
     except ValueError as e:
         raise ConvertError(f"the inferred VAE config is invalid: {e}") from None
     default = VAEConfig()
-    name = default.name if (cfg.dim, cfg.dim_mult, cfg.z_dim) == (default.dim, default.dim_mult, default.z_dim) else "vae"
+    name = (
+        default.name if (cfg.dim, cfg.dim_mult, cfg.z_dim) == (default.dim, default.dim_mult, default.z_dim) else "vae"
+    )
     return dataclasses.replace(cfg, name=name)

@@ -105,8 +105,15 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "head.head.bias": (cfg.out_patch_dim,),
         "head.modulation": (1, 2, d),
     }
-    block = {"modulation": (1, 6, d), "norm3.weight": (d,), "norm3.bias": (d,),
-             "ffn.0.weight": (f, d), "ffn.0.bias": (f,), "ffn.2.weight": (d, f), "ffn.2.bias": (d,)}
+    block = {
+        "modulation": (1, 6, d),
+        "norm3.weight": (d,),
+        "norm3.bias": (d,),
+        "ffn.0.weight": (f, d),
+        "ffn.0.bias": (f,),
+        "ffn.2.weight": (d, f),
+        "ffn.2.bias": (d,),
+    }
     for attn in ("self_attn", "cross_attn"):
         for p in ("q", "k", "v", "o"):
             block[f"{attn}.{p}.weight"] = (d, d)

@@ -31,7 +31,7 @@ def strip(frames: np.ndarray, every: int = 4, scale: int = 4, gap: int = 2) -> n
     n, h, w, _ = big.shape
     out = np.full((h, n * (w + gap) - gap, 3), 255, np.uint8)
     for i, f in enumerate(big):
-        out[:, i * (w + gap): i * (w + gap) + w] = f
+        out[:, i * (w + gap) : i * (w + gap) + w] = f
     return out
 
 
@@ -39,8 +39,27 @@ def write_png(path: Path, image: np.ndarray) -> None:
     import imageio_ffmpeg
 
     h, w = image.shape[:2]
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
-                    "-s", f"{w}x{h}", "-i", "-", "-frames:v", "1", str(path)], input=image.tobytes(), check=True)
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-y",
+            "-loglevel",
+            "error",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            f"{w}x{h}",
+            "-i",
+            "-",
+            "-frames:v",
+            "1",
+            str(path),
+        ],
+        input=image.tobytes(),
+        check=True,
+    )
 
 
 def main() -> int:
@@ -49,16 +68,30 @@ def main() -> int:
 
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="fkv_strip_"))
     lat = out / "latents.npy"
-    assert generate(["--seeds", ",".join(map(str, SEEDS)), "--output-dir", str(out), "--save-latents", str(lat),
-                     "--no-progress"]) == 0
+    assert (
+        generate(
+            [
+                "--seeds",
+                ",".join(map(str, SEEDS)),
+                "--output-dir",
+                str(out),
+                "--save-latents",
+                str(lat),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     videos = np.load(lat)  # [S, 48, 3, 32, 32]
     red, blue = COLOUR_NAMES.index("red"), COLOUR_NAMES.index("blue")
     print("| seed | frames | red shown | blue shown | both together |")
     print("|---|---|---|---|---|")
     for seed, v in zip(SEEDS, videos):
         c = colour_pixels(np.clip(v, -1, 1)) >= 4  # [T, K]
-        print(f"| {seed} | {len(v)} | {c[:, red].mean():.2f} | {c[:, blue].mean():.2f} | "
-              f"{(c[:, red] & c[:, blue]).mean():.2f} ({int((c[:, red] & c[:, blue]).sum())} of {len(v)}) |")
+        print(
+            f"| {seed} | {len(v)} | {c[:, red].mean():.2f} | {c[:, blue].mean():.2f} | "
+            f"{(c[:, red] & c[:, blue]).mean():.2f} ({int((c[:, red] & c[:, blue]).sum())} of {len(v)}) |"
+        )
     png = ROOT / "docs" / "quickstart_strip.png"
     write_png(png, strip(videos[0]))
     print(f"wrote {png} (seed 0, frames 0, 4, ..., 44, 4x enlarged)")

@@ -30,7 +30,20 @@ def load_transformer(path, dtype=None):
 
 
 __all__ = [
-    "CacheGeometry", "CausalWanModel", "ModelConfig", "Rollout", "Sampler", "SamplerConfig", "abstract_model",
-    "count_params", "init_cache", "init_model", "list_presets", "load_transformer", "make_schedule",
-    "model_preset", "rollout", "sampler_preset",
+    "CacheGeometry",
+    "CausalWanModel",
+    "ModelConfig",
+    "Rollout",
+    "Sampler",
+    "SamplerConfig",
+    "abstract_model",
+    "count_params",
+    "init_cache",
+    "init_model",
+    "list_presets",
+    "load_transformer",
+    "make_schedule",
+    "model_preset",
+    "rollout",
+    "sampler_preset",
 ]

@@ -33,14 +33,50 @@ from fkv_jax.cli import UsageError, run_cli
 
 # ---- HLO text -------------------------------------------------------------------------------------------
 
-_ITEMSIZE = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-             "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ITEMSIZE = {
+    "pred": 1,
+    "s4": 1,
+    "u4": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8\w*)\[([0-9,]*)\](\{[^{}]*\})?")
 _KERNEL_TARGETS = ("tpu_custom_call", "mosaic_gpu", "__gpu$xla.gpu.triton", "triton_kernel_call")
 # ops that move no data of their own (buffer plumbing, control flow whose bodies are visited separately)
-_PLUMBING = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "conditional", "call",
-             "copy-done", "after-all", "opt-barrier", "partition-id", "replica-id", "add-dependency",
-             "domain", "send-done", "recv-done", "all-reduce-done", "all-gather-done", "collective-permute-done"}
+_PLUMBING = {
+    "parameter",
+    "tuple",
+    "get-tuple-element",
+    "bitcast",
+    "constant",
+    "while",
+    "conditional",
+    "call",
+    "copy-done",
+    "after-all",
+    "opt-barrier",
+    "partition-id",
+    "replica-id",
+    "add-dependency",
+    "domain",
+    "send-done",
+    "recv-done",
+    "all-reduce-done",
+    "all-gather-done",
+    "collective-permute-done",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +104,11 @@ class Instr:
     @property
     def hbm_bytes(self) -> int:
         """Bytes of the result arrays that live in HBM (layout without an on-chip memory space ``S(n)``)."""
-        return sum(math.prod(int(x) for x in dims.split(",") if x) * _itemsize(dt)
-                   for dt, dims, layout in _ARRAY.findall(self.type) if not re.search(r"S\([1-9]\d*\)", layout))
+        return sum(
+            math.prod(int(x) for x in dims.split(",") if x) * _itemsize(dt)
+            for dt, dims, layout in _ARRAY.findall(self.type)
+            if not re.search(r"S\([1-9]\d*\)", layout)
+        )
 
     def attr(self, key: str) -> str | None:
         m = re.search(rf"\b{re.escape(key)}=(%?[\w.\-]+)", self.attrs)
@@ -111,7 +150,7 @@ def _parse_instr(line: str) -> Instr | None:
     m = re.match(r"\s*(ROOT\s+)?%?([^\s=]+)\s*=\s*", line)
     if not m:
         return None
-    rest = line[m.end():]
+    rest = line[m.end() :]
     if rest.startswith("("):
         end = _balanced(rest, 0)
         typ, rest = rest[:end], rest[end:].lstrip()
@@ -121,9 +160,16 @@ def _parse_instr(line: str) -> Instr | None:
     if not om:
         return None
     end = _balanced(rest, om.end() - 1)
-    operands = tuple(re.findall(r"%([\w.\-]+)", rest[om.end():end - 1]))
-    return Instr(name=m.group(2), type=typ, opcode=om.group(1), operands=operands, attrs=rest[end:],
-                 root=bool(m.group(1)), args=rest[om.end():end - 1])
+    operands = tuple(re.findall(r"%([\w.\-]+)", rest[om.end() : end - 1]))
+    return Instr(
+        name=m.group(2),
+        type=typ,
+        opcode=om.group(1),
+        operands=operands,
+        attrs=rest[end:],
+        root=bool(m.group(1)),
+        args=rest[om.end() : end - 1],
+    )
 
 
 def parse_hlo(text: str) -> dict[str, Computation]:
@@ -295,8 +341,9 @@ def _carries_slots(dims: tuple[int, ...], slots: int, frame_tokens: int) -> bool
     return any(dims[i] == slots and dims[i + 1] == frame_tokens for i in range(len(dims) - 1))
 
 
-def cache_sized_ops(hlo_text: str, cache_bytes: int, *, fraction: float = 0.5, slots: int | None = None,
-                    frame_tokens: int | None = None) -> list[HloOp]:
+def cache_sized_ops(
+    hlo_text: str, cache_bytes: int, *, fraction: float = 0.5, slots: int | None = None, frame_tokens: int | None = None
+) -> list[HloOp]:
     """Ops outside the attention kernels that produce a buffer of at least ``fraction * cache_bytes``.
 
     ``cache_bytes``: the size of one cache array as the kernel sees it (one layer's ``k_cache``, per device).
@@ -321,14 +368,21 @@ def cache_sized_ops(hlo_text: str, cache_bytes: int, *, fraction: float = 0.5, s
     found = []
     for cname, (n, _) in runs.items():
         for ins in comps[cname].instrs:
-            if ins.opcode in _PLUMBING or _is_kernel(ins) or ins.opcode in _IN_PLACE \
-                    or ins.opcode == "slice-done" or _memory_space_transfer(ins):
+            if (
+                ins.opcode in _PLUMBING
+                or _is_kernel(ins)
+                or ins.opcode in _IN_PLACE
+                or ins.opcode == "slice-done"
+                or _memory_space_transfer(ins)
+            ):
                 continue
             if ins.opcode == "fusion" and _fused_root_in_place(comps, ins):
                 continue
-            big = [b for (dt, dims), b in zip(ins.arrays, ins.array_bytes())
-                   if b >= limit and (slots is None or frame_tokens is None
-                                      or _carries_slots(dims, slots, frame_tokens))]
+            big = [
+                b
+                for (dt, dims), b in zip(ins.arrays, ins.array_bytes())
+                if b >= limit and (slots is None or frame_tokens is None or _carries_slots(dims, slots, frame_tokens))
+            ]
             if big:
                 found.append(HloOp(cname, ins.name, ins.opcode, re.sub(r"\{[^}]*\}", "", ins.type), max(big), n))
     return found
@@ -397,8 +451,9 @@ def _fusion_flops(comps: dict[str, Computation], name: str, seen=()) -> float:
     return total
 
 
-def _param_read_bytes(comps: dict[str, Computation], body: Computation, index: int, full: float,
-                      scale: float = 1.0, depth: int = 0) -> float:
+def _param_read_bytes(
+    comps: dict[str, Computation], body: Computation, index: int, full: float, scale: float = 1.0, depth: int = 0
+) -> float:
     """Bytes a fused computation reads of its parameter ``index`` (an operand of ``full`` bytes): the slices
     when it is used only through (dynamic-)slices or gathers (also through nested fusions), nothing when it
     is only the buffer of an in-place update, else all of it. ``full``: the operand's HBM bytes; ``scale``:
@@ -416,8 +471,11 @@ def _param_read_bytes(comps: dict[str, Computation], body: Computation, index: i
             continue
         elif u.opcode == "fusion" and u.attr("calls") in comps:
             nested = comps[u.attr("calls")]
-            total += sum(_param_read_bytes(comps, nested, i, full, scale, depth + 1)
-                         for i, o in enumerate(u.operands) if o == param.name)
+            total += sum(
+                _param_read_bytes(comps, nested, i, full, scale, depth + 1)
+                for i, o in enumerate(u.operands)
+                if o == param.name
+            )
         else:
             return full
     return min(total, full)
@@ -479,10 +537,14 @@ def program_cost(hlo_text: str) -> ProgramCost:
                     f = float(fm.group(1)) if fm else 0.0
                     b = float(bm.group(1)) if bm else 0.0
                 else:  # no declared cost: its operands and result
-                    b = sum(float(comp.by_name[o].hbm_bytes) for o in ins.operands if o in comp.by_name) \
-                        + ins.hbm_bytes
-                flops, bytes_, kflops, kbytes, kernels = flops + n * f, bytes_ + n * b, kflops + n * f, \
-                    kbytes + n * b, kernels + n
+                    b = sum(float(comp.by_name[o].hbm_bytes) for o in ins.operands if o in comp.by_name) + ins.hbm_bytes
+                flops, bytes_, kflops, kbytes, kernels = (
+                    flops + n * f,
+                    bytes_ + n * b,
+                    kflops + n * f,
+                    kbytes + n * b,
+                    kernels + n,
+                )
                 continue
             if ins.opcode == "fusion":
                 flops += n * _fusion_flops(comps, ins.attr("calls") or "")
@@ -492,22 +554,29 @@ def program_cost(hlo_text: str) -> ProgramCost:
             src = comp.by_name.get(ins.operands[0]) if ins.operands else None
             if ins.opcode in ("dynamic-slice", "slice-start"):
                 frac = src.hbm_bytes / src.nbytes if src is not None and src.nbytes else 0.0
-                b = ins.nbytes * frac + ins.hbm_bytes if ins.opcode == "dynamic-slice" else \
-                    ins.array_bytes()[-1] * frac + ins.hbm_bytes - (src.hbm_bytes if src is not None else 0)
+                b = (
+                    ins.nbytes * frac + ins.hbm_bytes
+                    if ins.opcode == "dynamic-slice"
+                    else ins.array_bytes()[-1] * frac + ins.hbm_bytes - (src.hbm_bytes if src is not None else 0)
+                )
             elif ins.opcode in _IN_PLACE:
-                upd = comp.by_name.get(ins.operands[-1 if ins.opcode == "scatter" else 1]) \
-                    if len(ins.operands) > 1 else None
+                upd = (
+                    comp.by_name.get(ins.operands[-1 if ins.opcode == "scatter" else 1])
+                    if len(ins.operands) > 1
+                    else None
+                )
                 frac = ins.hbm_bytes / ins.nbytes if ins.nbytes else 0.0
                 b = 2.0 * frac * (upd.nbytes if upd is not None else 0)
             elif ins.opcode == "copy-start":  # (destination, source, context): read one, write the other
                 b = float(ins.hbm_bytes)
-            elif ins.opcode in ("slice-done", "custom-call") and 'ConcatBitcast' in ins.attrs + ins.opcode:
+            elif ins.opcode in ("slice-done", "custom-call") and "ConcatBitcast" in ins.attrs + ins.opcode:
                 b = 0.0
             else:
                 b = ins.hbm_bytes + sum(float(comp.by_name[o].hbm_bytes) for o in ins.operands if o in comp.by_name)
             bytes_ += n * b
-    return ProgramCost(flops=flops, bytes=bytes_, kernel_flops=kflops, kernel_bytes=kbytes, kernels=kernels,
-                       trip_counts_known=known)
+    return ProgramCost(
+        flops=flops, bytes=bytes_, kernel_flops=kflops, kernel_bytes=kbytes, kernels=kernels, trip_counts_known=known
+    )
 
 
 # ---- deviceless TPU compile ---------------------------------------------------------------------------------
@@ -539,9 +608,13 @@ def tpu_devices(topology: str):
 def memory_summary(compiled) -> dict[str, int]:
     """Per-device bytes of a compiled program (``memory_analysis()``) and their total."""
     ma = compiled.memory_analysis()
-    d = dict(arguments=int(ma.argument_size_in_bytes), outputs=int(ma.output_size_in_bytes),
-             aliased=int(ma.alias_size_in_bytes), temporaries=int(ma.temp_size_in_bytes),
-             code=int(ma.generated_code_size_in_bytes))
+    d = dict(
+        arguments=int(ma.argument_size_in_bytes),
+        outputs=int(ma.output_size_in_bytes),
+        aliased=int(ma.alias_size_in_bytes),
+        temporaries=int(ma.temp_size_in_bytes),
+        code=int(ma.generated_code_size_in_bytes),
+    )
     d["total"] = d["arguments"] + d["outputs"] - d["aliased"] + d["temporaries"] + d["code"]
     return d
 
@@ -593,26 +666,43 @@ def build_parser(prog: str = "python -m fkv_jax.aot") -> argparse.ArgumentParser
     except ImportError:
         Parser = argparse.ArgumentParser
     p = Parser(prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default="tpu-v5e", help="tpu-v5e|tpu-v5p|tpu-v6e[:TOPOLOGY], or h100|h200 "
-                                                       "(roofline only; see below) (default: tpu-v5e)")
+    p.add_argument(
+        "--target",
+        default="tpu-v5e",
+        help="tpu-v5e|tpu-v5p|tpu-v6e[:TOPOLOGY], or h100|h200 (roofline only; see below) (default: tpu-v5e)",
+    )
     g = p.add_argument_group("model")
     g.add_argument("--model-preset", help="model preset, e.g. wan2.1-t2v-1.3b, tiny, mid (default: wan2.1-t2v-1.3b)")
-    g.add_argument("--checkpoint", type=Path, help="converted checkpoint directory: its config and stored dtype "
-                                                   "(the weights are not read)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16"),
-                   help="compute dtype of the weights (default: the checkpoint's, else bfloat16)")
+    g.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="converted checkpoint directory: its config and stored dtype (the weights are not read)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="compute dtype of the weights (default: the checkpoint's, else bfloat16)",
+    )
     g.add_argument("--cache-dtype", choices=("float32", "bfloat16"), help="KV cache dtype (default: --dtype)")
     g.add_argument("--latent-size", help="latent HxW, e.g. 60x104 (default: the preset's; 60x104 = 480x832 video)")
     g = p.add_argument_group("video and cache")
-    g.add_argument("--frames", type=int, default=21, help="latent frames of the video (sizes a global cache; "
-                                                          "default 21)")
-    g.add_argument("--sampler-preset", default="self_forcing", help="self_forcing | longlive | causvid "
-                                                                    "(default: self_forcing)")
-    g.add_argument("--local-attn-size", type=int, help="-1 = global cache; N = rolling window of N frames "
-                                                       "(also sets a policy's local_attn_size if it has one)")
+    g.add_argument(
+        "--frames", type=int, default=21, help="latent frames of the video (sizes a global cache; default 21)"
+    )
+    g.add_argument(
+        "--sampler-preset", default="self_forcing", help="self_forcing | longlive | causvid (default: self_forcing)"
+    )
+    g.add_argument(
+        "--local-attn-size",
+        type=int,
+        help="-1 = global cache; N = rolling window of N frames (also sets a policy's local_attn_size if it has one)",
+    )
     g.add_argument("--sink-size", type=int, help="sink frames of a rolling window (also a policy's sink_size)")
-    g.add_argument("--policy", help="KV selection policy (fkv_jax.policies), e.g. full, sink_window, forcing_kv, "
-                                    "focused_forcing (default: the plain cache)")
+    g.add_argument(
+        "--policy",
+        help="KV selection policy (fkv_jax.policies), e.g. full, sink_window, forcing_kv, "
+        "focused_forcing (default: the plain cache)",
+    )
     g.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="policy option (repeatable)")
     g.add_argument("--head-table", help="Forcing-KV head table (JSON file or packaged name, e.g. selfforcing)")
     g.add_argument("--head-importance", type=Path, help="Focused Forcing head importance JSON")
@@ -640,8 +730,10 @@ def parse_target(target: str) -> tuple[str, str, bool]:
             raise UsageError(f"--target {target}: a GPU target takes no topology")
         return name, CHIPS["tpu-v5p"].topology, False
     if name not in TPU_TARGETS:
-        raise UsageError(f"--target must be one of {', '.join([*TPU_TARGETS, *GPU_TARGETS])} (TPU ones with an "
-                         f"optional :TOPOLOGY such as tpu-v5e:2x4), got {target!r}")
+        raise UsageError(
+            f"--target must be one of {', '.join([*TPU_TARGETS, *GPU_TARGETS])} (TPU ones with an "
+            f"optional :TOPOLOGY such as tpu-v5e:2x4), got {target!r}"
+        )
     if topo and not re.fullmatch(r"\d+x\d+(x\d+)?", topo):
         raise UsageError(f"--target {target}: topology must look like 2x2 or 2x2x1, got {topo!r}")
     return name, f"{TPU_TARGETS[name]}:{topo}" if topo else CHIPS[name].topology, True
@@ -699,8 +791,9 @@ def compile_chunk_step(args) -> dict:
         sc = sampler_preset(args.sampler_preset)
     except ValueError as e:
         raise UsageError(f"--sampler-preset: {e}") from None
-    over = {k: v for k, v in (("local_attn_size", args.local_attn_size), ("sink_size", args.sink_size))
-            if v is not None}
+    over = {
+        k: v for k, v in (("local_attn_size", args.local_attn_size), ("sink_size", args.sink_size)) if v is not None
+    }
     sc = dataclasses.replace(sc, **over)
     if args.frames % sc.frames_per_block:
         raise UsageError(f"--frames {args.frames} must be a multiple of frames_per_block={sc.frames_per_block}")
@@ -709,8 +802,10 @@ def compile_chunk_step(args) -> dict:
     import fkv_jax.kernels  # noqa: F401  (registers the kernel backends)
 
     if args.attention_backend not in ("xla", "pallas_tpu", "auto"):
-        raise UsageError(f"--attention-backend must be xla, pallas_tpu or auto for a TPU compile, got "
-                         f"{args.attention_backend!r} (available backends: {', '.join(sorted(BACKENDS))})")
+        raise UsageError(
+            f"--attention-backend must be xla, pallas_tpu or auto for a TPU compile, got "
+            f"{args.attention_backend!r} (available backends: {', '.join(sorted(BACKENDS))})"
+        )
     try:  # a backend that cannot take these shapes / dtypes on a TPU: one error before any compile
         from fkv_jax.attention.backends import resolve_backend
     except ImportError:
@@ -718,8 +813,14 @@ def compile_chunk_step(args) -> dict:
     if resolve_backend is not None:
         gh, gw = cfg.grid_hw(latent_hw)
         try:
-            resolve_backend(args.attention_backend, platform="tpu", dtype=dtype, cache_dtype=cache_dtype,
-                            head_dim=cfg.head_dim, tokens_per_frame=gh * gw)
+            resolve_backend(
+                args.attention_backend,
+                platform="tpu",
+                dtype=dtype,
+                cache_dtype=cache_dtype,
+                head_dim=cfg.head_dim,
+                tokens_per_frame=gh * gw,
+            )
         except ValueError as e:
             raise UsageError(str(e)) from None
     policy = None
@@ -732,8 +833,14 @@ def compile_chunk_step(args) -> dict:
             opts = parse_options(args.policy_opt)
             fields = {f.name for f in dataclasses.fields(POLICIES[args.policy])}
             opts = {**{k: v for k, v in over.items() if k in fields}, **opts}
-            policy = make_policy(args.policy, opts, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                                 head_table=args.head_table, head_importance=args.head_importance)
+            policy = make_policy(
+                args.policy,
+                opts,
+                num_layers=cfg.num_layers,
+                num_heads=cfg.num_heads,
+                head_table=args.head_table,
+                head_importance=args.head_importance,
+            )
         except (ValueError, OSError) as e:
             raise UsageError(f"--policy {args.policy}: {e}") from None
     elif args.policy_opt or args.head_table or args.head_importance:
@@ -752,12 +859,26 @@ def compile_chunk_step(args) -> dict:
     except ImportError:
         on_target = contextlib.nullcontext()
     with on_target:
-        return _compile(args, cfg, sc, policy, dtype, cache_dtype, dtype_name, model_name, latent_hw, chip_name,
-                        topology, native, devices)
+        return _compile(
+            args,
+            cfg,
+            sc,
+            policy,
+            dtype,
+            cache_dtype,
+            dtype_name,
+            model_name,
+            latent_hw,
+            chip_name,
+            topology,
+            native,
+            devices,
+        )
 
 
-def _compile(args, cfg, sc, policy, dtype, cache_dtype, dtype_name, model_name, latent_hw, chip_name, topology,
-             native, devices) -> dict:
+def _compile(
+    args, cfg, sc, policy, dtype, cache_dtype, dtype_name, model_name, latent_hw, chip_name, topology, native, devices
+) -> dict:
     import inspect
 
     import jax
@@ -772,8 +893,13 @@ def _compile(args, cfg, sc, policy, dtype, cache_dtype, dtype_name, model_name, 
     from fkv_jax.sampling.rollout import Sampler
 
     graphdef, params = nnx.split(abstract_model(cfg, dtype), nnx.Param)
-    kw = dict(batch=args.batch, latent_hw=latent_hw, num_frames=args.frames, policy=policy,
-              attention_backend=args.attention_backend)
+    kw = dict(
+        batch=args.batch,
+        latent_hw=latent_hw,
+        num_frames=args.frames,
+        policy=policy,
+        attention_backend=args.attention_backend,
+    )
     sig = inspect.signature(Sampler.__init__).parameters
     if "cache_dtype" in sig:
         kw["cache_dtype"] = cache_dtype
@@ -810,8 +936,11 @@ def _compile(args, cfg, sc, policy, dtype, cache_dtype, dtype_name, model_name, 
     cache_a = put(cache_a, cache_sh if cache_sh is not None else rep)
     state_a = put(jax.eval_shape(lambda: sampler.policy.init_state(sampler.geom)), rep)
     ctx = jax.ShapeDtypeStruct((args.batch, cfg.text_len, cfg.text_dim), getattr(sampler, "dtype", jnp.float32))
-    ctx_kv = jax.eval_shape(sampler._context_kv.__wrapped__ if hasattr(sampler._context_kv, "__wrapped__")
-                            else sampler._context_kv, params, ctx)
+    ctx_kv = jax.eval_shape(
+        sampler._context_kv.__wrapped__ if hasattr(sampler._context_kv, "__wrapped__") else sampler._context_kv,
+        params,
+        ctx,
+    )
     step_sh = getattr(sampler, "shardings", None)
     if mesh is not None and step_sh is not None:  # the Sampler's own step shardings
         ctx_kv = put(ctx_kv, step_sh.context)
@@ -858,47 +987,78 @@ def _compile(args, cfg, sc, policy, dtype, cache_dtype, dtype_name, model_name, 
     for name, ch in CHIPS.items():
         e = estimate(cost.flops, cost.bytes, ch)
         fps = frames_per_chunk / e.seconds if e.seconds else None
-        roof[name] = dict(ms_per_chunk=e.seconds * 1e3, fps=fps, video_fps=None if fps is None else VAE_STRIDE * fps,
-                          bound=e.bound, compute_ms=e.compute_s * 1e3, memory_ms=e.memory_s * 1e3)
+        roof[name] = dict(
+            ms_per_chunk=e.seconds * 1e3,
+            fps=fps,
+            video_fps=None if fps is None else VAE_STRIDE * fps,
+            bound=e.bound,
+            compute_ms=e.compute_s * 1e3,
+            memory_ms=e.memory_s * 1e3,
+        )
     params_bytes = per_device_bytes(params_a)
     cache_bytes = per_device_bytes([cache_a[x] for x in ("k", "v") if x in cache_a] or cache_a)  # K and V
     # every parameter counts as resident (the program's own arguments leave out weights it never reads, e.g.
     # the text projections whose output, the text K/V, is an input of the chunk step)
-    hbm = {"params": params_bytes, "cache": cache_bytes,
-           "other_arguments": max(0, mem["arguments"] - params_bytes - cache_bytes),
-           "temporaries": mem["temporaries"], "outputs_not_aliased": mem["outputs"] - mem["aliased"],
-           "code": mem["code"]}
+    hbm = {
+        "params": params_bytes,
+        "cache": cache_bytes,
+        "other_arguments": max(0, mem["arguments"] - params_bytes - cache_bytes),
+        "temporaries": mem["temporaries"],
+        "outputs_not_aliased": mem["outputs"] - mem["aliased"],
+        "code": mem["code"],
+    }
     hbm["total"] = sum(hbm.values())
     hbm["program_total"] = mem["total"]  # memory_analysis(): arguments + outputs - aliased + temporaries + code
     hbm["chip"] = chip.hbm_bytes
     notes = []
     if not native:
-        notes.append(f"{chip_name}: no GPU compile on this machine; FLOPs, bytes and HBM are from the XLA TPU "
-                     f"compile for {topology} (pallas_tpu / XLA TPU fusions), and the roofline uses "
-                     f"{chip_name}'s published peaks")
+        notes.append(
+            f"{chip_name}: no GPU compile on this machine; FLOPs, bytes and HBM are from the XLA TPU "
+            f"compile for {topology} (pallas_tpu / XLA TPU fusions), and the roofline uses "
+            f"{chip_name}'s published peaks"
+        )
     if mesh is not None:
-        notes.append("sharded program: FLOPs, bytes and HBM are per device; inter-device collectives are not in "
-                     "the roofline")
+        notes.append(
+            "sharded program: FLOPs, bytes and HBM are per device; inter-device collectives are not in the roofline"
+        )
     if args.batch > 1:
         notes.append(f"FPS is per video; the step makes {args.batch} videos' chunks at once")
     if not cost.trip_counts_known:
         notes.append("some loop trip counts were unknown; those loop bodies are counted once")
     return {
-        "target": args.target, "chip": chip_name, "compiled_for": topology, "device_kind": devices[0].device_kind,
-        "devices": 1 if mesh is None else int(mesh.devices.size), "mesh": args.mesh,
-        "model": model_name, "dtype": dtype_name, "cache_dtype": jnp.dtype(cache_dtype).name,
-        "latent_hw": list(latent_hw), "tokens_per_frame": geom.tokens_per_frame, "frames": args.frames,
-        "frames_per_chunk": frames_per_chunk, "denoising_steps": n, "model_passes_per_chunk": n + 1,
-        "policy": args.policy or "plain cache", "attention_backend": args.attention_backend,
-        "local_attn_size": sc.local_attn_size, "sink_size": sc.sink_size,
-        "cache_slots": geom.num_slots, "compile_seconds": round(compile_s, 1),
+        "target": args.target,
+        "chip": chip_name,
+        "compiled_for": topology,
+        "device_kind": devices[0].device_kind,
+        "devices": 1 if mesh is None else int(mesh.devices.size),
+        "mesh": args.mesh,
+        "model": model_name,
+        "dtype": dtype_name,
+        "cache_dtype": jnp.dtype(cache_dtype).name,
+        "latent_hw": list(latent_hw),
+        "tokens_per_frame": geom.tokens_per_frame,
+        "frames": args.frames,
+        "frames_per_chunk": frames_per_chunk,
+        "denoising_steps": n,
+        "model_passes_per_chunk": n + 1,
+        "policy": args.policy or "plain cache",
+        "attention_backend": args.attention_backend,
+        "local_attn_size": sc.local_attn_size,
+        "sink_size": sc.sink_size,
+        "cache_slots": geom.num_slots,
+        "compile_seconds": round(compile_s, 1),
         "hbm": hbm,
         "fits": bool(hbm["total"] <= chip.hbm_bytes),
-        "flops_per_chunk": cost.flops, "bytes_per_chunk": cost.bytes,
-        "kernel_flops_per_chunk": cost.kernel_flops, "kernel_bytes_per_chunk": cost.kernel_bytes,
+        "flops_per_chunk": cost.flops,
+        "bytes_per_chunk": cost.bytes,
+        "kernel_flops_per_chunk": cost.kernel_flops,
+        "kernel_bytes_per_chunk": cost.kernel_bytes,
         "kernel_calls_per_chunk": cost.kernels,
-        "xla_cost_analysis": {"flops": float(xla.get("flops", 0.0)), "bytes": float(xla.get("bytes accessed", 0.0)),
-                              "note": "XLA's cost_analysis(): every loop body counted once"},
+        "xla_cost_analysis": {
+            "flops": float(xla.get("flops", 0.0)),
+            "bytes": float(xla.get("bytes accessed", 0.0)),
+            "note": "XLA's cost_analysis(): every loop body counted once",
+        },
         "cache_copies": len(copies),
         "cache_copy_ops": [dataclasses.asdict(o) for o in copies[:20]],
         "layer_cache_bytes": layer_cache_bytes,
@@ -934,8 +1094,10 @@ def format_report(r: dict) -> str:
     ]
     for name, x in r["roofline"].items():
         mark = " <- target" if name == r["chip"] else ""
-        lines.append(f"  {name:8s} {x['ms_per_chunk']:9.2f} ms/chunk  {x['fps']:8.1f} latent FPS  "
-                     f"{x['video_fps']:8.1f} video FPS  ({x['bound']}-bound){mark}")
+        lines.append(
+            f"  {name:8s} {x['ms_per_chunk']:9.2f} ms/chunk  {x['fps']:8.1f} latent FPS  "
+            f"{x['video_fps']:8.1f} video FPS  ({x['bound']}-bound){mark}"
+        )
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
 

@@ -35,8 +35,12 @@ from fkv_jax.model.transformer import CausalWanModel
 FORMAT = "fkv_jax.transformer"
 FORMAT_VERSION = 1
 # Every converted-checkpoint kind (``config.json`` "format" -> what it is), for clear errors on a wrong directory.
-KIND_NAMES = {FORMAT: "transformer", "fkv_jax.vae": "VAE", "fkv_jax.text_encoder": "text encoder (UMT5)",
-              "fkv_jax.model_dir": "model folder (transformer/, vae/, text_encoder/, tokenizer/: use --model-dir)"}
+KIND_NAMES = {
+    FORMAT: "transformer",
+    "fkv_jax.vae": "VAE",
+    "fkv_jax.text_encoder": "text encoder (UMT5)",
+    "fkv_jax.model_dir": "model folder (transformer/, vae/, text_encoder/, tokenizer/: use --model-dir)",
+}
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -252,8 +256,9 @@ def restore_checkpoint_params(path: str | Path, expected: Mapping, stored_dtype:
         if bad:
             raise CheckpointError(f"{path}: params {bad[:5]} are not stored as {stored_dtype} as config.json says")
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, DTYPES[stored_dtype], sharding=sharding),
-                              expected)
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, DTYPES[stored_dtype], sharding=sharding), expected
+        )
         params = ckptr.restore(params_dir, target)
     if dtype is not None and _dtype_name(dtype) != stored_dtype:
         params = jax.tree.map(lambda a: a.astype(DTYPES[_dtype_name(dtype)]), params)
@@ -281,8 +286,10 @@ def read_meta(path: str | Path, fmt: str, version: int = 1) -> dict[str, Any]:
         raise CheckpointError(f"{want} directory {path} does not exist")
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file} is missing: {path} is not a converted fkv_jax {want} "
-                              "(convert one with `python -m checkpoints_convert`)")
+        raise CheckpointError(
+            f"{cfg_file} is missing: {path} is not a converted fkv_jax {want} "
+            "(convert one with `python -m checkpoints_convert`)"
+        )
     try:
         meta = json.loads(cfg_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -293,8 +300,9 @@ def read_meta(path: str | Path, fmt: str, version: int = 1) -> dict[str, Any]:
             raise CheckpointError(f"{path} holds a converted {KIND_NAMES[found]} (format {found!r}), not a {want}")
         raise CheckpointError(f"{cfg_file}: format is {found!r}, expected {fmt!r}")
     if meta.get("format_version") != version:
-        raise CheckpointError(f"{cfg_file}: format_version {meta.get('format_version')!r} is not supported "
-                              f"(this build reads {version})")
+        raise CheckpointError(
+            f"{cfg_file}: format_version {meta.get('format_version')!r} is not supported (this build reads {version})"
+        )
     if meta.get("dtype") not in DTYPES:
         raise CheckpointError(f"{cfg_file}: dtype {meta.get('dtype')!r} is not one of {', '.join(DTYPES)}")
     return meta

@@ -65,13 +65,16 @@ class ModelDir:
 
         root = Path(root)
         if not root.is_dir():
-            raise PipelineError(f"--model-dir {root} does not exist (build it with `fkv convert --wan-dir "
-                                "WAN2.1_DOWNLOAD --generator GEN.pt --output DIR`)")
+            raise PipelineError(
+                f"--model-dir {root} does not exist (build it with `fkv convert --wan-dir "
+                "WAN2.1_DOWNLOAD --generator GEN.pt --output DIR`)"
+            )
         missing = [c for c in COMPONENTS if not (root / c).is_dir()]
         if missing:
             raise PipelineError(
                 f"--model-dir {root} lacks {', '.join(m + '/' for m in missing)} (build the folder with "
-                "`fkv convert --wan-dir WAN2.1_DOWNLOAD --generator GEN.pt --output DIR`)")
+                "`fkv convert --wan-dir WAN2.1_DOWNLOAD --generator GEN.pt --output DIR`)"
+            )
         try:
             info = read_info(root / "transformer")
             model_cfg = info.cfg
@@ -81,8 +84,9 @@ class ModelDir:
         except (CheckpointError, TokenizerError) as e:
             raise PipelineError(str(e)) from None
         if text_cfg.dim != model_cfg.text_dim:
-            raise PipelineError(f"the text encoder's width {text_cfg.dim} is not the transformer's text_dim "
-                                f"{model_cfg.text_dim}")
+            raise PipelineError(
+                f"the text encoder's width {text_cfg.dim} is not the transformer's text_dim {model_cfg.text_dim}"
+            )
         if vae_cfg.z_dim != model_cfg.out_dim:
             raise PipelineError(f"the VAE's z_dim {vae_cfg.z_dim} is not the transformer's out_dim {model_cfg.out_dim}")
         return cls(root, model_cfg, info.dtype, vae_cfg, text_cfg, tok)
@@ -105,8 +109,9 @@ def read_prompt_lines(path: str | Path, flag: str = "--prompts") -> list[str]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PipelineError(f"{flag} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                            "save it as UTF-8") from None
+        raise PipelineError(
+            f"{flag} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
     prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not prompts:
         raise PipelineError(f"{flag} file {path} has no prompts (it is empty)")
@@ -124,12 +129,12 @@ def _segments_to_schedule(segments, where: str):
         if isinstance(seg, str):
             seg = {"prompt": seg}
         if not isinstance(seg, dict) or not isinstance(seg.get("prompt"), str) or not seg["prompt"].strip():
-            raise PipelineError(f"{where}: segment {i} needs a non-empty \"prompt\" (got {seg!r})")
+            raise PipelineError(f'{where}: segment {i} needs a non-empty "prompt" (got {seg!r})')
         start = next((seg[k] for k in _START_KEYS if k in seg), None)
         if i == 0 and start not in (None, 0):
             raise PipelineError(f"{where}: the first prompt starts at frame 0, not {start}")
         if i > 0 and not isinstance(start, int):
-            raise PipelineError(f"{where}: segment {i} needs an integer \"start_frame\" (latent frame)")
+            raise PipelineError(f'{where}: segment {i} needs an integer "start_frame" (latent frame)')
         prompts.append(seg["prompt"].strip())
         if i > 0:
             starts.append(start)
@@ -156,18 +161,23 @@ def read_schedule_file(path: str | Path):
 
             data = yaml.safe_load(text)
     except ImportError:
-        raise PipelineError("reading a YAML schedule needs PyYAML (pip install pyyaml); or use .json / .jsonl") from None
+        raise PipelineError(
+            "reading a YAML schedule needs PyYAML (pip install pyyaml); or use .json / .jsonl"
+        ) from None
     except Exception as e:  # noqa: BLE001 - json / yaml / OS errors are all bad input here
         raise PipelineError(f"cannot read --schedule {path}: {type(e).__name__}: {e}") from None
     if isinstance(data, dict) and "prompts" in data:
         prompts, frames = data.get("prompts"), data.get("switch_frames", [])
         if not isinstance(prompts, list) or not isinstance(frames, list):
             raise PipelineError(f"--schedule {path}: prompts and switch_frames must be lists")
-        data = [{"prompt": p, **({"start_frame": frames[i - 1]} if 0 < i <= len(frames) else {})}
-                for i, p in enumerate(prompts)]
+        data = [
+            {"prompt": p, **({"start_frame": frames[i - 1]} if 0 < i <= len(frames) else {})}
+            for i, p in enumerate(prompts)
+        ]
         if len(frames) != len(prompts) - 1:
-            raise PipelineError(f"--schedule {path}: {len(prompts)} prompts need {len(prompts) - 1} switch_frames, "
-                                f"got {len(frames)}")
+            raise PipelineError(
+                f"--schedule {path}: {len(prompts)} prompts need {len(prompts) - 1} switch_frames, got {len(frames)}"
+            )
     if not isinstance(data, list) or not data:
         raise PipelineError(f"--schedule {path} holds no prompt segments")
     return _segments_to_schedule(data, f"--schedule {path}")
@@ -175,7 +185,7 @@ def read_schedule_file(path: str | Path):
 
 def slug(text: str, max_len: int = 48) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return (s[:max_len].rstrip("-") or "video")
+    return s[:max_len].rstrip("-") or "video"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,11 +203,24 @@ class Job:
 class TextToVideo:
     """Prompts in, mp4 files out. See the module docstring; everything heavy is loaded lazily, once."""
 
-    def __init__(self, model_dir: str | Path | ModelDir, sampler_cfg=None, *, num_frames: int = 21,
-                 latent_hw: tuple[int, int] | None = None, batch_size: int = 1, cache_frames: int | None = None,
-                 policy=None, attention_backend: str = "xla", global_sink: bool = True, fps: float = 16,
-                 progress: bool = True, log: Callable[[str], None] | None = None, dtype: str | None = None,
-                 cache_dtype: str | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path | ModelDir,
+        sampler_cfg=None,
+        *,
+        num_frames: int = 21,
+        latent_hw: tuple[int, int] | None = None,
+        batch_size: int = 1,
+        cache_frames: int | None = None,
+        policy=None,
+        attention_backend: str = "xla",
+        global_sink: bool = True,
+        fps: float = 16,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+        dtype: str | None = None,
+        cache_dtype: str | None = None,
+    ):
         from fkv_jax.config import sampler_preset
 
         self.dir = model_dir if isinstance(model_dir, ModelDir) else ModelDir.check(model_dir)
@@ -228,9 +251,18 @@ class TextToVideo:
             raise PipelineError(f"--dtype {self.dtype} is not one of {', '.join(DTYPES)}")
         graphdef = nnx.split(abstract_model(self.dir.model_cfg, DTYPES[self.dtype]), nnx.Param)[0]
         try:
-            sampler = Sampler(graphdef, self.dir.model_cfg, self.sampler_cfg, batch=self.batch_size,
-                              latent_hw=self.latent_hw, num_frames=self.num_frames, cache_frames=self.cache_frames,
-                              policy=self.policy, attention_backend=self.backend, cache_dtype=self.cache_dtype)
+            sampler = Sampler(
+                graphdef,
+                self.dir.model_cfg,
+                self.sampler_cfg,
+                batch=self.batch_size,
+                latent_hw=self.latent_hw,
+                num_frames=self.num_frames,
+                cache_frames=self.cache_frames,
+                policy=self.policy,
+                attention_backend=self.backend,
+                cache_dtype=self.cache_dtype,
+            )
             sampler.check_length(self.num_frames)
         except ValueError as e:
             raise PipelineError(str(e)) from None
@@ -254,8 +286,10 @@ class TextToVideo:
             out[p] = enc.encode_ids(ids, mask)[0, : int(mask.sum())].copy()
         del enc
         gc.collect()
-        self.log(f"text:   {len(unique)} prompt(s) encoded in {time.perf_counter() - t0:.1f} s "
-                 f"(UMT5 {self.dir.text_cfg.name}, text_len {self.dir.model_cfg.text_len}); encoder freed")
+        self.log(
+            f"text:   {len(unique)} prompt(s) encoded in {time.perf_counter() - t0:.1f} s "
+            f"(UMT5 {self.dir.text_cfg.name}, text_len {self.dir.model_cfg.text_len}); encoder freed"
+        )
         return out
 
     def _context(self, emb: dict[str, np.ndarray], prompts: Sequence[str]) -> np.ndarray:
@@ -276,7 +310,9 @@ class TextToVideo:
             t0 = time.perf_counter()
             _, model = load_transformer(self.dir.path("transformer"), self.dtype)
             graphdef, self._params = nnx.split(model, nnx.Param)
-            assert graphdef == self.sampler._graphdef, "the loaded model's graph is not the one the sampler was built on"
+            assert graphdef == self.sampler._graphdef, (
+                "the loaded model's graph is not the one the sampler was built on"
+            )
             self.log(f"model:  {self.dir.path('transformer')} loaded in {time.perf_counter() - t0:.1f} s")
         return self._params
 
@@ -300,7 +336,7 @@ class TextToVideo:
             if job.path.is_dir():
                 raise PipelineError(f"output {job.path} is a directory")
         for start in range(0, len(jobs), self.batch_size):
-            if len({j.schedule.switch_frames for j in jobs[start: start + self.batch_size]}) > 1:
+            if len({j.schedule.switch_frames for j in jobs[start : start + self.batch_size]}) > 1:
                 raise PipelineError("videos generated together must share their switch frames; use --batch-size 1")
 
     def run(self, jobs: Sequence[Job], *, save_latents: str | Path | None = None) -> list[Path]:
@@ -312,8 +348,13 @@ class TextToVideo:
             check_output_folder(job.path.parent)
         from tqdm.auto import tqdm
 
-        with tqdm(total=3, desc="text encoder, transformer, VAE", unit="model", leave=False,
-                  disable=None if self.progress else True) as stages:
+        with tqdm(
+            total=3,
+            desc="text encoder, transformer, VAE",
+            unit="model",
+            leave=False,
+            disable=None if self.progress else True,
+        ) as stages:
             emb = self.encode([p for job in jobs for p in job.schedule.prompts])
             stages.update(1)
             params = self.params()
@@ -322,7 +363,7 @@ class TextToVideo:
             stages.update(1)
         all_lat = []
         for start in range(0, len(jobs), self.batch_size):
-            group = list(jobs[start: start + self.batch_size])
+            group = list(jobs[start : start + self.batch_size])
             lat = self._run_batch(group, emb, params, vae, first=start, total=len(jobs))
             all_lat.append(lat[: len(group)])
         latents = np.concatenate(all_lat)
@@ -347,12 +388,18 @@ class TextToVideo:
         segments = len(switch) + 1
         contexts = [self._context(emb, [j.schedule.prompts[s] for j in padded]) for s in range(segments)]
         shape = (cfg.in_dim, *self.latent_hw)
-        noise = np.concatenate([np.random.default_rng(j.seed).standard_normal((1, self.num_frames, *shape), np.float32)
-                                for j in padded])
+        noise = np.concatenate(
+            [np.random.default_rng(j.seed).standard_normal((1, self.num_frames, *shape), np.float32) for j in padded]
+        )
 
         def renoise(blk):
-            return np.concatenate([np.random.default_rng((j.seed, blk)).standard_normal((n - 1, 1, c, *shape), np.float32)
-                                   for j in padded], axis=1)
+            return np.concatenate(
+                [
+                    np.random.default_rng((j.seed, blk)).standard_normal((n - 1, 1, c, *shape), np.float32)
+                    for j in padded
+                ],
+                axis=1,
+            )
 
         writers = [VideoWriter(j.path, fps=self.fps) for j in group]
         decoder = vae.stream()
@@ -372,12 +419,20 @@ class TextToVideo:
             bar.set_postfix(frames=frames, fps=f"{frames / (time.perf_counter() - t0):.2f}")
 
         def on_switch(start_frame, seg, cache):
-            bar.write(f"frame {start_frame}: prompt {seg + 1}/{segments} (KV re-cache, "
-                      f"global_sink={self.global_sink})")
+            bar.write(f"frame {start_frame}: prompt {seg + 1}/{segments} (KV re-cache, global_sink={self.global_sink})")
 
         try:
-            lat = rollout(sampler, params, contexts, noise, switch_frames=switch, global_sink=self.global_sink,
-                          renoise=renoise, on_chunk=on_chunk, on_switch=on_switch).latents
+            lat = rollout(
+                sampler,
+                params,
+                contexts,
+                noise,
+                switch_frames=switch,
+                global_sink=self.global_sink,
+                renoise=renoise,
+                on_chunk=on_chunk,
+                on_switch=on_switch,
+            ).latents
             completed = True
         finally:
             bar.close()
@@ -386,12 +441,19 @@ class TextToVideo:
             dt = time.perf_counter() - t0
             for w in writers:
                 state = "wrote" if completed else "interrupted; kept"
-                self.log(f"{state} {w.path} ({w.frames_written} frames, {w.frames_written / self.fps:.1f} s of video) "
-                         f"in {dt:.1f} s")
+                self.log(
+                    f"{state} {w.path} ({w.frames_written} frames, {w.frames_written / self.fps:.1f} s of video) "
+                    f"in {dt:.1f} s"
+                )
         return lat
 
-    def generate(self, prompts: Sequence[str], paths: Sequence[str | Path], seeds: Sequence[int] | None = None,
-                 switch_frames: Sequence[int] = ()) -> list[Path]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        paths: Sequence[str | Path],
+        seeds: Sequence[int] | None = None,
+        switch_frames: Sequence[int] = (),
+    ) -> list[Path]:
         """Convenience: one video per path. With ``switch_frames``, ``prompts`` is one video's schedule."""
         from fkv_jax.sampling.recache import PromptSchedule
 

@@ -85,13 +85,39 @@ class VideoWriter:
         self._exe = _ffmpeg().get_ffmpeg_exe()  # fail early if the package / binary is missing
 
     def _start(self, w: int, h: int) -> None:
-        cmd = [self._exe, "-y", "-loglevel", "error", "-f", "rawvideo", "-vcodec", "rawvideo", "-pix_fmt", "rgb24",
-               "-s", f"{w}x{h}", "-r", f"{self.fps:g}", "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
-               "-crf", str(self.crf), "-movflags", "+faststart", str(self.path)]
+        cmd = [
+            self._exe,
+            "-y",
+            "-loglevel",
+            "error",
+            "-f",
+            "rawvideo",
+            "-vcodec",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            f"{w}x{h}",
+            "-r",
+            f"{self.fps:g}",
+            "-i",
+            "-",
+            "-an",
+            "-vcodec",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-crf",
+            str(self.crf),
+            "-movflags",
+            "+faststart",
+            str(self.path),
+        ]
         self._log = tempfile.TemporaryFile()
         # process_group=0: no Ctrl-C for ffmpeg, and no Python code between fork and exec (JAX is multithreaded)
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log,
-                                      process_group=0)
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log, process_group=0
+        )
 
     def write(self, frames) -> None:
         frames = to_uint8(frames)

@@ -66,6 +66,7 @@ def random_toy_weights(tmp_path_factory):
     # the init zeroes the output head (x0 = 0 whatever the input): jitter every weight so outputs depend on input
     leaves, tree = jax.tree.flatten(params)
     rng = np.random.default_rng(0)
-    params = jax.tree.unflatten(tree, [np.asarray(x) + 0.02 * rng.standard_normal(np.shape(x)).astype(np.float32)
-                                       for x in leaves])
+    params = jax.tree.unflatten(
+        tree, [np.asarray(x) + 0.02 * rng.standard_normal(np.shape(x)).astype(np.float32) for x in leaves]
+    )
     return export_weights(tmp_path_factory.mktemp("toy") / "w", params, cfg, TrainConfig(), {"note": "untrained"})

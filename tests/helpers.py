@@ -53,9 +53,23 @@ def run_reference_rollout(fixture, policy, record=None):
 
     cfg, graphdef, params, ref = fixture
     frames = ref["noise"].shape[1]
-    s = Sampler(graphdef, cfg, sampler_preset("self_forcing"), batch=1, latent_hw=ref["noise"].shape[3:],
-                num_frames=frames, policy=policy, trajectories=record is not None)
+    s = Sampler(
+        graphdef,
+        cfg,
+        sampler_preset("self_forcing"),
+        batch=1,
+        latent_hw=ref["noise"].shape[3:],
+        num_frames=frames,
+        policy=policy,
+        trajectories=record is not None,
+    )
     ren = ref["renoise"].reshape(frames // 3, 3, 1, 3, *ref["noise"].shape[2:])
-    res = rollout(s, params, [ref["context"]], ref["noise"], renoise=ren,
-                  on_chunk=None if record is None else (lambda b, r: record.append(jax.device_get(r))))
+    res = rollout(
+        s,
+        params,
+        [ref["context"]],
+        ref["noise"],
+        renoise=ren,
+        on_chunk=None if record is None else (lambda b, r: record.append(jax.device_get(r))),
+    )
     return s, res

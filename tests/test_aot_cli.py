@@ -17,8 +17,23 @@ needs_libtpu = pytest.mark.skipif(not libtpu_available(), reason="libtpu is not 
 def test_tiny_model_report(tmp_path, capsys):
     out = tmp_path / "r.json"
     # tiny: head_dim 64 is not a Mosaic TPU block, so the XLA attention backend
-    assert main(["--target", "tpu-v5e", "--model-preset", "tiny", "--frames", "6", "--attention-backend", "xla",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--target",
+                "tpu-v5e",
+                "--model-preset",
+                "tiny",
+                "--frames",
+                "6",
+                "--attention-backend",
+                "xla",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
     assert isinstance(r["fits"], bool) and r["fits"]
     assert isinstance(r["cache_copies"], int)
@@ -30,19 +45,22 @@ def test_tiny_model_report(tmp_path, capsys):
     assert "ESTIMATES" in text and "fits" in text
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--target", "tpu-v9"], "--target must be one of"),
-    (["--target", "tpu-v5e:big"], "topology must look like"),
-    (["--target", "h200:2x2"], "takes no topology"),
-    (["--model-preset", "nope"], "--model-preset"),
-    (["--model-preset", "tiny", "--frames", "4"], "multiple of frames_per_block"),
-    (["--model-preset", "tiny", "--latent-size", "8by12"], "--latent-size"),
-    (["--model-preset", "tiny", "--attention-backend", "triton"], "--attention-backend"),
-    (["--model-preset", "tiny", "--attention-backend", "xla", "--policy", "nope"], "unknown --policy"),
-    (["--frames", "many"], "--frames"),
-    (["--model-preset", "tiny", "--latent-size", "7x12"], "patch size"),
-    (["--model-preset", "tiny"], "head_dim=64"),  # pallas_tpu, the default backend, needs D % 128 == 0
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--target", "tpu-v9"], "--target must be one of"),
+        (["--target", "tpu-v5e:big"], "topology must look like"),
+        (["--target", "h200:2x2"], "takes no topology"),
+        (["--model-preset", "nope"], "--model-preset"),
+        (["--model-preset", "tiny", "--frames", "4"], "multiple of frames_per_block"),
+        (["--model-preset", "tiny", "--latent-size", "8by12"], "--latent-size"),
+        (["--model-preset", "tiny", "--attention-backend", "triton"], "--attention-backend"),
+        (["--model-preset", "tiny", "--attention-backend", "xla", "--policy", "nope"], "unknown --policy"),
+        (["--frames", "many"], "--frames"),
+        (["--model-preset", "tiny", "--latent-size", "7x12"], "patch size"),
+        (["--model-preset", "tiny"], "head_dim=64"),  # pallas_tpu, the default backend, needs D % 128 == 0
+    ],
+)
 def test_bad_input_is_one_error_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

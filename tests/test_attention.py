@@ -27,8 +27,14 @@ def _naive(q, kc, vc, kcache, vcache, mask):
 
 # (block_slots, XlaBlocks): whole-slot key tiles of 1, 2 and all 6 slots; query tiles of 1 row, of a
 # non-divisor target (5 -> 4) and of the whole group; key tiles smaller than a slot (token tiles: 4 -> 2, 1)
-_TILINGS = [(1, XlaBlocks()), (2, XlaBlocks(q_tile=1)), (6, XlaBlocks(q_tile=5)), (None, XlaBlocks(k_tile=2)),
-            (None, XlaBlocks(q_tile=2, k_tile=1)), (None, XlaBlocks(q_tile=100, k_tile=9))]
+_TILINGS = [
+    (1, XlaBlocks()),
+    (2, XlaBlocks(q_tile=1)),
+    (6, XlaBlocks(q_tile=5)),
+    (None, XlaBlocks(k_tile=2)),
+    (None, XlaBlocks(q_tile=2, k_tile=1)),
+    (None, XlaBlocks(q_tile=100, k_tile=9)),
+]
 
 
 @pytest.mark.parametrize("block_slots,blocks", _TILINGS)
@@ -41,8 +47,9 @@ def test_matches_naive_softmax_with_ragged_masks(block_slots, blocks):
     mask = rng.random((b, c, h, n)) < 0.5  # per (query frame, head) selections
     mask[0, 0, 0] = False  # an entry that reads nothing but its own chunk
     mask[1, 2] = True  # an entry that reads every slot (tiles with no mask work)
-    out = chunk_attention(*(jnp.asarray(a) for a in (q, kc, vc, kcache, vcache, mask)), block_slots=block_slots,
-                          blocks=blocks)
+    out = chunk_attention(
+        *(jnp.asarray(a) for a in (q, kc, vc, kcache, vcache, mask)), block_slots=block_slots, blocks=blocks
+    )
     np.testing.assert_allclose(np.asarray(out), _naive(q, kc, vc, kcache, vcache, mask), rtol=1e-5, atol=1e-5)
 
 
@@ -54,13 +61,15 @@ def test_shared_mask_prefix_and_empty_cache():
     kcache, vcache = (rng.standard_normal((b, h, n, t, d)).astype(np.float32) for _ in range(2))
     mask = np.zeros((1, 1, 1, n), bool)
     mask[..., :4] = True
-    out = chunk_attention(*(jnp.asarray(a) for a in (q, kc, vc, kcache, vcache, mask)),
-                          blocks=XlaBlocks(q_tile=3, k_tile=10))
+    out = chunk_attention(
+        *(jnp.asarray(a) for a in (q, kc, vc, kcache, vcache, mask)), blocks=XlaBlocks(q_tile=3, k_tile=10)
+    )
     np.testing.assert_allclose(np.asarray(out), _naive(q, kc, vc, kcache, vcache, mask), rtol=1e-5, atol=1e-5)
     empty = np.zeros((b, h, 0, t, d), np.float32)
     out = chunk_attention(*(jnp.asarray(a) for a in (q, kc, vc, empty, empty, np.zeros((1, 1, 1, 0), bool))))
-    np.testing.assert_allclose(np.asarray(out), _naive(q, kc, vc, empty, empty, np.zeros((1, 1, 1, 0), bool)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out), _naive(q, kc, vc, empty, empty, np.zeros((1, 1, 1, 0), bool)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_bad_tilings_are_clear_errors():
@@ -68,8 +77,9 @@ def test_bad_tilings_are_clear_errors():
         XlaBlocks(q_tile=0)
     z = jnp.zeros((1, 6, 1, 4))
     with pytest.raises(ValueError, match="block_slots=4 does not divide the 6 cache slots"):
-        chunk_attention(z, z, z, jnp.zeros((1, 1, 6, 2, 4)), jnp.zeros((1, 1, 6, 2, 4)), jnp.ones((1, 1, 1, 6), bool),
-                        block_slots=4)
+        chunk_attention(
+            z, z, z, jnp.zeros((1, 1, 6, 2, 4)), jnp.zeros((1, 1, 6, 2, 4)), jnp.ones((1, 1, 1, 6), bool), block_slots=4
+        )
     with pytest.raises(ValueError, match="do not split into 4 query-frame groups"):
         chunk_attention(z, z, z, jnp.zeros((1, 1, 6, 2, 4)), jnp.zeros((1, 1, 6, 2, 4)), jnp.ones((1, 4, 1, 6), bool))
 
@@ -121,10 +131,10 @@ def _naive_selection(q, kc, vc, kcache, vcache, mask, chunk, mk, mv, mvalid):
         for g in range(qf):
             rows = slice(g * tq, (g + 1) * tq)
             for hi in range(h):
-                ks = [kc[bi, f * tc:(f + 1) * tc, hi] for f in range(c) if chunk[bi, g, hi, f]]
-                vs = [vc[bi, f * tc:(f + 1) * tc, hi] for f in range(c) if chunk[bi, g, hi, f]]
-                ks += [mk[bi, j:j + 1, hi] for j in range(m) if mvalid[bi, hi, j]]
-                vs += [mv[bi, j:j + 1, hi] for j in range(m) if mvalid[bi, hi, j]]
+                ks = [kc[bi, f * tc : (f + 1) * tc, hi] for f in range(c) if chunk[bi, g, hi, f]]
+                vs = [vc[bi, f * tc : (f + 1) * tc, hi] for f in range(c) if chunk[bi, g, hi, f]]
+                ks += [mk[bi, j : j + 1, hi] for j in range(m) if mvalid[bi, hi, j]]
+                vs += [mv[bi, j : j + 1, hi] for j in range(m) if mvalid[bi, hi, j]]
                 ks += [kcache[bi, hi, s] for s in range(n) if mask[bi, g, hi, s]]
                 vs += [vcache[bi, hi, s] for s in range(n) if mask[bi, g, hi, s]]
                 if not ks:
@@ -136,8 +146,10 @@ def _naive_selection(q, kc, vc, kcache, vcache, mask, chunk, mk, mv, mvalid):
     return ref
 
 
-@pytest.mark.parametrize("blocks", [XlaBlocks(), XlaBlocks(q_tile=1, k_tile=12, split_heads=False),
-                                    XlaBlocks(q_tile=3, k_tile=2, split_heads=True)])
+@pytest.mark.parametrize(
+    "blocks",
+    [XlaBlocks(), XlaBlocks(q_tile=1, k_tile=12, split_heads=False), XlaBlocks(q_tile=3, k_tile=2, split_heads=True)],
+)
 def test_selection_path_equals_naive_with_chunk_mask_and_memory(blocks):
     """Default tiles (heads split or not at run time); 3 slots per key tile with a budget of 4 (a padded last
     tile), heads batched; token tiles (k_tile < T), each head on its own."""
@@ -186,17 +198,23 @@ def test_rows_with_no_key_at_all_are_zeros():
     chunk[0, 1, 0] = False  # group 1, head 0: no chunk frame, no slot, no memory -> nothing to read
     mk = rng.standard_normal((b, m, h, d)).astype(np.float32)
     mvalid = np.zeros((b, h, m), bool)
-    sel = Selection(frames=jnp.asarray(frames), chunk_mask=jnp.asarray(chunk), mem_k=jnp.asarray(mk),
-                    mem_v=jnp.asarray(mk), mem_valid=jnp.asarray(mvalid))
+    sel = Selection(
+        frames=jnp.asarray(frames),
+        chunk_mask=jnp.asarray(chunk),
+        mem_k=jnp.asarray(mk),
+        mem_v=jnp.asarray(mk),
+        mem_valid=jnp.asarray(mvalid),
+    )
     mask = np.zeros((b, c, h, n), bool)
     for g in range(c):
         for hi in range(h):
             mask[0, g, hi, frames[0, g, hi][frames[0, g, hi] >= 0]] = True
     for blocks in (XlaBlocks(split_heads=False), XlaBlocks(q_tile=2, k_tile=4, split_heads=True)):
-        out = np.asarray(selection_attention(*(jnp.asarray(a) for a in (q, kc, vc, kcache, vcache)), sel,
-                                             blocks=blocks))
+        out = np.asarray(
+            selection_attention(*(jnp.asarray(a) for a in (q, kc, vc, kcache, vcache)), sel, blocks=blocks)
+        )
         assert np.all(np.isfinite(out))
-        np.testing.assert_array_equal(out[0, t:2 * t, 0], 0.0)
+        np.testing.assert_array_equal(out[0, t : 2 * t, 0], 0.0)
         ref = _naive_selection(q, kc, vc, kcache, vcache, mask, chunk, mk, mk, mvalid)
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -239,8 +257,9 @@ def test_bf16_accumulates_in_float32_and_never_upcasts_the_cache():
         dots = [e for e in eqns if e.primitive.name == "dot_general"]
         assert dots and all(e.params["preferred_element_type"] == jnp.float32 for e in dots)
         cache_size = kcache.size
-        upcasts = [e for e in eqns
-                   if e.primitive.name == "convert_element_type" and e.outvars[0].aval.size >= cache_size]
+        upcasts = [
+            e for e in eqns if e.primitive.name == "convert_element_type" and e.outvars[0].aval.size >= cache_size
+        ]
         assert not upcasts
 
 
@@ -292,4 +311,4 @@ def test_polynomial_exp_matches_exp_on_the_softmax_range():
     assert got[-2] == 1.0
     # below float32's normal range it returns ~2**-126, never inf or NaN
     tiny = np.asarray(_exp_nonpositive(jnp.asarray([-100.0, -1e30, -np.inf], jnp.float32)))
-    assert np.all(np.isfinite(tiny)) and np.all(tiny <= 2.0 ** -125)
+    assert np.all(np.isfinite(tiny)) and np.all(tiny <= 2.0**-125)

@@ -83,11 +83,16 @@ def test_pallas_tpu_interpreted_on_cpu(deps):
     assert name_of("pallas_tpu", head_dim=8, tokens_per_frame=4, **CPU) == "pallas_tpu"
 
 
-@pytest.mark.parametrize("kind", [dict(device_kind="NVIDIA H100 80GB HBM3", compute_capability=""),
-                                  dict(device_kind="NVIDIA H800", compute_capability=""),
-                                  dict(device_kind="NVIDIA GH200 480GB", compute_capability=""),
-                                  dict(device_kind="", compute_capability="9.0")],
-                         ids=["H100", "H800", "GH200", "cc9.0"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        dict(device_kind="NVIDIA H100 80GB HBM3", compute_capability=""),
+        dict(device_kind="NVIDIA H800", compute_capability=""),
+        dict(device_kind="NVIDIA GH200 480GB", compute_capability=""),
+        dict(device_kind="", compute_capability="9.0"),
+    ],
+    ids=["H100", "H800", "GH200", "cc9.0"],
+)
 def test_mosaic_gpu_on_hopper(kind):
     from fkv_jax.kernels.mosaic_gpu import mosaic_gpu_attention
 
@@ -134,25 +139,30 @@ def test_triton_interpreted_on_cpu(deps):
     from fkv_jax.kernels.triton_interpret import triton_interpret_attention
 
     deps.setattr(backends, "jax_triton_available", lambda: False)  # not needed by the interpreter
-    assert resolve_backend("triton", dtype=jnp.float32, head_dim=16, tokens_per_frame=4, interpret=True,
-                           **CPU)[1] is triton_interpret_attention
+    assert (
+        resolve_backend("triton", dtype=jnp.float32, head_dim=16, tokens_per_frame=4, interpret=True, **CPU)[1]
+        is triton_interpret_attention
+    )
     deps.setattr(backends, "_triton_interpreter_available", lambda: False)
     assert "needs triton and torch" in error_of("triton", interpret=True, **CPU)
 
 
-@pytest.mark.parametrize("where,kw,want", [
-    (TPU, {}, "pallas_tpu"),
-    (TPU, dict(head_dim=64), "xla"),  # pallas_tpu's block rules -> xla
-    (H200, {}, "mosaic_gpu"),
-    (H200, dict(dtype=jnp.float32), "triton"),  # mosaic_gpu is bf16/f16 only
-    (H200, dict(cache_dtype=jnp.float32), "triton"),  # mosaic_gpu needs the cache in q's dtype
-    (H200, dict(query_tokens_per_group=32), "triton"),
-    (A100, {}, "triton"),
-    (A100, dict(head_dim=96), "xla"),  # no kernel takes D = 96
-    (dict(platform="rocm"), {}, "triton"),
-    (CPU, {}, "xla"),
-    (CPU, dict(interpret=True), "xla"),  # auto never picks an interpreter
-])
+@pytest.mark.parametrize(
+    "where,kw,want",
+    [
+        (TPU, {}, "pallas_tpu"),
+        (TPU, dict(head_dim=64), "xla"),  # pallas_tpu's block rules -> xla
+        (H200, {}, "mosaic_gpu"),
+        (H200, dict(dtype=jnp.float32), "triton"),  # mosaic_gpu is bf16/f16 only
+        (H200, dict(cache_dtype=jnp.float32), "triton"),  # mosaic_gpu needs the cache in q's dtype
+        (H200, dict(query_tokens_per_group=32), "triton"),
+        (A100, {}, "triton"),
+        (A100, dict(head_dim=96), "xla"),  # no kernel takes D = 96
+        (dict(platform="rocm"), {}, "triton"),
+        (CPU, {}, "xla"),
+        (CPU, dict(interpret=True), "xla"),  # auto never picks an interpreter
+    ],
+)
 def test_auto(where, kw, want):
     assert name_of("auto", **where, **kw) == want
 
@@ -182,8 +192,9 @@ def test_registered_names_resolve_to_themselves_and_builtins_stay():
 
     BACKENDS["test-only-backend"] = fn  # what fkv_jax.parallel.register_sharded does
     try:
-        assert "test-only-backend" in BACKENDS and resolve_backend("test-only-backend", dtype=None, head_dim=0,
-                                                                   tokens_per_frame=0) == ("test-only-backend", fn)
+        assert "test-only-backend" in BACKENDS and resolve_backend(
+            "test-only-backend", dtype=None, head_dim=0, tokens_per_frame=0
+        ) == ("test-only-backend", fn)
         assert BACKENDS["test-only-backend"] is fn and "test-only-backend" in list(BACKENDS)
     finally:
         del BACKENDS["test-only-backend"]
@@ -203,11 +214,18 @@ def test_attend_checks_at_trace_time():
 
 
 def test_no_import_cycle_and_no_kernel_imported_by_attention():
-    code = ("import sys, fkv_jax.attention as a; assert 'fkv_jax.kernels' not in sys.modules; "
-            "names = list(a.BACKENDS); import fkv_jax.kernels; assert list(a.BACKENDS) == names; "
-            "import fkv_jax.kernels.pallas_tpu, fkv_jax.kernels.triton_jax, fkv_jax.kernels.mosaic_gpu; print(names)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    code = (
+        "import sys, fkv_jax.attention as a; assert 'fkv_jax.kernels' not in sys.modules; "
+        "names = list(a.BACKENDS); import fkv_jax.kernels; assert list(a.BACKENDS) == names; "
+        "import fkv_jax.kernels.pallas_tpu, fkv_jax.kernels.triton_jax, fkv_jax.kernels.mosaic_gpu; print(names)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "['xla', 'pallas_tpu', 'mosaic_gpu', 'triton', 'auto']" in r.stdout
 

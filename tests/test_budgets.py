@@ -37,7 +37,7 @@ def adakv_reference(scores, valid, total, alpha, cap=None):
     for i in range(h):
         order = [j for j in np.argsort(-scores[i], kind="stable") if valid[i, j]][:cap]
         counts[i] = min(floor, len(order))
-        pool += [(-scores[i, j], i) for j in order[counts[i]:]]
+        pool += [(-scores[i, j], i) for j in order[counts[i] :]]
     for _, i in sorted(pool)[: max(total - counts.sum(), 0)]:
         counts[i] += 1
     return counts

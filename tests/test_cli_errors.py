@@ -188,8 +188,22 @@ def test_converter_names_the_damaged_tensor(tmp_path, tiny_wan, capsys):
     sd = {k: np.ascontiguousarray(v) for k, v in tiny_wan.items()}
     sd["head.head.weight"] = np.concatenate([sd["head.head.weight"]] * 2)
     save_file(sd, str(tmp_path / "broken.safetensors"))
-    assert fkv(["convert", "--input", str(tmp_path / "broken.safetensors"), "--output", str(tmp_path / "ck"),
-                "--num-heads", "2", "--text-len", "16"]) == 2
+    assert (
+        fkv(
+            [
+                "convert",
+                "--input",
+                str(tmp_path / "broken.safetensors"),
+                "--output",
+                str(tmp_path / "ck"),
+                "--num-heads",
+                "2",
+                "--text-len",
+                "16",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "head.head.weight [128, 128]" in err and "head.head.bias [64]" in err, err
     assert not (tmp_path / "ck").exists()
@@ -202,12 +216,15 @@ def test_focused_forcing_on_toy_weights_without_importance_names_the_command(ran
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("argv, message", [
-    (["-m", "fkv_jax.generate", "--attention-backend", "triton"], "needs a CUDA or ROCm GPU"),
-    (["-m", "checkpoints_convert", "--input", "x.pt", "--output", "ck", "--num-heads", "0"], "--num-heads"),
-    (["-m", "fkv_jax.decode", "--vae", "v", "--latents", "l.npy", "--output", "o.mp4", "--fps", "0"], "--fps"),
-    (["-m", "fkv_jax.cli", "generate", "--preset", "longlive"], "the toy-world model has its own"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-m", "fkv_jax.generate", "--attention-backend", "triton"], "needs a CUDA or ROCm GPU"),
+        (["-m", "checkpoints_convert", "--input", "x.pt", "--output", "ck", "--num-heads", "0"], "--num-heads"),
+        (["-m", "fkv_jax.decode", "--vae", "v", "--latents", "l.npy", "--output", "o.mp4", "--fps", "0"], "--fps"),
+        (["-m", "fkv_jax.cli", "generate", "--preset", "longlive"], "the toy-world model has its own"),
+    ],
+)
 def test_real_processes(argv, message, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("FKV_INTERPRET", None)

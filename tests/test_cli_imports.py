@@ -10,8 +10,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fkv_jax", "checkpoints_convert")
 # entry points: the `python -m` aliases and the commands that are CLIs themselves (they may use fkv_jax.cli)
-ENTRY_POINTS = {"fkv_jax.generate", "fkv_jax.profile", "fkv_jax.decode", "fkv_jax.eval.__main__",
-                "checkpoints_convert.__main__", "fkv_jax.aot"}
+ENTRY_POINTS = {
+    "fkv_jax.generate",
+    "fkv_jax.profile",
+    "fkv_jax.decode",
+    "fkv_jax.eval.__main__",
+    "checkpoints_convert.__main__",
+    "fkv_jax.aot",
+}
 
 
 def modules() -> dict[str, Path]:
@@ -103,14 +109,14 @@ def is_cli(m: str) -> bool:
 def test_the_walk_sees_the_cli_and_the_library():
     g = graph()
     assert "fkv_jax.cli.generate" in g and "fkv_jax.sampling.rollout" in g["fkv_jax.cli.generate"] | set().union(
-        *(g[m] for m in g["fkv_jax.cli.generate"]))
+        *(g[m] for m in g["fkv_jax.cli.generate"])
+    )
     assert "fkv_jax.cli.generate" in g["fkv_jax.generate"]  # the alias delegates
 
 
 def test_library_modules_import_nothing_from_the_cli():
     g = graph()
-    bad = {m: sorted(d for d in deps if is_cli(d)) for m, deps in g.items()
-           if not is_cli(m) and m not in ENTRY_POINTS}
+    bad = {m: sorted(d for d in deps if is_cli(d)) for m, deps in g.items() if not is_cli(m) and m not in ENTRY_POINTS}
     assert not {m: d for m, d in bad.items() if d}, bad
 
 

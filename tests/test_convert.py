@@ -279,8 +279,21 @@ def test_cli_help_subprocess():
         [sys.executable, "-m", "checkpoints_convert", "--help"], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0
-    for flag in ("--input", "--output", "--num-heads", "--text-len", "--key", "--dtype", "--lora", "--lora-alpha",
-                 "--preset", "--overwrite", "generator_ema", "diffusers", "index.json"):
+    for flag in (
+        "--input",
+        "--output",
+        "--num-heads",
+        "--text-len",
+        "--key",
+        "--dtype",
+        "--lora",
+        "--lora-alpha",
+        "--preset",
+        "--overwrite",
+        "generator_ema",
+        "diffusers",
+        "index.json",
+    ):
         assert flag in r.stdout
 
 
@@ -337,8 +350,13 @@ def test_many_problems_in_one_capped_error(tmp_path, raw):
 
     src = _broken_pt(tmp_path, raw, edit)
     msg = _expect_error(
-        tmp_path, src, "53 missing, 1 unexpected, 1 wrong shape", "... and 33 more", "model.head.extra [2]",
-        "model.blocks.2.self_attn.q.weight: [128, 64], expected [128, 128]", allowed=["broken.pt"],
+        tmp_path,
+        src,
+        "53 missing, 1 unexpected, 1 wrong shape",
+        "... and 33 more",
+        "model.head.extra [2]",
+        "model.blocks.2.self_attn.q.weight: [128, 64], expected [128, 128]",
+        allowed=["broken.pt"],
     )
     assert msg.count("\n") < 60
 
@@ -388,13 +406,21 @@ def wan13b_shapes() -> dict[str, tuple[int, ...]]:
     """The 825 Wan2.1-T2V-1.3B tensors, written out from the reference table (independent of wan_keymap)."""
     d, f, t, c = 1536, 8960, 4096, 16
     shapes = {
-        "patch_embedding.weight": (d, c, 1, 2, 2), "patch_embedding.bias": (d,),
-        "text_embedding.0.weight": (d, t), "text_embedding.0.bias": (d,),
-        "text_embedding.2.weight": (d, d), "text_embedding.2.bias": (d,),
-        "time_embedding.0.weight": (d, 256), "time_embedding.0.bias": (d,),
-        "time_embedding.2.weight": (d, d), "time_embedding.2.bias": (d,),
-        "time_projection.1.weight": (6 * d, d), "time_projection.1.bias": (6 * d,),
-        "head.head.weight": (64, d), "head.head.bias": (64,), "head.modulation": (1, 2, d),
+        "patch_embedding.weight": (d, c, 1, 2, 2),
+        "patch_embedding.bias": (d,),
+        "text_embedding.0.weight": (d, t),
+        "text_embedding.0.bias": (d,),
+        "text_embedding.2.weight": (d, d),
+        "text_embedding.2.bias": (d,),
+        "time_embedding.0.weight": (d, 256),
+        "time_embedding.0.bias": (d,),
+        "time_embedding.2.weight": (d, d),
+        "time_embedding.2.bias": (d,),
+        "time_projection.1.weight": (6 * d, d),
+        "time_projection.1.bias": (6 * d,),
+        "head.head.weight": (64, d),
+        "head.head.bias": (64,),
+        "head.modulation": (1, 2, d),
     }
     for i in range(30):
         b = f"blocks.{i}."

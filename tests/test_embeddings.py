@@ -20,8 +20,12 @@ def test_patchify_equals_strided_conv_and_inverts():
     w = rng.standard_normal((5, 4, 1, 2, 2)).astype(np.float32)  # torch Conv3d [out, in, kt, kh, kw]
     tokens = np.asarray(patchify(jnp.asarray(x), (2, 2))) @ w.reshape(5, -1).T  # [B, F*gh*gw, 5]
     conv = jax.lax.conv_general_dilated(
-        jnp.asarray(x.transpose(0, 2, 1, 3, 4)), jnp.asarray(w), (1, 2, 2), "VALID",
-        dimension_numbers=("NCDHW", "OIDHW", "NCDHW"))  # [B, 5, F, gh, gw]
+        jnp.asarray(x.transpose(0, 2, 1, 3, 4)),
+        jnp.asarray(w),
+        (1, 2, 2),
+        "VALID",
+        dimension_numbers=("NCDHW", "OIDHW", "NCDHW"),
+    )  # [B, 5, F, gh, gw]
     ref = np.asarray(conv).reshape(2, 5, -1).transpose(0, 2, 1)
     np.testing.assert_allclose(tokens, ref, rtol=1e-5, atol=1e-5)
     # unpatchify with the head's (q, r, c) channel order is the inverse of a (q, r, c)-ordered patchify

@@ -8,13 +8,40 @@ from fkv_jax.eval.__main__ import main
 def test_eval_cli_tiny(random_toy_weights, tmp_path, capsys):
     out = tmp_path / "eval"
     vb = tmp_path / "vbench"
-    assert main(["--weights", str(random_toy_weights), "--frames", "9", "--episodes", "1", "--policies",
-                 "sink_window", "--output-dir", str(out), "--vbench-dir", str(vb)]) == 0
+    assert (
+        main(
+            [
+                "--weights",
+                str(random_toy_weights),
+                "--frames",
+                "9",
+                "--episodes",
+                "1",
+                "--policies",
+                "sink_window",
+                "--output-dir",
+                str(out),
+                "--vbench-dir",
+                str(vb),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "eval.json").read_text())
     assert set(report["policies"]) == {"full", "sink_window"}
     row = report["policies"]["sink_window"]
-    for key in ("denoise_fps", "e2e_fps", "kv_mib", "psnr_vs_full", "ssim_vs_full", "position_error_px",
-                "colour_shown", "identity_after_occlusion", "chunk_discontinuity", "worst_gt_degradation"):
+    for key in (
+        "denoise_fps",
+        "e2e_fps",
+        "kv_mib",
+        "psnr_vs_full",
+        "ssim_vs_full",
+        "position_error_px",
+        "colour_shown",
+        "identity_after_occlusion",
+        "chunk_discontinuity",
+        "worst_gt_degradation",
+    ):
         assert key in row
     assert report["policies"]["full"]["speedup"] == 1.0
     md = (out / "eval.md").read_text()
@@ -28,8 +55,22 @@ def test_eval_cli_tiny(random_toy_weights, tmp_path, capsys):
 
 
 def test_eval_cli_bad_lengths(random_toy_weights, tmp_path, capsys):
-    assert main(["--weights", str(random_toy_weights), "--frames", "10", "--policies", "sink_window",
-                 "--output-dir", str(tmp_path), "--no-plots"]) == 2
+    assert (
+        main(
+            [
+                "--weights",
+                str(random_toy_weights),
+                "--frames",
+                "10",
+                "--policies",
+                "sink_window",
+                "--output-dir",
+                str(tmp_path),
+                "--no-plots",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "multiples of 3" in err and err.startswith("error: ")
 
@@ -37,8 +78,22 @@ def test_eval_cli_bad_lengths(random_toy_weights, tmp_path, capsys):
 def test_toy_samples_bench_runs(random_toy_weights, capsys):
     from fkv_jax.bench.toy_samples import main as bench_main
 
-    assert bench_main(["--weights", str(random_toy_weights), "--episodes", "2", "--frames", "6",
-                       "--samplers", "default", "renoise8"]) == 0
+    assert (
+        bench_main(
+            [
+                "--weights",
+                str(random_toy_weights),
+                "--episodes",
+                "2",
+                "--frames",
+                "6",
+                "--samplers",
+                "default",
+                "renoise8",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     real = next(ln for ln in out.splitlines() if ln.startswith("| real episodes"))
     assert float(real.split("|")[2]) > 0.3  # the simulator's own frames show their prompted colours

@@ -2,8 +2,14 @@
 
 import numpy as np
 
-from fkv_jax.eval.metrics import (chunk_discontinuity, identity_after_occlusion, position_error, prompt_alignment,
-                                  psnr, ssim)
+from fkv_jax.eval.metrics import (
+    chunk_discontinuity,
+    identity_after_occlusion,
+    position_error,
+    prompt_alignment,
+    psnr,
+    ssim,
+)
 from fkv_jax.toyworld.world import make_episode
 
 

@@ -35,8 +35,13 @@ def our_slot_frames(chunk: int) -> np.ndarray:
 
 
 def test_matches_authors_code(ff):
-    policy = make_policy("focused_forcing", {"pooled_tokens": "2"}, head_importance=P / "focused_forcing_dm_loss.json",
-                         num_layers=4, num_heads=2)
+    policy = make_policy(
+        "focused_forcing",
+        {"pooled_tokens": "2"},
+        head_importance=P / "focused_forcing_dm_loss.json",
+        num_layers=4,
+        num_heads=2,
+    )
     outs = []
     s, lat = run(ff, policy, outs)
     ref = ff[3]
@@ -52,7 +57,9 @@ def test_matches_authors_code(ff):
         ours[..., :18] = aux["selected"][:, :, 0][..., slots]
         np.testing.assert_array_equal(ours, ref["selected_mask"][i])
         # every (call, layer, query frame, head) keeps exactly its budget
-        np.testing.assert_array_equal(ours.sum(-1), np.broadcast_to(ref["kv_budget"][None, :, None, :], ours.shape[:-1]))
+        np.testing.assert_array_equal(
+            ours.sum(-1), np.broadcast_to(ref["kv_budget"][None, :, None, :], ours.shape[:-1])
+        )
     # before the window is full, nothing is pruned
     assert not outs[5].select_aux["selected"].any()
 
@@ -107,7 +114,9 @@ def test_longlive_variant_budgets_own_frame_and_full_budget_equivalence():
     # the whole window as budget == LongLive's plain sink 3 + window 12
     full = dataclasses.replace(pol, min_budget=12, max_budget=12)
     a = Sampler(graphdef, cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), policy=full).generate(
-        params, ctx, noise, seed=0, progress=False)
-    b = Sampler(graphdef, cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12),
-                policy=SinkWindow(12, 3)).generate(params, ctx, noise, seed=0, progress=False)
+        params, ctx, noise, seed=0, progress=False
+    )
+    b = Sampler(
+        graphdef, cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), policy=SinkWindow(12, 3)
+    ).generate(params, ctx, noise, seed=0, progress=False)
     assert rel_err(a, b) <= 1e-5

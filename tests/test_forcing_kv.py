@@ -53,8 +53,17 @@ def test_selection_per_head_on_a_hand_built_cache(fkv):
 
     table = HeadTable(np.array([[True, False], [False, True]]))
     pol = ForcingKV(head_table=table, ar_start=0)
-    base = CacheGeometry.from_upstream(local_attn_size=-1, sink_size=0, frames_per_block=3, num_layers=2, batch=1,
-                                       tokens_per_frame=6, num_heads=2, head_dim=4, capacity_frames=30)
+    base = CacheGeometry.from_upstream(
+        local_attn_size=-1,
+        sink_size=0,
+        frames_per_block=3,
+        num_layers=2,
+        batch=1,
+        tokens_per_frame=6,
+        num_heads=2,
+        head_dim=4,
+        capacity_frames=30,
+    )
     geom = pol.geometry(base)
     cache = init_cache(geom)
     for blk in range(3):
@@ -64,10 +73,22 @@ def test_selection_per_head_on_a_hand_built_cache(fkv):
     state["mem_count"] = jnp.int32(state["layers"]["mem_k"].shape[2])
     q = jnp.zeros((1, 18, 2, 4))
     for layer, expect_mem in ((0, [False, False]), (1, [False, True])):
-        call = Call(layer=jnp.int32(layer), step=jnp.int32(0), num_steps=4, start_frame=jnp.int32(9), q=q,
-                    k_chunk=q, v_chunk=q, cache_k=cache["k"][layer], cache_v=cache["v"][layer],
-                    slot_frame=cache["slot_frame"], visible=jnp.ones((2,), bool),
-                    layer_state=jax.tree.map(lambda x: x[layer], state["layers"]), state=state, geom=geom)
+        call = Call(
+            layer=jnp.int32(layer),
+            step=jnp.int32(0),
+            num_steps=4,
+            start_frame=jnp.int32(9),
+            q=q,
+            k_chunk=q,
+            v_chunk=q,
+            cache_k=cache["k"][layer],
+            cache_v=cache["v"][layer],
+            slot_frame=cache["slot_frame"],
+            visible=jnp.ones((2,), bool),
+            layer_state=jax.tree.map(lambda x: x[layer], state["layers"]),
+            state=state,
+            geom=geom,
+        )
         sel, _ = pol.select(call)
         held = np.asarray(cache["slot_frame"])
         read = np.asarray(to_slot_mask(sel, geom.num_slots))[0, 0]  # [H, N]
@@ -80,8 +101,17 @@ def test_keep_count_must_match_the_buffer():
     from fkv_jax.cache.kv_cache import CacheGeometry
 
     pol = ForcingKV(sim_retention_ratio=0.5)
-    g = CacheGeometry.from_upstream(local_attn_size=-1, sink_size=0, frames_per_block=3, num_layers=2, batch=1,
-                                    tokens_per_frame=24, num_heads=2, head_dim=4, capacity_frames=9)
+    g = CacheGeometry.from_upstream(
+        local_attn_size=-1,
+        sink_size=0,
+        frames_per_block=3,
+        num_layers=2,
+        batch=1,
+        tokens_per_frame=24,
+        num_heads=2,
+        head_dim=4,
+        capacity_frames=9,
+    )
     with pytest.raises(ValueError, match="must equal dynamic_context_length"):
         pol.geometry(g)
     with pytest.raises(ValueError, match="do not split into num_frame_patch=5"):

@@ -9,9 +9,11 @@ import pytest
 from helpers import CHECKPOINT_PT, rel_err
 from fkv_jax.generate import main as generate_main
 
-CASES = {"global": ["--local-attn-size", "-1"],
-         "rolling": ["--local-attn-size", "6", "--sink-size", "3"],
-         "rolling_w9": ["--local-attn-size", "9", "--sink-size", "3"]}
+CASES = {
+    "global": ["--local-attn-size", "-1"],
+    "rolling": ["--local-attn-size", "6", "--sink-size", "3"],
+    "rolling_w9": ["--local-attn-size", "9", "--sink-size", "3"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +29,9 @@ def converted(tmp_path_factory, tiny_wan):
     out = {}
     for name, src in {"pt": CHECKPOINT_PT, "safetensors": st}.items():
         out[name] = root / name
-        assert convert_main(["--input", str(src), "--output", str(out[name]), "--num-heads", "2",
-                             "--text-len", "16"]) == 0
+        assert (
+            convert_main(["--input", str(src), "--output", str(out[name]), "--num-heads", "2", "--text-len", "16"]) == 0
+        )
     return out
 
 
@@ -48,9 +51,22 @@ def test_cli_replays_upstream_rollouts(converted, ref, tmp_path, case, source):
     ctx, noise = write_replay(ref, case, tmp_path)
     out = tmp_path / "out.npy"
     frames = ref[f"{case}/noise"].shape[1]
-    rc = generate_main(["--checkpoint", str(converted[source]), "--text-embeddings", str(ctx), "--noise-file",
-                        str(noise), "--frames", str(frames), *CASES[case], "--save-latents", str(out),
-                        "--no-progress"])
+    rc = generate_main(
+        [
+            "--checkpoint",
+            str(converted[source]),
+            "--text-embeddings",
+            str(ctx),
+            "--noise-file",
+            str(noise),
+            "--frames",
+            str(frames),
+            *CASES[case],
+            "--save-latents",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     lat = np.load(out)
     assert lat.dtype == np.float32 and lat.shape == ref[f"{case}/final_latents"].shape
@@ -60,14 +76,48 @@ def test_cli_replays_upstream_rollouts(converted, ref, tmp_path, case, source):
 def test_acceptance_commands_as_a_user_types_them(ref, tmp_path):
     """The issue's 'done when' commands, as subprocesses: converter then generator, window 9 + sink 3."""
     ckpt = tmp_path / "DIR"
-    subprocess.run([sys.executable, "-m", "checkpoints_convert", "--input", str(CHECKPOINT_PT), "--output", str(ckpt),
-                    "--num-heads", "2", "--text-len", "16"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "checkpoints_convert",
+            "--input",
+            str(CHECKPOINT_PT),
+            "--output",
+            str(ckpt),
+            "--num-heads",
+            "2",
+            "--text-len",
+            "16",
+        ],
+        check=True,
+        capture_output=True,
+    )
     ctx, noise = write_replay(ref, "rolling_w9", tmp_path)
     out = tmp_path / "out.npy"
     env_run = subprocess.run(
-        [sys.executable, "-m", "fkv_jax.generate", "--checkpoint", str(ckpt), "--text-embeddings", str(ctx),
-         "--noise-file", str(noise), "--frames", "15", "--local-attn-size", "9", "--sink-size", "3",
-         "--save-latents", str(out)], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "fkv_jax.generate",
+            "--checkpoint",
+            str(ckpt),
+            "--text-embeddings",
+            str(ctx),
+            "--noise-file",
+            str(noise),
+            "--frames",
+            "15",
+            "--local-attn-size",
+            "9",
+            "--sink-size",
+            "3",
+            "--save-latents",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert env_run.returncode == 0, env_run.stderr
     assert rel_err(np.load(out), ref["rolling_w9/final_latents"]) <= 1e-4
 
@@ -90,8 +140,22 @@ def test_prompts_file_is_a_batch(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\n\ntwo\n")
     out = tmp_path / "lat.npy"
-    assert generate_main(["--model-preset", "tiny", "--prompts", str(prompts), "--frames", "3", "--save-latents",
-                          str(out), "--no-progress"]) == 0
+    assert (
+        generate_main(
+            [
+                "--model-preset",
+                "tiny",
+                "--prompts",
+                str(prompts),
+                "--frames",
+                "3",
+                "--save-latents",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert np.load(out).shape[0] == 2
 
 
@@ -103,9 +167,26 @@ def test_toy_model_writes_one_mp4_per_prompt(random_toy_weights, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square and a green cross\n")
     out, lat_file = tmp_path / "videos", tmp_path / "lat.npy"
-    assert generate_main(["--toy-weights", str(random_toy_weights), "--prompts", str(prompts), "--frames", "6",
-                          "--output-dir", str(out), "--save-latents", str(lat_file), "--no-progress",
-                          "--fps", "4"]) == 0
+    assert (
+        generate_main(
+            [
+                "--toy-weights",
+                str(random_toy_weights),
+                "--prompts",
+                str(prompts),
+                "--frames",
+                "6",
+                "--output-dir",
+                str(out),
+                "--save-latents",
+                str(lat_file),
+                "--no-progress",
+                "--fps",
+                "4",
+            ]
+        )
+        == 0
+    )
     lat = np.load(lat_file)
     assert lat.shape == (2, 6, 3, 32, 32)
     assert not np.allclose(lat[0], lat[1])  # the prompt reaches the model
@@ -124,8 +205,12 @@ def test_default_command_makes_a_sprite_video_with_the_shipped_model(tmp_path, c
     from fkv_jax.video import read_video
 
     lat_file = tmp_path / "lat.npy"
-    assert generate_main(["--frames", "12", "--output-dir", str(tmp_path), "--save-latents", str(lat_file),
-                          "--no-progress"]) == 0
+    assert (
+        generate_main(
+            ["--frames", "12", "--output-dir", str(tmp_path), "--save-latents", str(lat_file), "--no-progress"]
+        )
+        == 0
+    )
     assert "toy-world model (shipped weights)" in capsys.readouterr().err
     video, _ = read_video(tmp_path / "000_a-red-circle-and-a-blue-square_seed0.mp4")
     assert video.shape == (12, 256, 256, 3)
@@ -133,22 +218,28 @@ def test_default_command_makes_a_sprite_video_with_the_shipped_model(tmp_path, c
     assert min(report["shown"].values()) >= 0.25, report  # both sprites are drawn (untrained weights: 0)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--checkpoint", "/nonexistent/dir"], "--checkpoint directory not found"),
-    (["--frames", "10"], "multiple of frames_per_block=3"),
-    (["--local-attn-size", "5", "--sink-size", "3"], "need local_attn_size >= 6"),
-    (["--noise-file", "/nonexistent.npz"], "--noise-file not found"),
-    (["--model-preset", "tiny", "--preset", "nope"], "unknown sampler preset 'nope'"),
-    (["--latent-size", "8by12"], "--latent-size must look like"),
-    (["--latent-size", "7x12"], "not divisible by the patch size"),
-    (["--latent-size", "0x0"], "--latent-size must be positive"),
-    (["--denoising-steps", "1000,abc"], "comma-separated numbers"),
-    (["a purple dog"], "outside the toy vocabulary: ['dog', 'purple']"),
-    (["--toy-weights", "/nonexistent/w"], "cannot load --toy-weights"),
-    (["--toy-weights", "/nonexistent/w", "--model-preset", "tiny"], "cannot go with --checkpoint or --model-preset"),
-    (["--model-preset", "tiny", "--fps", "4"], "--fps sets the frame rate of an mp4"),
-    (["--model-preset", "nope"], "nope"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--checkpoint", "/nonexistent/dir"], "--checkpoint directory not found"),
+        (["--frames", "10"], "multiple of frames_per_block=3"),
+        (["--local-attn-size", "5", "--sink-size", "3"], "need local_attn_size >= 6"),
+        (["--noise-file", "/nonexistent.npz"], "--noise-file not found"),
+        (["--model-preset", "tiny", "--preset", "nope"], "unknown sampler preset 'nope'"),
+        (["--latent-size", "8by12"], "--latent-size must look like"),
+        (["--latent-size", "7x12"], "not divisible by the patch size"),
+        (["--latent-size", "0x0"], "--latent-size must be positive"),
+        (["--denoising-steps", "1000,abc"], "comma-separated numbers"),
+        (["a purple dog"], "outside the toy vocabulary: ['dog', 'purple']"),
+        (["--toy-weights", "/nonexistent/w"], "cannot load --toy-weights"),
+        (
+            ["--toy-weights", "/nonexistent/w", "--model-preset", "tiny"],
+            "cannot go with --checkpoint or --model-preset",
+        ),
+        (["--model-preset", "tiny", "--fps", "4"], "--fps sets the frame rate of an mp4"),
+        (["--model-preset", "nope"], "nope"),
+    ],
+)
 def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path):
     out = tmp_path / "never.npy"
     assert generate_main([*argv, "--save-latents", str(out), "--no-progress"]) == 2
@@ -184,9 +275,25 @@ def test_mesh_flag_runs_sharded_and_matches(tmp_path):
     outs = []
     for extra in ([], ["--mesh", "data=1,model=2"]):
         out = tmp_path / f"lat{len(outs)}.npy"
-        r = subprocess.run([sys.executable, "-m", "fkv_jax.generate", "--frames", "6", "--save-latents", str(out),
-                            "--output-dir", str(tmp_path / "videos"), "--no-progress", *extra], env=env,
-                           capture_output=True, text=True, cwd=tmp_path)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fkv_jax.generate",
+                "--frames",
+                "6",
+                "--save-latents",
+                str(out),
+                "--output-dir",
+                str(tmp_path / "videos"),
+                "--no-progress",
+                *extra,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
         assert r.returncode == 0, r.stderr
         outs.append(np.load(out))
     assert rel_err(outs[1], outs[0]) <= 1e-5

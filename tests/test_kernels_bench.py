@@ -28,8 +28,7 @@ def test_chip_table():
 
 
 def test_work_counts_every_key_once():
-    args, sel = bench.make_inputs(np.random.default_rng(0), b=1, c=3, t=10, h=2, d=8, n=5, k=2, qf=3,
-                                  dtype=jnp.float32)
+    args, sel = bench.make_inputs(np.random.default_rng(0), b=1, c=3, t=10, h=2, d=8, n=5, k=2, qf=3, dtype=jnp.float32)
     flops, nbytes = bench.work(args, sel)
     keys = 3 * 10 + 2 * 10
     assert flops == 4 * 2 * 30 * keys * 8

@@ -31,7 +31,7 @@ def test_pack_memory_puts_valid_tokens_first_per_head():
     for b in range(2):
         for h in range(3):
             want = np.asarray(sel.mem_k)[b, np.asarray(sel.mem_valid)[b, h], h]
-            np.testing.assert_array_equal(np.asarray(mk)[b, :int(count[b, h]), h], want)
+            np.testing.assert_array_equal(np.asarray(mk)[b, : int(count[b, h]), h], want)
 
 
 @pytest.mark.parametrize("t,block_k", [(12, 16), (80, 64), (64, 64), (40, 16)])
@@ -44,14 +44,22 @@ def test_tile_table_covers_each_selected_token_once(t, block_k):
         cf, cc = chunk_frames(sel, 2, c, 2, c)
         sf, sc = pack_indices(sel.frames)
         _, _, mc = pack_memory(sel, rows=max(m, block_k))
-        return tile_table(chunk_fetch=cf, chunk_count=cc, slot_fetch=sf, slot_count=sc, mem_count=mc,
-                          mem_rows=max(m, block_k), frame_tokens=t, block_k=block_k)
+        return tile_table(
+            chunk_fetch=cf,
+            chunk_count=cc,
+            slot_fetch=sf,
+            slot_count=sc,
+            mem_count=mc,
+            mem_rows=max(m, block_k),
+            frame_tokens=t,
+            block_k=block_k,
+        )
 
     table, count = (np.asarray(x) for x in tables(sel))
     frames, cmask, mvalid = (np.asarray(x) for x in (sel.frames, sel.chunk_mask, sel.mem_valid))
     for b, g, h in np.ndindex(2, c, 2):
         got = []
-        for src, start, lo, hi in table[b, g, h, :count[b, g, h]]:
+        for src, start, lo, hi in table[b, g, h, : count[b, g, h]]:
             assert 0 <= lo < hi <= block_k
             if t >= block_k and src != SRC_MEMORY:  # a tile never leaves its frame
                 assert start // t == (start + block_k - 1) // t

@@ -41,8 +41,7 @@ def test_rejects_float32_and_small_frames():
     args, sel = random_problem(np.random.default_rng(0), b=1, c=2, t=64, h=1, d=64, n=2, k=1, qf=1)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         mosaic_gpu_attention(*args, sel)
-    args, sel = random_problem(np.random.default_rng(0), b=1, c=2, t=32, h=1, d=64, n=2, k=1, qf=1,
-                               dtype=jnp.bfloat16)
+    args, sel = random_problem(np.random.default_rng(0), b=1, c=2, t=32, h=1, d=64, n=2, k=1, qf=1, dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="T=32 >= block_k=64"):
         mosaic_gpu_attention(*args, sel)
 
@@ -57,8 +56,13 @@ def test_lowers_for_cuda_at_480x832(qf, d):
     b, c, t, h, n, k, m = 1, 3, 1560, 12, 21, 8, 64
     s, dt = jax.ShapeDtypeStruct, jnp.bfloat16
     args = [s((b, c * t, h, d), dt)] * 3 + [s((b, h, n, t, d), dt)] * 2
-    sel = Selection(frames=s((b, qf, h, k), jnp.int32), chunk_mask=s((b, qf, h, c), bool),
-                    mem_k=s((b, m, h, d), dt), mem_v=s((b, m, h, d), dt), mem_valid=s((b, h, m), bool))
+    sel = Selection(
+        frames=s((b, qf, h, k), jnp.int32),
+        chunk_mask=s((b, qf, h, c), bool),
+        mem_k=s((b, m, h, d), dt),
+        mem_v=s((b, m, h, d), dt),
+        mem_valid=s((b, h, m), bool),
+    )
     exported = jax.export.export(jax.jit(mosaic_gpu_attention), platforms=["cuda"])(*args, sel)
     module = exported.mlir_module()
     assert "mosaic_gpu" in module
@@ -70,8 +74,13 @@ def _wan_problem(qf, dt=jnp.bfloat16, d=128):
     b, c, t, h, n, k, m = 1, 3, 1560, 12, 21, 8, 64
     s = jax.ShapeDtypeStruct
     args = [s((b, c * t, h, d), dt)] * 3 + [s((b, h, n, t, d), dt)] * 2
-    sel = Selection(frames=s((b, qf, h, k), jnp.int32), chunk_mask=s((b, qf, h, c), bool),
-                    mem_k=s((b, m, h, d), dt), mem_v=s((b, m, h, d), dt), mem_valid=s((b, h, m), bool))
+    sel = Selection(
+        frames=s((b, qf, h, k), jnp.int32),
+        chunk_mask=s((b, qf, h, c), bool),
+        mem_k=s((b, m, h, d), dt),
+        mem_v=s((b, m, h, d), dt),
+        mem_valid=s((b, h, m), bool),
+    )
     return args, sel
 
 
@@ -162,8 +171,13 @@ def test_a_layer_of_a_stacked_cache_reaches_the_kernel_in_place_with_dynamic_sli
 
     if not cuda_pjrt_available():
         pytest.skip(f"jaxlib's CUDA PJRT plugin is not installed ({INSTALL_HINT})")
-    r = subprocess.run([sys.executable, "-c", STACKED_SCRIPT], capture_output=True, text=True,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", STACKED_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     layer_bytes = 12 * 21 * 1560 * 128 * 2

@@ -22,11 +22,20 @@ INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_read
 
 CASES = {  # name: (problem sizes, kernel kwargs, tolerance)
     "f32 per-frame groups, 3 memory blocks, chunk mask": (
-        dict(b=1, c=3, t=16, h=2, d=16, n=5, k=3, qf=3, m=20, dtype=jnp.float32), dict(block_m=8), 1e-5),
+        dict(b=1, c=3, t=16, h=2, d=16, n=5, k=3, qf=3, m=20, dtype=jnp.float32),
+        dict(block_m=8),
+        1e-5,
+    ),
     "f32 one group, no memory, no chunk mask, 3 query tiles": (
-        dict(b=2, c=3, t=8, h=2, d=16, n=6, k=4, qf=1, chunk_mask=False, dtype=jnp.float32), dict(block_q=8), 1e-5),
+        dict(b=2, c=3, t=8, h=2, d=16, n=6, k=4, qf=1, chunk_mask=False, dtype=jnp.float32),
+        dict(block_q=8),
+        1e-5,
+    ),
     "bf16 per-frame groups, memory": (
-        dict(b=1, c=3, t=16, h=2, d=32, n=4, k=4, qf=3, m=5, dtype=jnp.bfloat16), {}, 1e-2),
+        dict(b=1, c=3, t=16, h=2, d=32, n=4, k=4, qf=3, m=5, dtype=jnp.bfloat16),
+        {},
+        1e-2,
+    ),
 }
 
 
@@ -56,14 +65,20 @@ def test_lowers_for_tpu_at_480x832(qf, dtype):
     b, c, t, h, d, n, k, m = 1, 3, 1560, 12, 128, 21, 8, 64
     s = jax.ShapeDtypeStruct
     args = [s((b, c * t, h, d), dtype)] * 3 + [s((b, h, n, t, d), dtype)] * 2
-    sel = Selection(frames=s((b, qf, h, k), jnp.int32), chunk_mask=s((b, qf, h, c), bool),
-                    mem_k=s((b, m, h, d), dtype), mem_v=s((b, m, h, d), dtype), mem_valid=s((b, h, m), bool))
+    sel = Selection(
+        frames=s((b, qf, h, k), jnp.int32),
+        chunk_mask=s((b, qf, h, c), bool),
+        mem_k=s((b, m, h, d), dtype),
+        mem_v=s((b, m, h, d), dtype),
+        mem_valid=s((b, h, m), bool),
+    )
     exported = jax.export.export(jax.jit(pallas_tpu_attention), platforms=["tpu"])(*args, sel)
     assert "tpu_custom_call" in exported.mlir_module()
     assert exported.out_avals[0].shape == (b, c * t, h, d)
 
 
 # ---- the declared pl.CostEstimate against a count made from a concrete selection ---------------------------
+
 
 def _count_from_selection(sel, dims, plan, itemsize):
     """FLOPs, exp count and DMA bytes of one call, counted from the selection by walking the kernel's grid
@@ -85,12 +100,18 @@ def _count_from_selection(sel, dims, plan, itemsize):
         flops += 4 * bq * keys * d
         exps += bq * keys
         for j in range(c + nmb + k):
-            exps += bq * ((j < len(allowed)) + (0 <= j - c < nmb and nvalid > (j - c) * bm)
-                          + (0 <= j - c - nmb < len(slots)))
+            exps += bq * (
+                (j < len(allowed)) + (0 <= j - c < nmb and nvalid > (j - c) * bm) + (0 <= j - c - nmb < len(slots))
+            )
             cf = (allowed + [allowed[-1] if allowed else 0] * c)[min(j, c - 1)]
             sf = (slots + [slots[-1] if slots else 0] * max(k, 1))[min(max(j - c - nmb, 0), max(k - 1, 0))]
-            idx = {"q": (bb, hh, g, qi), "chunk": (bb, hh, cf), "mem": (bb, hh, min(max(j - c, 0), nmb - 1)),
-                   "slot": (bb, hh, sf), "out": (bb, hh, g, qi)}
+            idx = {
+                "q": (bb, hh, g, qi),
+                "chunk": (bb, hh, cf),
+                "mem": (bb, hh, min(max(j - c, 0), nmb - 1)),
+                "slot": (bb, hh, sf),
+                "out": (bb, hh, g, qi),
+            }
             for name, i in idx.items():
                 if last.get(name) != i:
                     fetched[name] += 1
@@ -106,8 +127,13 @@ def _count_from_selection(sel, dims, plan, itemsize):
 def _full_selection(b, qf, h, c, n, k, m, d, dtype):
     frames = jnp.asarray(np.broadcast_to(np.arange(k, dtype=np.int32)[::-1] % n, (b, qf, h, k)).copy())
     mem = jnp.ones((b, m, h, d), dtype) if m else None
-    return Selection(frames=frames, chunk_mask=jnp.ones((b, qf, h, c), bool), mem_k=mem, mem_v=mem,
-                     mem_valid=jnp.ones((b, h, m), bool) if m else None)
+    return Selection(
+        frames=frames,
+        chunk_mask=jnp.ones((b, qf, h, c), bool),
+        mem_k=mem,
+        mem_v=mem,
+        mem_valid=jnp.ones((b, h, m), bool) if m else None,
+    )
 
 
 @pytest.mark.parametrize("qf, m, block_m, block_q", [(1, 16, 8, 8), (3, 0, 512, None), (3, 24, 512, 8)])
@@ -116,8 +142,9 @@ def test_declared_cost_equals_count_for_a_full_selection(qf, m, block_m, block_q
     from fkv_jax.kernels.shapes import attention_dims
 
     b, c, t, h, d, n, k = 2, 3, 16, 2, 8, 6, 4
-    args, _ = random_problem(np.random.default_rng(0), b=b, c=c, t=t, h=h, d=d, n=n, k=k, qf=qf, m=m,
-                             dtype=jnp.bfloat16)
+    args, _ = random_problem(
+        np.random.default_rng(0), b=b, c=c, t=t, h=h, d=d, n=n, k=k, qf=qf, m=m, dtype=jnp.bfloat16
+    )
     sel = _full_selection(b, qf, h, c, n, k, m, d, jnp.bfloat16)  # budget K reached by every row
     dims = attention_dims(*args, sel)
     plan = make_plan(dims, block_q, block_m)
@@ -140,8 +167,9 @@ def test_declared_cost_bounds_a_ragged_selection():
 
 @pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
 def test_interpret_bf16_queries_with_another_cache_dtype(cache_dtype):
-    args, sel = random_problem(np.random.default_rng(5), b=1, c=3, t=16, h=2, d=32, n=5, k=3, qf=3, m=8,
-                               dtype=jnp.bfloat16)
+    args, sel = random_problem(
+        np.random.default_rng(5), b=1, c=3, t=16, h=2, d=32, n=5, k=3, qf=3, m=8, dtype=jnp.bfloat16
+    )
     q, kc, vc, kn, vn = args
     kn, vn = kn.astype(cache_dtype), vn.astype(cache_dtype)
     out = jax.jit(lambda *a: pallas_tpu_attention(*a, interpret=INTERPRET))(q, kc, vc, kn, vn, sel)

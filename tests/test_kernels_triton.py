@@ -35,19 +35,35 @@ REF = jax.jit(selection_attention)
 
 CASES = {  # name: (problem sizes, cache dtype, kernel kwargs, tolerance)
     "f32 per-frame groups, memory, chunk mask, frames smaller than a tile": (
-        dict(b=1, c=3, t=12, h=2, d=16, n=5, k=3, qf=3, m=7, dtype=jnp.float32), None,
-        dict(block_q=16, block_k=16), 1e-5),
+        dict(b=1, c=3, t=12, h=2, d=16, n=5, k=3, qf=3, m=7, dtype=jnp.float32),
+        None,
+        dict(block_q=16, block_k=16),
+        1e-5,
+    ),
     "f32 one group, no memory, shifted last tiles, 5 query tiles, batch 2": (
-        dict(b=2, c=3, t=24, h=2, d=32, n=6, k=4, qf=1, chunk_mask=False, dtype=jnp.float32), None,
-        dict(block_q=16, block_k=16), 1e-5),
+        dict(b=2, c=3, t=24, h=2, d=32, n=6, k=4, qf=1, chunk_mask=False, dtype=jnp.float32),
+        None,
+        dict(block_q=16, block_k=16),
+        1e-5,
+    ),
     "bf16 per-frame groups, memory": (
-        dict(b=1, c=3, t=20, h=2, d=32, n=4, k=3, qf=3, m=9, dtype=jnp.bfloat16), None,
-        dict(block_q=16, block_k=16), 1e-2),
+        dict(b=1, c=3, t=20, h=2, d=32, n=4, k=3, qf=3, m=9, dtype=jnp.bfloat16),
+        None,
+        dict(block_q=16, block_k=16),
+        1e-2,
+    ),
     "bf16 queries, float32 cache (cast per tile)": (
-        dict(b=1, c=2, t=20, h=3, d=32, n=5, k=3, qf=2, m=5, dtype=jnp.bfloat16), jnp.float32,
-        dict(block_q=16, block_k=16), 1e-2),
+        dict(b=1, c=2, t=20, h=3, d=32, n=5, k=3, qf=2, m=5, dtype=jnp.bfloat16),
+        jnp.float32,
+        dict(block_q=16, block_k=16),
+        1e-2,
+    ),
     "f16, 32-row tiles": (
-        dict(b=1, c=2, t=40, h=2, d=16, n=3, k=2, qf=1, dtype=jnp.float16), None, dict(block_q=32, block_k=32), 5e-3),
+        dict(b=1, c=2, t=40, h=2, d=16, n=3, k=2, qf=1, dtype=jnp.float16),
+        None,
+        dict(block_q=32, block_k=32),
+        5e-3,
+    ),
 }
 
 
@@ -75,8 +91,10 @@ def test_interpreter_inside_jit_and_through_attend(monkeypatch):
     out = jax.jit(triton_interpret_attention)(*args, sel)
     assert out.dtype == jnp.bfloat16 and relative_error(out, REF(*args, sel)) <= 1e-2
     monkeypatch.setenv("FKV_INTERPRET", "1")  # what `--attention-backend triton` on a CPU needs
-    assert resolve_backend("triton", **dict(dtype=jnp.bfloat16, head_dim=32, tokens_per_frame=20))[1] \
+    assert (
+        resolve_backend("triton", **dict(dtype=jnp.bfloat16, head_dim=32, tokens_per_frame=20))[1]
         is triton_interpret_attention
+    )
     via_attend = jax.jit(lambda *a: attend(*a, backend="triton"))(*args, sel)
     np.testing.assert_array_equal(np.asarray(via_attend, np.float32), np.asarray(out, np.float32))
 
@@ -114,14 +132,20 @@ print(json.dumps(results))
 @pytest.mark.kernels
 def test_lowers_for_cuda_through_jax_triton(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(JAX_PLATFORMS="cpu", JAX_TRITON_DUMP_DIR=str(tmp_path), TRITON_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_TRITON_DUMP_DIR=str(tmp_path),
+        TRITON_CACHE_DIR=str(tmp_path / "cache"),
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     r = subprocess.run([sys.executable, "-c", LOWER_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     if "skip" in res:
-        pytest.skip(f"jax_triton does not import here ({res['skip']}); pip install --no-deps jax-triton==0.3.1 "
-                    f"jax-cuda12-plugin==0.10.2 provides what it needs without a GPU")
+        pytest.skip(
+            f"jax_triton does not import here ({res['skip']}); pip install --no-deps jax-triton==0.3.1 "
+            f"jax-cuda12-plugin==0.10.2 provides what it needs without a GPU"
+        )
     # one kernel call each, and the cache (bf16 or f32) reaches it with no cache-sized op around it
     assert res == {"1-bfloat16": [1, 0], "3-bfloat16": [1, 0], "1-float32": [1, 0]}
     ptx = [p.read_text() for p in tmp_path.rglob("*.ptx")]
@@ -149,8 +173,9 @@ def test_bf16_model_with_triton_in_the_interpreter_matches_xla(tiny_model, tiny_
     monkeypatch.setenv("FKV_INTERPRET", "1")
     lats = {}
     for backend in ("xla", "triton"):
-        s = Sampler(gdef16, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=noise.shape[1],
-                    attention_backend=backend)
+        s = Sampler(
+            gdef16, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=noise.shape[1], attention_backend=backend
+        )
         assert s.dtype == "bfloat16" and s.geom.dtype == "bfloat16"  # bf16 compute, bf16 cache
         lats[backend] = s.generate(params16, ref["context"], noise, seed=0, progress=False)
     err = rel_err(lats["triton"], lats["xla"])

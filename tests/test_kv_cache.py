@@ -7,8 +7,17 @@ from fkv_jax.cache.kv_cache import CacheGeometry, frames_in_slots, init_cache, v
 
 
 def geom(local, sink, cap=None, c=3):
-    return CacheGeometry.from_upstream(local_attn_size=local, sink_size=sink, frames_per_block=c, num_layers=2,
-                                       batch=1, tokens_per_frame=2, num_heads=1, head_dim=2, capacity_frames=cap)
+    return CacheGeometry.from_upstream(
+        local_attn_size=local,
+        sink_size=sink,
+        frames_per_block=c,
+        num_layers=2,
+        batch=1,
+        tokens_per_frame=2,
+        num_heads=1,
+        head_dim=2,
+        capacity_frames=cap,
+    )
 
 
 def _write_chunks(g, n_chunks):
@@ -17,7 +26,9 @@ def _write_chunks(g, n_chunks):
     for blk in range(n_chunks):
         frames = blk * c + jnp.arange(c)
         # tag each frame's keys with its frame index so we can see where it landed
-        kv = jnp.broadcast_to(frames.astype(jnp.float32)[None, None, None, :, None, None], (2, 1, 1, c, 2, 2))  # [L, B, H, C, T, D]
+        kv = jnp.broadcast_to(
+            frames.astype(jnp.float32)[None, None, None, :, None, None], (2, 1, 1, c, 2, 2)
+        )  # [L, B, H, C, T, D]
         cache = write(g, cache, kv, -kv, jnp.int32(blk * c))
     return cache
 

@@ -48,23 +48,65 @@ def model_dir(tmp_path_factory):
     shutil.copy(DATA / "text" / "umt5.pth", wan / "models_t5_umt5-xxl-enc-bf16.pth")
     shutil.copytree(DATA / "text" / "tokenizer", wan / "google" / "umt5-xxl")
     out = root / "model"
-    assert convert_main(["--wan-dir", str(wan), "--generator", str(CHECKPOINT_PT), "--output", str(out),
-                         "--num-heads", "2", "--text-len", "16"]) == 0
+    assert (
+        convert_main(
+            [
+                "--wan-dir",
+                str(wan),
+                "--generator",
+                str(CHECKPOINT_PT),
+                "--output",
+                str(out),
+                "--num-heads",
+                "2",
+                "--text-len",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "text_encoder", "tokenizer", "transformer", "vae"]
     return out
 
 
 def test_prompt_to_mp4_and_the_decode_cli(model_dir, tmp_path):
     out = tmp_path / "videos"
-    assert generate_main(["--model-dir", str(model_dir), "A red cat, surfing!", "--frames", "6", *SMALL,
-                          "--output-dir", str(out), "--save-latents", str(tmp_path / "lat.npy")]) == 0
+    assert (
+        generate_main(
+            [
+                "--model-dir",
+                str(model_dir),
+                "A red cat, surfing!",
+                "--frames",
+                "6",
+                *SMALL,
+                "--output-dir",
+                str(out),
+                "--save-latents",
+                str(tmp_path / "lat.npy"),
+            ]
+        )
+        == 0
+    )
     frames, meta = read_video(out / "000_a-red-cat-surfing_seed0_longlive.mp4")
     assert frames.shape == (1 + 4 * 5, 32, 48, 3) and meta["fps"] == 16 and meta["codec"] == "h264"
     lat = np.load(tmp_path / "lat.npy")
     assert lat.shape == (1, 6, 16, 4, 6)
     # the saved latents decode (whole video, decode CLI) to what was streamed into the mp4
-    assert decode_main(["--vae", str(model_dir / "vae"), "--latents", str(tmp_path / "lat.npy"),
-                        "--output", str(tmp_path / "v.npy"), "--no-progress"]) == 0
+    assert (
+        decode_main(
+            [
+                "--vae",
+                str(model_dir / "vae"),
+                "--latents",
+                str(tmp_path / "lat.npy"),
+                "--output",
+                str(tmp_path / "v.npy"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     v = np.load(tmp_path / "v.npy")[0].transpose(1, 2, 3, 0)
     luma = np.array([0.299, 0.587, 0.114])
     ref, got = np.round((v + 1) * 127.5) @ luma, frames.astype(np.float64) @ luma
@@ -75,11 +117,30 @@ def test_prompt_file_batches_and_seeds(model_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\n\na blue dog on the sky\na ball\n")
     out = tmp_path / "v"
-    assert generate_main(["--model-dir", str(model_dir), "--prompts", str(prompts), "--batch-size", "2",
-                          "--frames", "3", *SMALL, "--output-dir", str(out)]) == 0
+    assert (
+        generate_main(
+            [
+                "--model-dir",
+                str(model_dir),
+                "--prompts",
+                str(prompts),
+                "--batch-size",
+                "2",
+                "--frames",
+                "3",
+                *SMALL,
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["000_a-red-cat_seed0_longlive.mp4", "001_a-blue-dog-on-the-sky_seed0_longlive.mp4",
-                     "002_a-ball_seed0_longlive.mp4"]
+    assert names == [
+        "000_a-red-cat_seed0_longlive.mp4",
+        "001_a-blue-dog-on-the-sky_seed0_longlive.mp4",
+        "002_a-ball_seed0_longlive.mp4",
+    ]
     videos = [read_video(out / n)[0] for n in names]
     assert all(v.shape == (9, 32, 48, 3) for v in videos)
     assert np.abs(videos[0].astype(int) - videos[1].astype(int)).mean() > 1  # different prompts, different videos
@@ -89,8 +150,26 @@ def test_prompt_switching_with_seeds(model_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na blue dog\n")
     out = tmp_path / "v"
-    assert generate_main(["--model-dir", str(model_dir), "--prompts", str(prompts), "--switch-frames", "9",
-                          "--frames", "12", "--seeds", "1,2", *SMALL, "--output-dir", str(out)]) == 0
+    assert (
+        generate_main(
+            [
+                "--model-dir",
+                str(model_dir),
+                "--prompts",
+                str(prompts),
+                "--switch-frames",
+                "9",
+                "--frames",
+                "12",
+                "--seeds",
+                "1,2",
+                *SMALL,
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     names = sorted(p.name for p in out.iterdir())
     assert names == ["000_a-red-cat_seed1_longlive.mp4", "000_a-red-cat_seed2_longlive.mp4"]
     assert all(read_video(out / n)[0].shape == (45, 32, 48, 3) for n in names)
@@ -121,8 +200,12 @@ def test_interrupted_generation_leaves_a_playable_file(model_dir, tmp_path, monk
         t2v.generate(["a red cat"], [tmp_path / "a.mp4"], seeds=[0])
     assert read_video(tmp_path / "a.mp4")[0].shape[0] == 9  # the chunk decoded before the crash
     _boom_after(monkeypatch, 2, KeyboardInterrupt())  # Ctrl-C through the CLI: exit 130, file kept
-    assert generate_main(["--model-dir", str(model_dir), "a dog", "--frames", "6", *SMALL,
-                          "--output-dir", str(tmp_path / "o")]) == 130
+    assert (
+        generate_main(
+            ["--model-dir", str(model_dir), "a dog", "--frames", "6", *SMALL, "--output-dir", str(tmp_path / "o")]
+        )
+        == 130
+    )
     assert read_video(tmp_path / "o" / "000_a-dog_seed0_longlive.mp4")[0].shape[0] == 9
     assert "interrupted; kept" in capsys.readouterr().err
 
@@ -133,8 +216,19 @@ def _copy(model_dir, tmp_path):
     return d
 
 
-@pytest.mark.parametrize("case", ["tokenizer", "vae_as_transformer", "vae_as_checkpoint", "unwritable", "empty_prompts",
-                                  "switch_without_prompts", "schedule_mismatch", "no_model_dir"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "tokenizer",
+        "vae_as_transformer",
+        "vae_as_checkpoint",
+        "unwritable",
+        "empty_prompts",
+        "switch_without_prompts",
+        "schedule_mismatch",
+        "no_model_dir",
+    ],
+)
 def test_bad_input_is_one_error_line_before_any_work(model_dir, tmp_path, monkeypatch, capsys, case):
     from fkv_jax.pipeline import TextToVideo
 
@@ -150,8 +244,10 @@ def test_bad_input_is_one_error_line_before_any_work(model_dir, tmp_path, monkey
         shutil.copytree(d / "vae", d / "transformer")
         args[1], want = str(d), "holds a converted VAE"
     elif case == "vae_as_checkpoint":
-        args, want = ["--checkpoint", str(model_dir / "vae"), "--text-embeddings", str(tmp_path / "x.npy")], \
-            "holds a converted VAE"
+        args, want = (
+            ["--checkpoint", str(model_dir / "vae"), "--text-embeddings", str(tmp_path / "x.npy")],
+            "holds a converted VAE",
+        )
         np.save(tmp_path / "x.npy", np.zeros((1, 4, 64), np.float32))
     elif case == "unwritable":
         (tmp_path / "file").write_text("not a folder")
@@ -173,7 +269,9 @@ def test_bad_input_is_one_error_line_before_any_work(model_dir, tmp_path, monkey
 
 
 def test_schedule_files(tmp_path):
-    (tmp_path / "s.yaml").write_text("- prompt: a cat\n- prompt: a dog\n  start_frame: 40\n- {prompt: a car, start: 80}\n")
+    (tmp_path / "s.yaml").write_text(
+        "- prompt: a cat\n- prompt: a dog\n  start_frame: 40\n- {prompt: a car, start: 80}\n"
+    )
     s = read_schedule_file(tmp_path / "s.yaml")
     assert s.prompts == ("a cat", "a dog", "a car") and s.switch_frames == (40, 80)
     (tmp_path / "s.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "start_frame": 12}\n')
@@ -181,10 +279,12 @@ def test_schedule_files(tmp_path):
     (tmp_path / "s2.yaml").write_text("prompts: [a, b]\nswitch_frames: [9]\n")
     assert read_schedule_file(tmp_path / "s2.yaml").switch_frames == (9,)
     assert s.segment_of_chunk(39) == 0 and s.segment_of_chunk(42) == 1 and s.segment_of_chunk(81) == 2
-    for text, msg in (("- prompt: a\n- prompt: b\n", "needs an integer"), ("- prompt: a\n  start_frame: 3\n",
-                                                                           "starts at frame 0"),
-                      ("- prompt: a\n- {prompt: b, start_frame: 9}\n- {prompt: c, start_frame: 5}\n", "increasing"),
-                      ("[", "cannot read")):
+    for text, msg in (
+        ("- prompt: a\n- prompt: b\n", "needs an integer"),
+        ("- prompt: a\n  start_frame: 3\n", "starts at frame 0"),
+        ("- prompt: a\n- {prompt: b, start_frame: 9}\n- {prompt: c, start_frame: 5}\n", "increasing"),
+        ("[", "cannot read"),
+    ):
         (tmp_path / "bad.yaml").write_text(text)
         with pytest.raises(PipelineError, match=msg):
             read_schedule_file(tmp_path / "bad.yaml")

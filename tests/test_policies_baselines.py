@@ -26,9 +26,18 @@ NEW = ("dummy_forcing", "deep_forcing", "h2o", "snapkv", "rkv")
 
 # ---- helpers ------------------------------------------------------------------------------------------
 def geometry(policy, *, c=2, t=4, h=2, d=8, layers=1):
-    base = CacheGeometry.from_upstream(local_attn_size=-1, sink_size=0, frames_per_block=c, num_layers=layers,
-                                       batch=1, tokens_per_frame=t, num_heads=h, head_dim=d, capacity_frames=64,
-                                       grid_hw=(2, t // 2))
+    base = CacheGeometry.from_upstream(
+        local_attn_size=-1,
+        sink_size=0,
+        frames_per_block=c,
+        num_layers=layers,
+        batch=1,
+        tokens_per_frame=t,
+        num_heads=h,
+        head_dim=d,
+        capacity_frames=64,
+        grid_hw=(2, t // 2),
+    )
     return policy.geometry(base)
 
 
@@ -85,15 +94,19 @@ def planted(geom, frames=6, seed=0):
     e0 = jnp.zeros(geom.head_dim).at[0].set(1.0)
     keys[2] = keys[2].at[:, :, 1, 0].set(20 * e0)
     keys[3] = keys[3].at[:, :, 2, 1].set(20 * e0)
-    q = jnp.broadcast_to(e0, (geom.num_layers, 1, geom.frames_per_block * geom.tokens_per_frame,
-                              geom.num_heads, geom.head_dim))
+    q = jnp.broadcast_to(
+        e0, (geom.num_layers, 1, geom.frames_per_block * geom.tokens_per_frame, geom.num_heads, geom.head_dim)
+    )
     return keys, q
 
 
 @pytest.mark.parametrize("cls", [H2O, SnapKV, RKV])
 def test_attention_magnet_is_kept(cls):
-    pol = cls(sink_size=1, recent_frames=2, memory_frames=1.0, kernel_size=1) if cls is not H2O else \
-        cls(sink_size=1, recent_frames=2, memory_frames=1.0)
+    pol = (
+        cls(sink_size=1, recent_frames=2, memory_frames=1.0, kernel_size=1)
+        if cls is not H2O
+        else cls(sink_size=1, recent_frames=2, memory_frames=1.0)
+    )
     geom = geometry(pol)
     keys, q = planted(geom)
     cache = filled_cache(geom, 4, keys)  # sink: frame 0; ring: frames 2, 3
@@ -143,8 +156,11 @@ def test_h2o_accumulates_and_snapkv_does_not():
     """A memory token with a large accumulated score survives in H2O; SnapKV (this chunk only) drops it."""
     res = {}
     for cls in (H2O, SnapKV):
-        pol = cls(sink_size=1, recent_frames=2, memory_frames=1.0) if cls is H2O else \
-            cls(sink_size=1, recent_frames=2, memory_frames=1.0, kernel_size=1)
+        pol = (
+            cls(sink_size=1, recent_frames=2, memory_frames=1.0)
+            if cls is H2O
+            else cls(sink_size=1, recent_frames=2, memory_frames=1.0, kernel_size=1)
+        )
         geom = geometry(pol)
         keys, q = planted(geom)
         cache = filled_cache(geom, 4, keys)
@@ -172,8 +188,14 @@ def test_h2o_running_scores_follow_the_slots():
     state, _ = write_chunk(pol, geom, cache, st0, keys, 4, q)
     # the clean pass's softmax over chunk (frames 4, 5) + sink (frame 0) + ring (frames 2, 3) + empty memory
     kv = jnp.concatenate([keys[4], keys[5]], axis=2)[0]  # [B, C*T, H, D]
-    m_chunk, m_cache, _ = attention_mass(q[0], kv, cache["k"][0], visible_slots(geom, cache, jnp.int32(4)),
-                                         st0["layers"]["mem_k"][0], st0["layers"]["mem_valid"][0])
+    m_chunk, m_cache, _ = attention_mass(
+        q[0],
+        kv,
+        cache["k"][0],
+        visible_slots(geom, cache, jnp.int32(4)),
+        st0["layers"]["mem_k"][0],
+        st0["layers"]["mem_valid"][0],
+    )
     # token-major views: chunk [B, C, T, H], cache [B, N, T, H]
     m_chunk = np.moveaxis(np.asarray(m_chunk), 1, 2).reshape(1, c, t, 2)
     m_cache = np.moveaxis(np.asarray(m_cache), 1, 3)
@@ -197,14 +219,17 @@ def test_rkv_drops_a_redundant_duplicate():
     d, t = 8, 4
     eye = jnp.eye(d)
     res = {}
-    for pol in (SnapKV(sink_size=1, recent_frames=2, memory_frames=1.0, kernel_size=1),
-                RKV(sink_size=1, recent_frames=2, memory_frames=1.0, kernel_size=1)):
+    for pol in (
+        SnapKV(sink_size=1, recent_frames=2, memory_frames=1.0, kernel_size=1),
+        RKV(sink_size=1, recent_frames=2, memory_frames=1.0, kernel_size=1),
+    ):
         geom = geometry(pol)
         keys = [jnp.zeros((1, 1, t, 2, d)) for _ in range(6)]
         keys[2] = keys[2].at[0, 0, :, 0].set(jnp.stack([eye[0], eye[0], eye[2], eye[3]]))  # a, b, rest
         keys[3] = keys[3].at[0, 0, :, 0].set(jnp.stack([eye[1], eye[4], eye[5], eye[6]]))  # c, d1, d2, rest
-        q = jnp.broadcast_to(np.sqrt(d) * (2.2 * eye[0] + 2.0 * eye[1] + 1.0 * eye[4] + 0.9 * eye[5]),
-                             (1, 1, 2 * t, 2, d))
+        q = jnp.broadcast_to(
+            np.sqrt(d) * (2.2 * eye[0] + 2.0 * eye[1] + 1.0 * eye[4] + 0.9 * eye[5]), (1, 1, 2 * t, 2, d)
+        )
         cache = filled_cache(geom, 4, keys)
         state, _ = write_chunk(pol, geom, cache, pol.init_state(geom), keys, 4, q)
         res[pol.name] = kept(state)
@@ -215,8 +240,15 @@ def test_rkv_drops_a_redundant_duplicate():
 
 def test_adakv_allocator_in_token_memory():
     """Head 0 attends to the evicted frames, head 1 to its own chunk: Ada-KV moves budget to head 0."""
-    pol = SnapKV(sink_size=1, recent_frames=2, memory_frames=1.0, kernel_size=1, allocator="adakv",
-                 adakv_floor=0.5, adakv_cap=2.0)
+    pol = SnapKV(
+        sink_size=1,
+        recent_frames=2,
+        memory_frames=1.0,
+        kernel_size=1,
+        allocator="adakv",
+        adakv_floor=0.5,
+        adakv_cap=2.0,
+    )
     geom = geometry(pol)
     t = geom.tokens_per_frame
     rng = np.random.default_rng(1)
@@ -309,8 +341,7 @@ def test_deep_forcing_options_are_checked():
 
 # ---- Dummy Forcing ------------------------------------------------------------------------------------
 def test_dummy_classification_on_planted_masses():
-    mass = jnp.array([[[0.6, 0.1, 0.3], [0.1, 0.6, 0.3]],
-                      [[0.05, 0.05, 0.9], [0.3, 0.2, 0.5]]])
+    mass = jnp.array([[[0.6, 0.1, 0.3], [0.1, 0.6, 0.3]], [[0.05, 0.05, 0.9], [0.3, 0.2, 0.5]]])
     group, cost = classify_heads(mass, 1)
     # p0 = p_first / 1.05, p1 = p_mid / 0.95 over all heads; the lowest max(p0, p1) is dummy
     np.testing.assert_array_equal(group, [[SINK, LOCAL], [DUMMY, SINK]])
@@ -323,14 +354,37 @@ def dummy_select(pol, geom, cache, state, start, step, q, k_chunk):
     """``pol.select`` of layer 0 on a hand-built cache, compiled once per (policy, geometry)."""
     key = (pol, geom, "select")
     if key not in _JIT:
+
         def f(ck, cv, sf, ls, start, step, q, k_chunk):
-            call = Call(layer=jnp.int32(0), step=step, num_steps=4, start_frame=start, q=q, k_chunk=k_chunk,
-                        v_chunk=k_chunk, cache_k=ck, cache_v=cv, slot_frame=sf,
-                        visible=visible_slots(geom, {"slot_frame": sf}, start), layer_state=ls, state={}, geom=geom)
+            call = Call(
+                layer=jnp.int32(0),
+                step=step,
+                num_steps=4,
+                start_frame=start,
+                q=q,
+                k_chunk=k_chunk,
+                v_chunk=k_chunk,
+                cache_k=ck,
+                cache_v=cv,
+                slot_frame=sf,
+                visible=visible_slots(geom, {"slot_frame": sf}, start),
+                layer_state=ls,
+                state={},
+                geom=geom,
+            )
             return pol.select(call)
+
         _JIT[key] = jax.jit(f)
-    return _JIT[key](cache["k"][0], cache["v"][0], cache["slot_frame"], jax.tree.map(lambda x: x[0], state["layers"]),
-                     jnp.int32(start), jnp.int32(step), q, k_chunk)
+    return _JIT[key](
+        cache["k"][0],
+        cache["v"][0],
+        cache["slot_frame"],
+        jax.tree.map(lambda x: x[0], state["layers"]),
+        jnp.int32(start),
+        jnp.int32(step),
+        q,
+        k_chunk,
+    )
 
 
 def test_dummy_masses_selection_and_switch():
@@ -364,7 +418,9 @@ def test_dummy_masses_selection_and_switch():
     cost = np.maximum(p0, p1)
     want = [DUMMY if h == cost.argmin() else (LOCAL if p0[h] < p1[h] else SINK) for h in range(2)]
     np.testing.assert_array_equal(st1["layers"]["group"][0], want)
-    st_other, _ = jitted(pol, "on_write")(WriteCall(state, cache, kv, kv, jnp.int32(6), clean_select=clean))  # another chunk: unchanged
+    st_other, _ = jitted(pol, "on_write")(
+        WriteCall(state, cache, kv, kv, jnp.int32(6), clean_select=clean)
+    )  # another chunk: unchanged
     np.testing.assert_array_equal(st_other["layers"]["group"], state["layers"]["group"])
     # after the switch: sink head -> frame 0, dummy head -> last frame, local head -> last C * L frames
     cache = filled_cache(geom, 9, keys)
@@ -390,7 +446,9 @@ def test_registered_with_presets():
 SMALL = {
     "dummy_forcing": {},
     "deep_forcing": {"sink_size": 2, "recent_frames": 2, "memory_frames": 1},
-    "h2o": {}, "snapkv": {}, "rkv": {},
+    "h2o": {},
+    "snapkv": {},
+    "rkv": {},
 }
 
 
@@ -406,8 +464,9 @@ def test_rollout_compiles_once(tiny, name):
     cfg, graphdef, params = tiny
     pol = make_policy(name, SMALL[name])
     frames = 12
-    s = fkv_jax.Sampler(graphdef, cfg, fkv_jax.sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12),
-                        num_frames=frames, policy=pol)
+    s = fkv_jax.Sampler(
+        graphdef, cfg, fkv_jax.sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=frames, policy=pol
+    )
     rng = np.random.default_rng(0)
     ctx = rng.standard_normal((1, 8, cfg.text_dim)).astype(np.float32)
     noise = rng.standard_normal((1, frames, 16, 8, 12)).astype(np.float32)
@@ -427,10 +486,18 @@ def test_resident_bytes_below_full_for_long_videos(name):
     """Wan2.1-1.3B sizes at 480P (abstract shapes, nothing allocated), a 240-frame video."""
     cfg = fkv_jax.model_preset("wan2.1-t2v-1.3b")
     t = 30 * 52
-    base = CacheGeometry.from_upstream(local_attn_size=-1, sink_size=0, frames_per_block=3,
-                                       num_layers=cfg.num_layers, batch=1, tokens_per_frame=t,
-                                       num_heads=cfg.num_heads, head_dim=cfg.head_dim, capacity_frames=240,
-                                       grid_hw=(30, 52))
+    base = CacheGeometry.from_upstream(
+        local_attn_size=-1,
+        sink_size=0,
+        frames_per_block=3,
+        num_layers=cfg.num_layers,
+        batch=1,
+        tokens_per_frame=t,
+        num_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        capacity_frames=240,
+        grid_hw=(30, 52),
+    )
 
     def nbytes(pol):
         g = pol.geometry(base, 240)

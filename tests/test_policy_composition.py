@@ -33,6 +33,8 @@ class SinkDiverseTopK(Policy):
         keep = keep | sink_slots(call.geom, call.slot_frame)[None]  # [H, N]
         b = call.q.shape[0]
         return Selection(frames=pack_mask(jnp.broadcast_to(keep[None, None], (b, 1, *keep.shape)))), None
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -43,16 +45,20 @@ def test_user_policy_runs_in_the_sampler_and_honours_budgets():
     graphdef, params = nnx.split(fkv_jax.init_model(cfg, seed=0), nnx.Param)
     imp = np.array([[0.0, 1.0], [0.5, 0.25]])
     pol = SinkDiverseTopK(importance=imp)
-    s = fkv_jax.Sampler(graphdef, cfg, fkv_jax.sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12),
-                        policy=pol)
+    s = fkv_jax.Sampler(graphdef, cfg, fkv_jax.sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), policy=pol)
     rng = np.random.default_rng(0)
     reads = []
 
     def count(blk, r):
         reads.append(blk)
 
-    res = fkv_jax.rollout(s, params, [rng.standard_normal((1, 4, 64), np.float32)],
-                          rng.standard_normal((1, 18, 16, 8, 12), np.float32), on_chunk=count)
+    res = fkv_jax.rollout(
+        s,
+        params,
+        [rng.standard_normal((1, 4, 64), np.float32)],
+        rng.standard_normal((1, 18, 16, 8, 12), np.float32),
+        on_chunk=count,
+    )
     assert np.isfinite(res.latents).all() and s.trace_count == 1 and len(reads) == 6
     # budgets: importance 0 -> 1 extra frame, 1 -> 4 extra frames (min-max normalised, squared)
     np.testing.assert_array_equal(importance_budgets(imp, 1, 4), [[1, 4], [2, 1]])
@@ -63,10 +69,22 @@ def test_user_policy_runs_in_the_sampler_and_honours_budgets():
 
     cache = res.cache
     start = jnp.int32(18)
-    call = Call(layer=0, step=jnp.int32(0), num_steps=4, start_frame=start, q=jnp.zeros((1, 72, 2, 64)),
-                k_chunk=None, v_chunk=None, cache_k=cache["k"][0], cache_v=cache["v"][0],
-                slot_frame=cache["slot_frame"], visible=visible_slots(s.geom, cache, start), layer_state=None,
-                state=None, geom=s.geom)
+    call = Call(
+        layer=0,
+        step=jnp.int32(0),
+        num_steps=4,
+        start_frame=start,
+        q=jnp.zeros((1, 72, 2, 64)),
+        k_chunk=None,
+        v_chunk=None,
+        cache_k=cache["k"][0],
+        cache_v=cache["v"][0],
+        slot_frame=cache["slot_frame"],
+        visible=visible_slots(s.geom, cache, start),
+        layer_state=None,
+        state=None,
+        geom=s.geom,
+    )
     read = np.asarray(to_slot_mask(pol.select(call)[0], s.geom.num_slots))[0, 0]
     np.testing.assert_array_equal(read.sum(-1), [1 + 1, 1 + 4])
 

@@ -1,6 +1,5 @@
 """Head profilers on a synthetic model whose attention patterns are planted, so the answer is known."""
 
-import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -40,15 +39,17 @@ def planted_model():
 
 
 def make_sampler_fn(cfg, graphdef, frames):
-    return lambda policy: Sampler(graphdef, cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12),
-                                  num_frames=frames, policy=policy)
+    return lambda policy: Sampler(
+        graphdef, cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=frames, policy=policy
+    )
 
 
 def test_profiler_recovers_planted_static_and_dynamic_heads(tmp_path):
     cfg, graphdef, params = planted_model()
     rng = np.random.default_rng(0)
-    runs = [(rng.standard_normal((1, 8, 64)).astype(np.float32),
-             rng.standard_normal((1, 15, 16, 8, 12)).astype(np.float32))]
+    runs = [
+        (rng.standard_normal((1, 8, 64)).astype(np.float32), rng.standard_normal((1, 15, 16, 8, 12)).astype(np.float32))
+    ]
     table, scores = profile_static_dynamic(make_sampler_fn(cfg, graphdef, 15), params, runs, progress=False)
     np.testing.assert_array_equal(table.dynamic, [[False, True], [False, True]])
     assert scores[:, 0].min() > 0.9 and scores[:, 1].max() < 0.6
@@ -69,8 +70,9 @@ def test_importance_is_zero_for_a_head_that_cannot_matter(tmp_path):
     pure["blocks"]["self_attn"]["o"]["kernel"] = jnp.asarray(o)
     nnx.replace_by_pure_dict(params, pure)
     rng = np.random.default_rng(1)
-    runs = [(rng.standard_normal((1, 8, 64)).astype(np.float32),
-             rng.standard_normal((1, 6, 16, 8, 12)).astype(np.float32))]
+    runs = [
+        (rng.standard_normal((1, 8, 64)).astype(np.float32), rng.standard_normal((1, 6, 16, 8, 12)).astype(np.float32))
+    ]
     scores = head_importance(make_sampler_fn(cfg, graphdef, 6), params, runs, progress=False)
     assert scores.shape == (2, 2)
     assert scores[1, 1] == 0.0
@@ -90,8 +92,12 @@ def test_profile_cli(tmp_path, capsys):
     out = tmp_path / "h.json"
     assert main(["heads", "--model-preset", "tiny", "--frames", "12", "--output", str(out), "--no-progress"]) == 0
     assert load_head_table(out, 2, 2).dynamic.shape == (2, 2)
-    assert main(["heads", "--model-preset", "tiny", "--frames", "6", "--output", str(tmp_path / "x.json"),
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            ["heads", "--model-preset", "tiny", "--frames", "6", "--output", str(tmp_path / "x.json"), "--no-progress"]
+        )
+        == 2
+    )
     assert "no chunk starts at frame >= 7" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
@@ -103,11 +109,41 @@ def test_profile_cli_on_the_toy_model(random_toy_weights, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na green cross and a blue square\n")
     out = tmp_path / "h.json"
-    assert main(["heads", "--toy-weights", str(random_toy_weights), "--prompts", str(prompts), "--frames", "12",
-                 "--output", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "heads",
+                "--toy-weights",
+                str(random_toy_weights),
+                "--prompts",
+                str(prompts),
+                "--frames",
+                "12",
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert load_head_table(out, 4, 4).dynamic.shape == (4, 4)
     assert "static" in capsys.readouterr().err
     prompts.write_text("a red dog\n")
-    assert main(["importance", "--toy-weights", str(random_toy_weights), "--prompts", str(prompts), "--frames", "6",
-                 "--output", str(tmp_path / "i.json"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "importance",
+                "--toy-weights",
+                str(random_toy_weights),
+                "--prompts",
+                str(prompts),
+                "--frames",
+                "6",
+                "--output",
+                str(tmp_path / "i.json"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "outside the toy vocabulary: ['dog']" in capsys.readouterr().err

@@ -29,7 +29,7 @@ def test_quickstart_is_two_commands_and_ci_runs_them():
 
 def test_policy_example_runs_from_the_readme_text():
     """The 'Writing a policy' block, extracted and executed as it stands (nothing defined elsewhere)."""
-    section = README[README.index("### Writing a policy"):]
+    section = README[README.index("### Writing a policy") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     ns: dict = {}
     exec(compile(code, "README.md#writing-a-policy", "exec"), ns)  # noqa: S102 - our own README

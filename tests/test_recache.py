@@ -57,15 +57,25 @@ def reference_recache(tiny, s, cache_before, latents, ctx, cur, global_sink):
     def attn_fn(layer, lx, q, k, v):
         ck, cv = lx
         if not rewrite:  # old sink + re-cached frames from rs + S on
-            k = jnp.concatenate([jnp.moveaxis(ck[:, :, :sink], 1, 3).reshape(1, -1, ck.shape[1], ck.shape[4]), k[:, sink * t:]], axis=1)
-            v = jnp.concatenate([jnp.moveaxis(cv[:, :, :sink], 1, 3).reshape(1, -1, cv.shape[1], cv.shape[4]), v[:, sink * t:]], axis=1)
+            k = jnp.concatenate(
+                [jnp.moveaxis(ck[:, :, :sink], 1, 3).reshape(1, -1, ck.shape[1], ck.shape[4]), k[:, sink * t :]], axis=1
+            )
+            v = jnp.concatenate(
+                [jnp.moveaxis(cv[:, :, :sink], 1, 3).reshape(1, -1, cv.shape[1], cv.shape[4]), v[:, sink * t :]], axis=1
+            )
         return dense_attention(q, k, v), None
 
     t0 = jnp.broadcast_to(jnp.asarray(timestep_sinusoid_np(np.zeros(1), cfg.freq_dim)), (1, n, cfg.freq_dim))
     ctx_kv = s.context_kv(params, ctx)
     fwd = jax.jit(lambda x, ck, cv, pos: model.forward(x, t0, ctx_kv, s.rope, pos, (ck, cv), attn_fn)[1])
-    k_new = np.asarray(fwd(jnp.asarray(latents[:, rs:cur]), jnp.asarray(cache_before["k"]),
-                           jnp.asarray(cache_before["v"]), rs + jnp.arange(n)))
+    k_new = np.asarray(
+        fwd(
+            jnp.asarray(latents[:, rs:cur]),
+            jnp.asarray(cache_before["k"]),
+            jnp.asarray(cache_before["v"]),
+            rs + jnp.arange(n),
+        )
+    )
     return {rs + j: k_new[:, :, :, j] for j in range(n)}, rewrite
 
 
@@ -76,10 +86,11 @@ def run_with_switch(tiny, s, switch, global_sink):
     def on_switch(start, seg, cache):
         seen.update(start=start, seg=seg, cache=jax.tree.map(np.asarray, cache))
 
-    lat = rollout(s, params, ctx[:2], noise, switch_frames=[switch], global_sink=global_sink, seed=5,
-                  on_switch=on_switch).latents
+    lat = rollout(
+        s, params, ctx[:2], noise, switch_frames=[switch], global_sink=global_sink, seed=5, on_switch=on_switch
+    ).latents
     # the cache just before the switch: the same rollout stopped at the switch frame (a prefix of the same run)
-    pre = rollout(s, params, ctx[:1], noise[:, :seen["start"]], seed=5).cache
+    pre = rollout(s, params, ctx[:1], noise[:, : seen["start"]], seed=5).cache
     return lat, seen, jax.tree.map(np.asarray, pre)
 
 
@@ -130,8 +141,17 @@ def test_recache_lengths(rolling):
     from fkv_jax.cache.kv_cache import CacheGeometry
 
     assert [recache_frames(rolling.geom, 9, cur) for cur in (3, 9, 12, 300)] == [3, 9, 9, 9]
-    g = CacheGeometry.from_upstream(local_attn_size=-1, sink_size=0, frames_per_block=3, num_layers=1, batch=1,
-                                    tokens_per_frame=1, num_heads=1, head_dim=2, capacity_frames=30)
+    g = CacheGeometry.from_upstream(
+        local_attn_size=-1,
+        sink_size=0,
+        frames_per_block=3,
+        num_layers=1,
+        batch=1,
+        tokens_per_frame=1,
+        num_heads=1,
+        head_dim=2,
+        capacity_frames=30,
+    )
     assert recache_frames(g, -1, 21) == 21  # a global cache re-runs every frame
 
 
@@ -145,7 +165,14 @@ def test_schedule_and_switcher_errors(tiny):
     from fkv_jax.policies import make_policy
 
     cfg, graphdef = tiny[:2]
-    s = fkv_jax.Sampler(graphdef, cfg, fkv_jax.sampler_preset("longlive"), batch=1, latent_hw=HW, num_frames=FRAMES,
-                        policy=make_policy("window", {}, num_layers=cfg.num_layers, num_heads=cfg.num_heads))
+    s = fkv_jax.Sampler(
+        graphdef,
+        cfg,
+        fkv_jax.sampler_preset("longlive"),
+        batch=1,
+        latent_hw=HW,
+        num_frames=FRAMES,
+        policy=make_policy("window", {}, num_layers=cfg.num_layers, num_heads=cfg.num_heads),
+    )
     with pytest.raises(ValueError, match="plain cache"):
         PromptSwitcher(s)

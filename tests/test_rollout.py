@@ -29,11 +29,18 @@ def run_case(tiny_model, tiny_cfg, ref, case):
     sc = dataclasses.replace(sampler_preset("self_forcing"), local_attn_size=local, sink_size=sink)
     noise = ref[f"{case}/noise"]
     chex.clear_trace_counter()
-    sampler = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=noise.shape[1], max_traces=1,
-                      trajectories=True)
+    sampler = Sampler(
+        graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=noise.shape[1], max_traces=1, trajectories=True
+    )
     flows = []
-    res = rollout(sampler, params, [ref["context"]], noise, renoise=fixture_renoise(ref, case),
-                  on_chunk=lambda b, r: flows.append(np.asarray(r.flows)))
+    res = rollout(
+        sampler,
+        params,
+        [ref["context"]],
+        noise,
+        renoise=fixture_renoise(ref, case),
+        on_chunk=lambda b, r: flows.append(np.asarray(r.flows)),
+    )
     return sampler, res, np.concatenate(flows)
 
 
@@ -76,8 +83,9 @@ def test_window_9_moves_frames(tiny_model, tiny_cfg, ref):
     graphdef, params = tiny_model
     sc = dataclasses.replace(sampler_preset("self_forcing"), local_attn_size=9, sink_size=3)
     s = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=12)
-    res = rollout(s, params, [ref["context"]], ref["rolling_w9/noise"][:, :12],
-                  renoise=fixture_renoise(ref, "rolling_w9")[:4])
+    res = rollout(
+        s, params, [ref["context"]], ref["rolling_w9/noise"][:, :12], renoise=fixture_renoise(ref, "rolling_w9")[:4]
+    )
     held = sorted(int(f) for f in np.asarray(res.cache["slot_frame"]) if f >= 0)
     assert held == [0, 1, 2, 9, 10, 11]  # window 9 = sink 3 + 3 history + chunk 3
     assert ref["rolling_w9/kv_slot_frames_after_block3"].tolist() == [0, 1, 2, 6, 7, 8, 9, 10, 11]
@@ -102,13 +110,29 @@ def test_retrace_guard_fires_on_a_new_geometry(tiny_model, tiny_cfg, ref):
     """The chex guard is live: a call with a different chunk shape is a second trace and is refused."""
     graphdef, params = tiny_model
     chex.clear_trace_counter()
-    s = Sampler(graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=6,
-                max_traces=1)
+    s = Sampler(
+        graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=6, max_traces=1
+    )
     ctx_kv = s.context_kv(params, ref["context"])
-    s.chunk_step(params, s.init_cache(), s.init_state(), ctx_kv, jnp.zeros((1, 3, 16, 8, 12)), jnp.zeros((3, 1, 3, 16, 8, 12)), jnp.int32(0))
+    s.chunk_step(
+        params,
+        s.init_cache(),
+        s.init_state(),
+        ctx_kv,
+        jnp.zeros((1, 3, 16, 8, 12)),
+        jnp.zeros((3, 1, 3, 16, 8, 12)),
+        jnp.int32(0),
+    )
     with pytest.raises(AssertionError, match="traced > 1"):
-        s.chunk_step(params, s.init_cache(), s.init_state(), ctx_kv, jnp.zeros((1, 3, 16, 8, 14)), jnp.zeros((3, 1, 3, 16, 8, 14)),
-                     jnp.int32(0))
+        s.chunk_step(
+            params,
+            s.init_cache(),
+            s.init_state(),
+            ctx_kv,
+            jnp.zeros((1, 3, 16, 8, 14)),
+            jnp.zeros((3, 1, 3, 16, 8, 14)),
+            jnp.int32(0),
+        )
 
 
 def test_batch_is_independent_and_window_covering_all_equals_global(tiny_model, tiny_cfg, ref):
@@ -119,14 +143,17 @@ def test_batch_is_independent_and_window_covering_all_equals_global(tiny_model, 
     ren = rng.standard_normal((3, 3, 2, 3, 16, 8, 12)).astype(np.float32)
     sf = sampler_preset("self_forcing")
     both = Sampler(graphdef, tiny_cfg, sf, batch=2, latent_hw=(8, 12), num_frames=9).generate(
-        params, ctx, noise, renoise=ren, progress=False)
+        params, ctx, noise, renoise=ren, progress=False
+    )
     for b in range(2):
         one = Sampler(graphdef, tiny_cfg, sf, batch=1, latent_hw=(8, 12), num_frames=9).generate(
-            params, ctx[b:b + 1], noise[b:b + 1], renoise=ren[:, :, b:b + 1], progress=False)
-        assert rel_err(one, both[b:b + 1]) <= 1e-5
+            params, ctx[b : b + 1], noise[b : b + 1], renoise=ren[:, :, b : b + 1], progress=False
+        )
+        assert rel_err(one, both[b : b + 1]) <= 1e-5
     wide = dataclasses.replace(sf, local_attn_size=12, sink_size=3)  # sink 3 + ring 6 covers all 9 frames
     rolled = Sampler(graphdef, tiny_cfg, wide, batch=2, latent_hw=(8, 12), num_frames=9).generate(
-        params, ctx, noise, renoise=ren, progress=False)
+        params, ctx, noise, renoise=ren, progress=False
+    )
     assert rel_err(rolled, both) <= 1e-6
 
 
@@ -138,7 +165,8 @@ def test_history_changes_the_output(tiny_model, tiny_cfg, ref):
     for name, (local, sink) in {"global": (-1, 0), "rolling": (6, 3)}.items():
         sc = dataclasses.replace(sampler_preset("self_forcing"), local_attn_size=local, sink_size=sink)
         outs[name] = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=9).generate(
-            params, ref["context"], noise, renoise=ren, progress=False)
+            params, ref["context"], noise, renoise=ren, progress=False
+        )
     np.testing.assert_allclose(outs["global"][:, :6], outs["rolling"][:, :6], rtol=1e-5, atol=1e-5)
     assert rel_err(outs["rolling"][:, 6:], outs["global"][:, 6:]) > 1e-3
 
@@ -180,21 +208,34 @@ def test_window_relative_rope(tiny_model, tiny_cfg):
     from fkv_jax.policies import SinkWindow, Window
 
     def run(policy, mode):
-        return Sampler(graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), policy=policy,
-                       rope_mode=mode).generate(params, ctx, noise, seed=1, progress=False)
+        return Sampler(
+            graphdef,
+            tiny_cfg,
+            sampler_preset("self_forcing"),
+            batch=1,
+            latent_hw=(8, 12),
+            policy=policy,
+            rope_mode=mode,
+        ).generate(params, ctx, noise, seed=1, progress=False)
 
     assert rel_err(run(Window(9), "window_relative"), run(Window(9), "absolute")) <= 1e-5
     a, r = run(SinkWindow(9, 3), "absolute"), run(SinkWindow(9, 3), "window_relative")
     assert rel_err(r[:, :9], a[:, :9]) <= 1e-5  # identical until frames are evicted
     assert rel_err(r[:, 12:], a[:, 12:]) > 1e-3
-    s = Sampler(graphdef, tiny_cfg, sampler_preset("longlive"), batch=1, latent_hw=(8, 12),
-                rope_mode="window_relative")
+    s = Sampler(graphdef, tiny_cfg, sampler_preset("longlive"), batch=1, latent_hw=(8, 12), rope_mode="window_relative")
     s.check_length(3000)
     with pytest.raises(ValueError, match="window-relative"):
         Sampler(graphdef, tiny_cfg, sampler_preset("longlive"), batch=1, latent_hw=(8, 12)).check_length(1050)
     with pytest.raises(ValueError, match="needs a rolling cache"):
-        Sampler(graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=9,
-                rope_mode="window_relative")
+        Sampler(
+            graphdef,
+            tiny_cfg,
+            sampler_preset("self_forcing"),
+            batch=1,
+            latent_hw=(8, 12),
+            num_frames=9,
+            rope_mode="window_relative",
+        )
 
 
 def test_prefill_from_initial_latents_continues_the_same_video(tiny_model, tiny_cfg):
@@ -230,14 +271,20 @@ def test_euler_solver_follows_the_flow_ode(tiny_model, tiny_cfg, ref):
     sig = sampler.schedule.sigmas
     n = sampler.schedule.num_steps
     outs = []
-    lat = sampler.generate(params, ref["context"], noise, seed=1, progress=False,
-                           on_chunk=lambda b, r: outs.append((np.asarray(r.flows), np.asarray(r.x0s))))
+    lat = sampler.generate(
+        params,
+        ref["context"],
+        noise,
+        seed=1,
+        progress=False,
+        on_chunk=lambda b, r: outs.append((np.asarray(r.flows), np.asarray(r.x0s))),
+    )
     for blk, (flows, x0s) in enumerate(outs):
-        x = noise[:, 3 * blk:3 * blk + 3]
+        x = noise[:, 3 * blk : 3 * blk + 3]
         for i in range(n):
             np.testing.assert_allclose(x0s[i], x - sig[i] * flows[i], rtol=1e-4, atol=1e-4)
             x = x + (sig[i + 1] - sig[i]) * flows[i] if i < n - 1 else x0s[i]
-        np.testing.assert_allclose(lat[:, 3 * blk:3 * blk + 3], x, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(lat[:, 3 * blk : 3 * blk + 3], x, rtol=1e-4, atol=1e-4)
     # deterministic: a different seed (re-noise draws) gives the same video
     other = sampler.generate(params, ref["context"], noise, seed=2, progress=False)
     np.testing.assert_allclose(other, lat, rtol=1e-5, atol=1e-5)
@@ -252,11 +299,24 @@ def test_x0_prediction_reads_the_output_as_clean_frames(tiny_model, tiny_cfg, re
     base = dataclasses.replace(sampler_preset("self_forcing"), solver="euler")
     runs = {}
     for pred in ("flow", "x0"):
-        s = Sampler(graphdef, tiny_cfg, dataclasses.replace(base, prediction=pred), batch=1, latent_hw=(8, 12),
-                    num_frames=3, trajectories=True)
+        s = Sampler(
+            graphdef,
+            tiny_cfg,
+            dataclasses.replace(base, prediction=pred),
+            batch=1,
+            latent_hw=(8, 12),
+            num_frames=3,
+            trajectories=True,
+        )
         outs = []
-        lat = s.generate(params, ref["context"], noise, seed=0, progress=False,
-                         on_chunk=lambda b, r: outs.append((np.asarray(r.flows), np.asarray(r.x0s))))
+        lat = s.generate(
+            params,
+            ref["context"],
+            noise,
+            seed=0,
+            progress=False,
+            on_chunk=lambda b, r: outs.append((np.asarray(r.flows), np.asarray(r.x0s))),
+        )
         runs[pred] = (lat, *outs[0])
     sig, n = s.schedule.sigmas, s.schedule.num_steps
     # the first call sees the same input in both modes: the raw output (flow mode's `flows[0]`) is x0 here
@@ -280,8 +340,16 @@ def test_bfloat16_cache_reaches_policy_memories(tiny_model, tiny_cfg, ref, name)
 
     graphdef, params = tiny_model
     policy = make_policy(name, {}, num_layers=tiny_cfg.num_layers, num_heads=tiny_cfg.num_heads)
-    s = Sampler(graphdef, tiny_cfg, sampler_preset("self_forcing"), batch=1, latent_hw=(8, 12), num_frames=12,
-                cache_dtype=jnp.bfloat16, policy=policy)
+    s = Sampler(
+        graphdef,
+        tiny_cfg,
+        sampler_preset("self_forcing"),
+        batch=1,
+        latent_hw=(8, 12),
+        num_frames=12,
+        cache_dtype=jnp.bfloat16,
+        policy=policy,
+    )
     assert s.geom.dtype == "bfloat16" and s.geom.kv_bytes() == s.geom.kv_bytes(jnp.float32) // 2
     res = rollout(s, params, [ref["context"]], ref["global/noise"][:, :12], seed=0)
     assert np.isfinite(res.latents).all() and s.trace_count == 1
@@ -327,12 +395,20 @@ def test_attention_is_a_value_and_names_are_checked_at_construction(tiny_model, 
         return selection_attention(*args)
 
     base = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=3).generate(
-        params, ref["context"], noise, progress=False)
+        params, ref["context"], noise, progress=False
+    )
     mine = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=3, attention=spy)
     np.testing.assert_array_equal(mine.generate(params, ref["context"], noise, progress=False), base)
     assert calls  # traced through the function given
-    zero = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=3,
-                   attention=lambda *a: 0 * selection_attention(*a))
+    zero = Sampler(
+        graphdef,
+        tiny_cfg,
+        sc,
+        batch=1,
+        latent_hw=(8, 12),
+        num_frames=3,
+        attention=lambda *a: 0 * selection_attention(*a),
+    )
     assert not np.allclose(zero.generate(params, ref["context"], noise, progress=False), base)
     with pytest.raises(BackendError, match="unknown attention backend 'nope'"):
         Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=3, attention_backend="nope")

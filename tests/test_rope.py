@@ -21,11 +21,13 @@ def test_chunk_rotation_equals_complex_multiplication():
     ct, ch, cw = rope_split(d)
     ref = np.empty_like(x, dtype=np.float64)
     for i, (f, y, xx) in enumerate((f, y, xx) for f in frames for y in range(gh) for xx in range(gw)):
-        ang = np.concatenate([
-            f * 10000.0 ** (-np.arange(ct) * 2 / (2 * ct)),
-            y * 10000.0 ** (-np.arange(ch) * 2 / (2 * ch)),
-            xx * 10000.0 ** (-np.arange(cw) * 2 / (2 * cw)),
-        ])
+        ang = np.concatenate(
+            [
+                f * 10000.0 ** (-np.arange(ct) * 2 / (2 * ct)),
+                y * 10000.0 ** (-np.arange(ch) * 2 / (2 * ch)),
+                xx * 10000.0 ** (-np.arange(cw) * 2 / (2 * cw)),
+            ]
+        )
         z = x[0, i, :, 0::2] + 1j * x[0, i, :, 1::2]
         r = z * np.exp(1j * ang)
         ref[0, i, :, 0::2], ref[0, i, :, 1::2] = r.real, r.imag

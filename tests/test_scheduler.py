@@ -23,8 +23,9 @@ def test_causvid_is_not_warped():
 
 def test_warped_causvid_4step_matches_reference_values():
     # reference 4.4: shift 8 warps [1000, 750, 500, 250] to [1000, 960, 888.9, 727.3]
-    cfg = dataclasses.replace(sampler_preset("causvid"), denoising_steps=(1000, 750, 500, 250),
-                              warp_denoising_step=True)
+    cfg = dataclasses.replace(
+        sampler_preset("causvid"), denoising_steps=(1000, 750, 500, 250), warp_denoising_step=True
+    )
     np.testing.assert_allclose(make_schedule(cfg).timesteps[:-1], [1000, 960, 888.9, 727.3], atol=0.05)
 
 

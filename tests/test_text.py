@@ -20,7 +20,12 @@ from checkpoints_convert.__main__ import main as convert_main
 from helpers import rel_err
 from fkv_jax.checkpoint import CheckpointError
 from fkv_jax.text import (
-    TextEncoder, TokenizerError, UMT5Tokenizer, clean_prompt, encode_token_ids, load_text_encoder,
+    TextEncoder,
+    TokenizerError,
+    UMT5Tokenizer,
+    clean_prompt,
+    encode_token_ids,
+    load_text_encoder,
     relative_position_buckets,
 )
 
@@ -77,15 +82,24 @@ def test_relative_position_buckets(fixture):
 
 def _hf_names(wan: dict) -> dict:
     """Wan names -> Hugging Face UMT5ForConditionalGeneration names (written out independently of the key map)."""
-    out = {"shared.weight": wan["token_embedding.weight"], "encoder.final_layer_norm.weight": wan["norm.weight"],
-           "lm_head.weight": np.zeros((4, 4), np.float32), "decoder.block.0.layer.0.SelfAttention.q.weight":
-               np.zeros((4, 4), np.float32)}
-    hf = {"norm1.weight": "layer.0.layer_norm.weight", "attn.q.weight": "layer.0.SelfAttention.q.weight",
-          "attn.k.weight": "layer.0.SelfAttention.k.weight", "attn.v.weight": "layer.0.SelfAttention.v.weight",
-          "attn.o.weight": "layer.0.SelfAttention.o.weight",
-          "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
-          "norm2.weight": "layer.1.layer_norm.weight", "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
-          "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight", "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight"}
+    out = {
+        "shared.weight": wan["token_embedding.weight"],
+        "encoder.final_layer_norm.weight": wan["norm.weight"],
+        "lm_head.weight": np.zeros((4, 4), np.float32),
+        "decoder.block.0.layer.0.SelfAttention.q.weight": np.zeros((4, 4), np.float32),
+    }
+    hf = {
+        "norm1.weight": "layer.0.layer_norm.weight",
+        "attn.q.weight": "layer.0.SelfAttention.q.weight",
+        "attn.k.weight": "layer.0.SelfAttention.k.weight",
+        "attn.v.weight": "layer.0.SelfAttention.v.weight",
+        "attn.o.weight": "layer.0.SelfAttention.o.weight",
+        "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+        "norm2.weight": "layer.1.layer_norm.weight",
+        "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+        "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+        "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+    }
     for k, v in wan.items():
         if k.startswith("blocks."):
             _, i, rest = k.split(".", 2)
@@ -98,7 +112,9 @@ def test_hugging_face_layout_converts_to_the_same_params(tmp_path, encoder_dir):
     folder = tmp_path / "hf"
     folder.mkdir()
     save_file({k: np.ascontiguousarray(v) for k, v in _hf_names(wan).items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text('{"model_type": "umt5", "num_heads": 4, "relative_attention_max_distance": 128}')
+    (folder / "config.json").write_text(
+        '{"model_type": "umt5", "num_heads": 4, "relative_attention_max_distance": 128}'
+    )
     out = tmp_path / "enc"
     assert convert_main(["--input", str(folder), "--output", str(out)]) == 0
     ref_cfg, ref = load_text_encoder(encoder_dir)
@@ -143,9 +159,18 @@ def test_sentencepiece_model_works_the_same_way(tmp_path):
     spm = pytest.importorskip("sentencepiece")
     model = io.BytesIO()
     words = ["a red cat surfing on a wave", "a blue dog in the city at night", "the sun over the sea"] * 20
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(words), model_writer=model, vocab_size=24,
-                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   model_type="unigram", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(words),
+        model_writer=model,
+        vocab_size=24,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        model_type="unigram",
+        minloglevel=2,
+    )
     (tmp_path / "spiece.model").write_bytes(model.getvalue())
     tok = UMT5Tokenizer(tmp_path, text_len=32)
     ids, mask = tok(["a red cat"])

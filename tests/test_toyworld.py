@@ -15,8 +15,16 @@ from fkv_jax.config import ModelConfig
 from fkv_jax.toyworld import attention as tfa
 from fkv_jax.toyworld.analysis import colour_pixels, colour_report
 from fkv_jax.toyworld.text import VOCAB, init_text_encoder, tokenize
-from fkv_jax.toyworld.world import (COLOUR_NAMES, COLOURS, PILLAR_COLOUR, Scene, Sprite, WorldConfig, make_episode,
-                                    simulate)
+from fkv_jax.toyworld.world import (
+    COLOUR_NAMES,
+    COLOURS,
+    PILLAR_COLOUR,
+    Scene,
+    Sprite,
+    WorldConfig,
+    make_episode,
+    simulate,
+)
 
 # ---- the world ---------------------------------------------------------------------------------------------
 
@@ -80,7 +88,9 @@ def test_bounce_occlusion_and_pillar():
     y = ep.positions[:, 0, 1]
     assert y.max() <= cfg.size - cfg.radius + 1e-5 and (np.diff(y) < 0).any() and (np.diff(y) > 0).any()
     # draw order: the later sprite covers the earlier one at the same place
-    ep = simulate(Scene((Sprite("square", "red", 16.0, 16.0, 0.0, 0.0), Sprite("square", "blue", 16.0, 16.0, 0.0, 0.0))), 1)
+    ep = simulate(
+        Scene((Sprite("square", "red", 16.0, 16.0, 0.0, 0.0), Sprite("square", "blue", 16.0, 16.0, 0.0, 0.0))), 1
+    )
     assert ep.visible_frac[0, 0] == 0 and ep.visible_frac[0, 1] == 1
     np.testing.assert_allclose(_rgb_at(ep.frames, 0, 16, 16), COLOURS["blue"], atol=1e-5)
     # the pillar hides a sprite behind it
@@ -138,8 +148,20 @@ def test_teacher_forcing_attention_equals_masked_dense():
 
 # ---- training ------------------------------------------------------------------------------------------------------
 
-TINY = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=32, text_dim=16, text_len=16, in_dim=3,
-                   out_dim=3, patch_size=(1, 8, 8), latent_hw=(32, 32), name="toy-test")
+TINY = ModelConfig(
+    dim=32,
+    ffn_dim=64,
+    num_heads=2,
+    num_layers=2,
+    freq_dim=32,
+    text_dim=16,
+    text_len=16,
+    in_dim=3,
+    out_dim=3,
+    patch_size=(1, 8, 8),
+    latent_hw=(32, 32),
+    name="toy-test",
+)
 
 
 def test_training_forward_is_block_causal():
@@ -148,8 +170,9 @@ def test_training_forward_is_block_causal():
     from fkv_jax.toyworld.train import forward_teacher_forcing, init_params, merge
 
     graphdefs, params = init_params(TINY, seed=0)
-    params = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype),
-                          params)  # leave the zero init so every path is live
+    params = jax.tree.map(
+        lambda x: x + 0.05 * np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype), params
+    )  # leave the zero init so every path is live
     model, enc = merge(graphdefs, params)
     rope = make_rope_tables(TINY.head_dim, TINY.grid_hw(TINY.latent_hw))
     rng = np.random.default_rng(1)
@@ -193,7 +216,7 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
         np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-4)
 
 
-# ---- the shipped model ------------------------------------------------------------------------------------------------
+# ---- the shipped model -------------------------------------------------------------------------------------
 
 
 def test_shipped_weights_generate_the_prompted_sprites():
@@ -205,8 +228,14 @@ def test_shipped_weights_generate_the_prompted_sprites():
     cfg, model, enc = load_toy_model()
     assert (cfg.in_dim, cfg.patch_size, cfg.latent_hw) == (3, (1, 8, 8), (32, 32))
     assert toy_sampler_config().prediction == "x0"  # read from the shipped config.json
-    prompts = ["a red circle and a blue square", "a yellow triangle", "a green cross and a magenta circle",
-               "a cyan square", "a blue triangle and a yellow cross", "a magenta square and a red cross"]
+    prompts = [
+        "a red circle and a blue square",
+        "a yellow triangle",
+        "a green cross and a magenta circle",
+        "a cyan square",
+        "a blue triangle and a yellow cross",
+        "a magenta square and a red cross",
+    ]
     frames = generate_video(prompts, num_frames=12, seed=0)
     assert frames.shape == (6, 12, 3, 32, 32) and np.isfinite(frames).all()
     shown, other, prompted, smooth = [], [], [], []

@@ -25,8 +25,10 @@ from fkv_jax.kernels.shapes import attention_dims
 from fkv_jax.kernels.testing import random_problem
 from fkv_jax.roofline import CHIPS
 
-pytestmark = [pytest.mark.kernels,
-              pytest.mark.skipif(not libtpu_available(), reason="libtpu is not importable (pip install -e '.[tpu]')")]
+pytestmark = [
+    pytest.mark.kernels,
+    pytest.mark.skipif(not libtpu_available(), reason="libtpu is not importable (pip install -e '.[tpu]')"),
+]
 
 TOPOLOGIES = {"tpu-v5e": "v5e:2x2", "tpu-v5p": "v5p:2x2x1", "tpu-v6e": "v6e:2x2"}
 
@@ -38,6 +40,8 @@ def _no_persistent_cache():
     jax.config.update("jax_enable_compilation_cache", False)
     yield
     jax.config.update("jax_enable_compilation_cache", old)
+
+
 WAN_480P = dict(b=1, c=3, t=1560, h=12, d=128, n=21)  # Wan2.1-1.3B at 480x832: 60x104 latents / 2x2 patches
 
 
@@ -67,6 +71,7 @@ def _declared_cost(hlo: str) -> dict:
 
 
 # ---- the HLO scanner and the loop-aware cost -----------------------------------------------------------------
+
 
 def test_scanner_reports_a_transposed_cache_and_not_a_slot_read():
     cache = jax.ShapeDtypeStruct((1, 4, 8, 64, 128), jnp.float32)  # [B, H, N, T, D]
@@ -130,8 +135,10 @@ KERNEL_CASES = {  # name: (Qf, K, M): a chunk-wide selection with memory (Forcin
 
 
 # every case on v5e, one on each other target (compile time)
-@pytest.mark.parametrize("target, case", [("tpu-v5e", c) for c in KERNEL_CASES]
-                         + [(t, "qf1-k21-m1560") for t in TOPOLOGIES if t != "tpu-v5e"])
+@pytest.mark.parametrize(
+    "target, case",
+    [("tpu-v5e", c) for c in KERNEL_CASES] + [(t, "qf1-k21-m1560") for t in TOPOLOGIES if t != "tpu-v5e"],
+)
 def test_kernel_compiles_in_place_at_wan_480p(target, case):
     dev = _device(TOPOLOGIES[target])
     args, sel = _abstract(_wan_problem(*KERNEL_CASES[case]), dev)
@@ -145,11 +152,15 @@ def test_kernel_compiles_in_place_at_wan_480p(target, case):
     assert mem["total"] <= CHIPS[target].hbm_bytes
     # the kernel's declared cost reaches the compiled program as selection_cost computed it
     dims = attention_dims(*args, sel)
-    want = selection_cost(dims, make_plan(dims), q_bytes=2, chunk_bytes=2, cache_bytes=2,
-                          memory_bytes=2 if sel.mem_k is not None else 0)
+    want = selection_cost(
+        dims, make_plan(dims), q_bytes=2, chunk_bytes=2, cache_bytes=2, memory_bytes=2 if sel.mem_k is not None else 0
+    )
     got = _declared_cost(hlo)
-    assert (got["flops"], got["transcendentals"], got["bytes_accessed"]) == \
-        (want.flops, want.transcendentals, want.bytes_accessed)
+    assert (got["flops"], got["transcendentals"], got["bytes_accessed"]) == (
+        want.flops,
+        want.transcendentals,
+        want.bytes_accessed,
+    )
     assert program_cost(hlo).kernel_flops == want.flops
 
 
@@ -168,15 +179,16 @@ def test_empty_selection_table_compiles():
     dev = _device(TOPOLOGIES["tpu-v5e"])
     args, _ = _wan_problem(1, 8, 0)
     b, h, c = 1, 12, 3
-    sel = Selection(frames=jax.ShapeDtypeStruct((b, 1, h, 0), jnp.int32),
-                    chunk_mask=jax.ShapeDtypeStruct((b, 1, h, c), bool))
+    sel = Selection(
+        frames=jax.ShapeDtypeStruct((b, 1, h, 0), jnp.int32), chunk_mask=jax.ShapeDtypeStruct((b, 1, h, c), bool)
+    )
     args, sel = _abstract((args, sel), dev)
     compiled = jax.jit(pallas_tpu_attention).lower(*args, sel).compile()
     assert _declared_cost(compiled.as_text())["flops"] == 4 * 4680 * 4680 * 128 * 12
 
 
-
 # ---- a layer loop: slicing the stacked cache copies it, the layer index does not ------------------------------
+
 
 def _layer_loop_hlo(stacked: bool) -> tuple[str, int]:
     dev = _device(TOPOLOGIES["tpu-v5e"])
@@ -196,6 +208,7 @@ def _layer_loop_hlo(stacked: bool) -> tuple[str, int]:
                 vl = jax.lax.dynamic_index_in_dim(vcache, i, keepdims=False)
                 out = pallas_tpu_attention(x, x, x, kl, vl, sel)
             return out, None
+
         return jax.lax.scan(body, q, jnp.arange(layers))[0]
 
     hlo = jax.jit(step).lower(q, cache, cache, sel).compile().as_text()
@@ -217,17 +230,31 @@ def test_layer_loop_over_cache_slices_copies_each_layer():
 
 # ---- the chunk step of a small model (model + policy + pallas_tpu + cache), as python -m fkv_jax.aot does --------
 
+
 def _chunk_step_report(*flags):
     from fkv_jax.aot import build_parser, compile_chunk_step
 
     # "mid": 2 layers, 2 heads of 128, 12x16 = 192 tokens per frame (Mosaic's block rules hold)
-    return compile_chunk_step(build_parser().parse_args(
-        ["--model-preset", "mid", "--frames", "12", "--dtype", "bfloat16", "--attention-backend", "pallas_tpu",
-         *flags]))
+    return compile_chunk_step(
+        build_parser().parse_args(
+            [
+                "--model-preset",
+                "mid",
+                "--frames",
+                "12",
+                "--dtype",
+                "bfloat16",
+                "--attention-backend",
+                "pallas_tpu",
+                *flags,
+            ]
+        )
+    )
 
 
-@pytest.mark.parametrize("target, policy", [("tpu-v5e", None), ("tpu-v5e", "forcing_kv"), ("tpu-v5p", None),
-                                            ("tpu-v6e", None)])
+@pytest.mark.parametrize(
+    "target, policy", [("tpu-v5e", None), ("tpu-v5e", "forcing_kv"), ("tpu-v5p", None), ("tpu-v6e", None)]
+)
 def test_small_model_chunk_step_compiles_and_fits(target, policy):
     r = _chunk_step_report("--target", target, *(["--policy", policy] if policy else []))
     assert r["fits"] and r["hbm"]["total"] <= CHIPS[target].hbm_bytes

@@ -77,7 +77,7 @@ def test_streaming_decode_matches_upstream_and_the_full_decode(vae, fx):
     for split in ([1, 1, 1], [2, 1], [3]):
         dec, parts, s = vae.stream(), [], 0
         for n in split:
-            parts.append(dec(lat[:, s:s + n]))
+            parts.append(dec(lat[:, s : s + n]))
             s += n
         assert [p.shape[1] for p in parts] == [1 + 4 * (split[0] - 1)] + [4 * n for n in split[1:]]
         out = np.concatenate(parts, axis=1)
@@ -93,8 +93,13 @@ def test_encoder_matches_upstream(vae, fx):
 
 def _diffusers_names(wan: dict[str, np.ndarray], nrb: int = 2) -> dict[str, np.ndarray]:
     """Wan VAE names -> diffusers AutoencoderKLWan names, written from the reference's rename list."""
-    res = [("residual.0.gamma", "norm1.gamma"), ("residual.2.", "conv1."), ("residual.3.gamma", "norm2.gamma"),
-           ("residual.6.", "conv2."), ("shortcut.", "conv_shortcut.")]
+    res = [
+        ("residual.0.gamma", "norm1.gamma"),
+        ("residual.2.", "conv1."),
+        ("residual.3.gamma", "norm2.gamma"),
+        ("residual.6.", "conv2."),
+        ("shortcut.", "conv_shortcut."),
+    ]
     out = {}
     for k, v in wan.items():
         n = re.sub(r"^conv1\.", "quant_conv.", re.sub(r"^conv2\.", "post_quant_conv.", k))
@@ -118,14 +123,24 @@ def _diffusers_names(wan: dict[str, np.ndarray], nrb: int = 2) -> dict[str, np.n
 def test_diffusers_layout_converts_to_the_same_params(tmp_path, vae_dir):
     wan = {k: v.numpy() for k, v in torch.load(PTH, weights_only=True).items()}
     d = _diffusers_names(wan)
-    assert "decoder.up_blocks.1.resnets.0.conv_shortcut.weight" in d and "decoder.up_blocks.2.upsamplers.0.resample.1.weight" in d
+    assert (
+        "decoder.up_blocks.1.resnets.0.conv_shortcut.weight" in d
+        and "decoder.up_blocks.2.upsamplers.0.resample.1.weight" in d
+    )
     folder = tmp_path / "pipe" / "vae"
     folder.mkdir(parents=True)
     save_file({k: np.ascontiguousarray(v) for k, v in d.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
     cfg = read_vae_config(vae_dir)
-    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan", "base_dim": 12,
-                                                    "latents_mean": list(cfg.latents_mean),
-                                                    "latents_std": list(cfg.latents_std)}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "AutoencoderKLWan",
+                "base_dim": 12,
+                "latents_mean": list(cfg.latents_mean),
+                "latents_std": list(cfg.latents_std),
+            }
+        )
+    )
     out = tmp_path / "conv"
     assert convert_main(["--input", str(tmp_path / "pipe"), "--kind", "vae", "--output", str(out)]) == 0
     assert read_vae_config(out) == cfg
@@ -153,14 +168,38 @@ def test_wrong_kind_and_damaged_checkpoints(tmp_path, vae_dir):
 def test_decode_cli(tmp_path, vae_dir, fx):
     lat = np.concatenate([latents(fx), 0.5 * latents(fx)]).astype(np.float32)
     np.save(tmp_path / "lat.npy", lat)
-    assert decode_main(["--vae", str(vae_dir), "--latents", str(tmp_path / "lat.npy"), "--output",
-                        str(tmp_path / "v.npy"), "--no-progress"]) == 0
+    assert (
+        decode_main(
+            [
+                "--vae",
+                str(vae_dir),
+                "--latents",
+                str(tmp_path / "lat.npy"),
+                "--output",
+                str(tmp_path / "v.npy"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     v = np.load(tmp_path / "v.npy")
     assert v.dtype == np.float32 and v.shape == (2, 3, 9, 32, 48) and np.abs(v).max() <= 1
     assert rel_err(v[:1], fx["decoded"]) <= 1e-4
     assert rel_err(video(v[1:]), VAE.load(vae_dir).decode(0.5 * latents(fx))) <= 1e-5  # batched = per sample
-    assert decode_main(["--vae", str(vae_dir), "--latents", str(tmp_path / "lat.npy"), "--output",
-                        str(tmp_path / "v.mp4"), "--no-progress"]) == 0
+    assert (
+        decode_main(
+            [
+                "--vae",
+                str(vae_dir),
+                "--latents",
+                str(tmp_path / "lat.npy"),
+                "--output",
+                str(tmp_path / "v.mp4"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     for i in range(2):
         frames, meta = read_video(tmp_path / f"v_{i}.mp4")
         assert frames.shape == (9, 32, 48, 3) and meta["fps"] == 16
@@ -174,8 +213,12 @@ def test_decode_cli(tmp_path, vae_dir, fx):
 @pytest.mark.parametrize("case", ["kind", "shape", "suffix", "missing"])
 def test_decode_cli_bad_input(tmp_path, vae_dir, capsys, case):
     np.save(tmp_path / "lat.npy", np.zeros((1, 2, 16, 4, 6), np.float32))
-    args = {"kind": ["--vae", str(tmp_path)], "shape": ["--vae", str(vae_dir)], "suffix": ["--vae", str(vae_dir)],
-            "missing": ["--vae", str(vae_dir)]}[case]
+    args = {
+        "kind": ["--vae", str(tmp_path)],
+        "shape": ["--vae", str(vae_dir)],
+        "suffix": ["--vae", str(vae_dir)],
+        "missing": ["--vae", str(vae_dir)],
+    }[case]
     lat = tmp_path / ("nope.npy" if case == "missing" else "lat.npy")
     if case == "shape":
         np.save(lat, np.zeros((1, 2, 8, 4, 6), np.float32))

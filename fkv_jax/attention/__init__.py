@@ -9,15 +9,27 @@ from __future__ import annotations
 
 from jaxtyping import Array, Float
 
-from fkv_jax.attention.backends import (BACKENDS, BackendError, get_backend, problem_of, register_backend,
-                                        resolve_backend)
+from fkv_jax.attention.backends import (
+    BACKENDS,
+    BackendError,
+    get_backend,
+    problem_of,
+    register_backend,
+    resolve_backend,
+)
 from fkv_jax.attention.reference import chunk_attention, dense_attention, selection_attention
 from fkv_jax.attention.selection import Selection, from_slot_mask, pack_mask, to_slot_mask
 
 
-def attend(q: Float[Array, "B CT H Dh"], k_chunk: Float[Array, "B CT H Dh"], v_chunk: Float[Array, "B CT H Dh"],
-           k_cache: Float[Array, "B H N T Dh"], v_cache: Float[Array, "B H N T Dh"], selection: Selection,
-           backend: str = "xla") -> Float[Array, "B CT H Dh"]:
+def attend(
+    q: Float[Array, "B CT H Dh"],
+    k_chunk: Float[Array, "B CT H Dh"],
+    v_chunk: Float[Array, "B CT H Dh"],
+    k_cache: Float[Array, "B H N T Dh"],
+    v_cache: Float[Array, "B H N T Dh"],
+    selection: Selection,
+    backend: str = "xla",
+) -> Float[Array, "B CT H Dh"]:
     """Softmax attention of a chunk's queries over its own (allowed) keys, the selected cache slots and
     the valid memory tokens. Shapes: q, k_chunk, v_chunk [B, C*T, H, Dh]; k_cache, v_cache [B, H, N, T, Dh].
 
@@ -30,5 +42,18 @@ def attend(q: Float[Array, "B CT H Dh"], k_chunk: Float[Array, "B CT H Dh"], v_c
     return fn(q, k_chunk, v_chunk, k_cache, v_cache, selection)
 
 
-__all__ = ["BACKENDS", "BackendError", "Selection", "attend", "chunk_attention", "dense_attention", "from_slot_mask",
-           "get_backend", "pack_mask", "register_backend", "resolve_backend", "selection_attention", "to_slot_mask"]
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "Selection",
+    "attend",
+    "chunk_attention",
+    "dense_attention",
+    "from_slot_mask",
+    "get_backend",
+    "pack_mask",
+    "register_backend",
+    "resolve_backend",
+    "selection_attention",
+    "to_slot_mask",
+]

@@ -94,8 +94,9 @@ def target(platform: str, device_kind: str = "", compute_capability: str = ""):
         _TARGET.pop()
 
 
-def current_target(platform: str | None = None, device_kind: str | None = None,
-                   compute_capability: str | None = None) -> Target:
+def current_target(
+    platform: str | None = None, device_kind: str | None = None, compute_capability: str | None = None
+) -> Target:
     """The target: explicit arguments, else the innermost :func:`target` block, else ``jax.devices()[0]``."""
     if platform is None:
         if _TARGET:
@@ -104,12 +105,18 @@ def current_target(platform: str | None = None, device_kind: str | None = None,
             import jax
 
             dev = jax.devices()[0]
-            base = Target(_normalise_platform(dev.platform), str(getattr(dev, "device_kind", "")),
-                          str(getattr(dev, "compute_capability", "") or ""))
+            base = Target(
+                _normalise_platform(dev.platform),
+                str(getattr(dev, "device_kind", "")),
+                str(getattr(dev, "compute_capability", "") or ""),
+            )
     else:
         base = Target(_normalise_platform(platform))
-    return Target(base.platform, base.device_kind if device_kind is None else device_kind,
-                  base.compute_capability if compute_capability is None else str(compute_capability))
+    return Target(
+        base.platform,
+        base.device_kind if device_kind is None else device_kind,
+        base.compute_capability if compute_capability is None else str(compute_capability),
+    )
 
 
 def target_compute_capability() -> int | None:
@@ -123,8 +130,9 @@ def target_compute_capability() -> int | None:
 
 def is_hopper(t: Target) -> bool:
     """An NVIDIA Hopper GPU: compute capability 9.x or a device kind naming one."""
-    return t.platform == "cuda" and (t.compute_capability.startswith("9.")
-                                     or any(k in t.device_kind.upper() for k in HOPPER_KINDS))
+    return t.platform == "cuda" and (
+        t.compute_capability.startswith("9.") or any(k in t.device_kind.upper() for k in HOPPER_KINDS)
+    )
 
 
 def interpret_requested(interpret: bool | None = None) -> bool:
@@ -162,6 +170,7 @@ def get_backend(name: str) -> Callable:
 
 # ---- dependencies ----------------------------------------------------------------------------------------
 
+
 def jax_triton_available() -> bool:
     """``import jax_triton`` works (on a CPU-only jaxlib it needs the CUDA plugin's Python module)."""
     try:
@@ -192,6 +201,7 @@ def _triton_interpreter_available() -> bool:
 
 
 # ---- rules -----------------------------------------------------------------------------------------------
+
 
 def _dtype_name(dtype) -> str:
     if dtype is None:
@@ -229,17 +239,23 @@ def _shape_problem(name: str, p: Problem, t: Target, interpret: bool) -> str | N
         if p.dtype not in ("float32", "bfloat16") or p.cache_dtype not in floats:
             return f"dtype {p.dtype} (allowed: float32, bfloat16; cache any of {', '.join(floats)})"
         if not interpret and (p.head_dim % 128 or p.tokens_per_frame % 8):
-            return (f"head_dim={p.head_dim}, tokens_per_frame={p.tokens_per_frame} (Mosaic TPU blocks need "
-                    f"head_dim % 128 == 0 and tokens_per_frame % 8 == 0)")
+            return (
+                f"head_dim={p.head_dim}, tokens_per_frame={p.tokens_per_frame} (Mosaic TPU blocks need "
+                f"head_dim % 128 == 0 and tokens_per_frame % 8 == 0)"
+            )
         return None
     if name == "mosaic_gpu":
         if p.dtype not in ("bfloat16", "float16") or p.cache_dtype != p.dtype:
-            return (f"dtype {p.dtype} with cache {p.cache_dtype} (allowed: bfloat16 or float16, the cache in "
-                    f"the same dtype)")
+            return (
+                f"dtype {p.dtype} with cache {p.cache_dtype} (allowed: bfloat16 or float16, the cache in "
+                f"the same dtype)"
+            )
         tq = p.query_tokens_per_group
         if p.head_dim % 64 or p.tokens_per_frame < 64 or (tq is not None and tq < 64):
-            return (f"head_dim={p.head_dim}, tokens_per_frame={p.tokens_per_frame}, query_tokens_per_group={tq} "
-                    f"(needs head_dim % 64 == 0, tokens_per_frame >= 64, query_tokens_per_group >= 64)")
+            return (
+                f"head_dim={p.head_dim}, tokens_per_frame={p.tokens_per_frame}, query_tokens_per_group={tq} "
+                f"(needs head_dim % 64 == 0, tokens_per_frame >= 64, query_tokens_per_group >= 64)"
+            )
         return None
     if name == "triton":
         if p.dtype not in floats or p.cache_dtype not in floats:
@@ -261,8 +277,11 @@ def _platform_problem(name: str, t: Target, interpret: bool) -> str | None:
         return f"needs a TPU, this platform is {t.platform}; {hint}"
     if name == "mosaic_gpu":
         if t.platform == "cpu" and interpret:
-            return None if _module_available("jax.experimental.pallas.mosaic_gpu") else \
-                "needs jax.experimental.pallas.mosaic_gpu, which does not import"
+            return (
+                None
+                if _module_available("jax.experimental.pallas.mosaic_gpu")
+                else "needs jax.experimental.pallas.mosaic_gpu, which does not import"
+            )
         if not is_hopper(t):
             kind = t.device_kind or t.platform
             return f"needs an NVIDIA Hopper GPU (H100/H200, sm_90), this device is {kind}; {hint}"
@@ -271,8 +290,11 @@ def _platform_problem(name: str, t: Target, interpret: bool) -> str | None:
         return None
     if name == "triton":
         if t.platform == "cpu" and interpret:
-            return None if _triton_interpreter_available() else \
-                "needs triton and torch for Triton's interpreter on CPU, which do not import"
+            return (
+                None
+                if _triton_interpreter_available()
+                else "needs triton and torch for Triton's interpreter on CPU, which do not import"
+            )
         if t.platform not in ("cuda", "rocm"):
             return f"needs a CUDA or ROCm GPU, this platform is {t.platform}; {hint}"
         if not jax_triton_available():
@@ -313,10 +335,19 @@ def _bind(name: str, fn: Callable, t: Target, interpret: bool) -> Callable:
     return fn
 
 
-def resolve_backend(name: str, *, platform: str | None = None, device_kind: str | None = None,
-                    compute_capability: str | None = None, dtype, cache_dtype=None, head_dim: int,
-                    tokens_per_frame: int, query_tokens_per_group: int | None = None,
-                    interpret: bool | None = None) -> tuple[str, Callable]:
+def resolve_backend(
+    name: str,
+    *,
+    platform: str | None = None,
+    device_kind: str | None = None,
+    compute_capability: str | None = None,
+    dtype,
+    cache_dtype=None,
+    head_dim: int,
+    tokens_per_frame: int,
+    query_tokens_per_group: int | None = None,
+    interpret: bool | None = None,
+) -> tuple[str, Callable]:
     """Check backend ``name`` for this target and problem; return ``(resolved_name, fn)``.
 
     Args:
@@ -337,21 +368,32 @@ def resolve_backend(name: str, *, platform: str | None = None, device_kind: str 
         raise BackendError(f"unknown attention backend {name!r}; valid: {', '.join(names())}")
     t = current_target(platform, device_kind, compute_capability)
     interp = interpret_requested(interpret)
-    p = Problem(_dtype_name(dtype), _dtype_name(cache_dtype) or _dtype_name(dtype), int(head_dim),
-                int(tokens_per_frame), None if query_tokens_per_group is None else int(query_tokens_per_group))
+    p = Problem(
+        _dtype_name(dtype),
+        _dtype_name(cache_dtype) or _dtype_name(dtype),
+        int(head_dim),
+        int(tokens_per_frame),
+        None if query_tokens_per_group is None else int(query_tokens_per_group),
+    )
     resolved = choose(t, p) if name == "auto" else name
     why = _platform_problem(resolved, t, interp) or _shape_problem(resolved, p, t, interp and t.platform == "cpu")
     if why:
-        raise BackendError(f"attention backend {name!r} {'(auto: ' + resolved + ') ' if name == 'auto' else ''}"
-                           f"cannot run: {why}")
+        raise BackendError(
+            f"attention backend {name!r} {'(auto: ' + resolved + ') ' if name == 'auto' else ''}cannot run: {why}"
+        )
     return resolved, _bind(resolved, _load(BACKEND_TABLE[resolved]), t, interp)
 
 
 def problem_of(q, k_cache, sel) -> dict:
     """The keyword arguments of :func:`resolve_backend` that one call's shapes give
     (q [B, C*T, H, D], k_cache [B, H, N, T, D], sel.frames [B, Qf, H, K])."""
-    return dict(dtype=q.dtype, cache_dtype=k_cache.dtype, head_dim=q.shape[-1], tokens_per_frame=k_cache.shape[3],
-                query_tokens_per_group=q.shape[1] // sel.frames.shape[1])
+    return dict(
+        dtype=q.dtype,
+        cache_dtype=k_cache.dtype,
+        head_dim=q.shape[-1],
+        tokens_per_frame=k_cache.shape[3],
+        query_tokens_per_group=q.shape[1] // sel.frames.shape[1],
+    )
 
 
 def auto_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel):
@@ -389,7 +431,25 @@ class _Backends(MutableMapping):
 
 BACKENDS = _Backends()
 
-__all__ = ["BACKENDS", "BACKEND_TABLE", "BackendError", "INTERPRET_ENV", "Problem", "Target", "auto_attention",
-           "choose", "current_target", "get_backend", "interpret_requested", "is_hopper", "jax_triton_available",
-           "mosaic_gpu_available", "names", "problem_of", "register_backend", "resolve_backend", "target",
-           "target_compute_capability"]
+__all__ = [
+    "BACKENDS",
+    "BACKEND_TABLE",
+    "BackendError",
+    "INTERPRET_ENV",
+    "Problem",
+    "Target",
+    "auto_attention",
+    "choose",
+    "current_target",
+    "get_backend",
+    "interpret_requested",
+    "is_hopper",
+    "jax_triton_available",
+    "mosaic_gpu_available",
+    "names",
+    "problem_of",
+    "register_backend",
+    "resolve_backend",
+    "target",
+    "target_compute_capability",
+]

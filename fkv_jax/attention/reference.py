@@ -146,6 +146,7 @@ def _update(carry, q, k, v, mask, scale):
 def _masked_update(carry, q, fetch, mask, scale):
     """Update with a key tile whose readability ``mask`` [B|1, H|1, tk] is only known at run time: all
     readable -> no mask work, none -> skipped (``fetch`` not even run), else masked."""
+
     def full(c):
         k, v = fetch()
         return _update(c, q, k, v, None, scale)
@@ -183,13 +184,18 @@ def _tiled(q, k_chunk, v_chunk, qf, blocks, chunk_mask, mem, cache_tiles):
     def one_tile(i):
         g = (i * tq) // gs
         qi = jax.lax.dynamic_slice_in_dim(qh, i * tq, tq, axis=2)  # [B, H, tq, D]
-        carry = (jnp.full((b, h, tq), _NEG, jnp.float32), jnp.zeros((b, h, tq), jnp.float32),
-                 jnp.zeros((b, h, tq, d), jnp.float32))
+        carry = (
+            jnp.full((b, h, tq), _NEG, jnp.float32),
+            jnp.zeros((b, h, tq), jnp.float32),
+            jnp.zeros((b, h, tq, d), jnp.float32),
+        )
 
         def chunk_body(j, carry):  # the chunk's own keys, ck at a time
             def fetch():
-                return (jax.lax.dynamic_slice_in_dim(kc, j * ck, ck, axis=2),
-                        jax.lax.dynamic_slice_in_dim(vc, j * ck, ck, axis=2))
+                return (
+                    jax.lax.dynamic_slice_in_dim(kc, j * ck, ck, axis=2),
+                    jax.lax.dynamic_slice_in_dim(vc, j * ck, ck, axis=2),
+                )
 
             if chunk_mask is None:
                 return _update(carry, qi, *fetch(), None, scale)
@@ -309,8 +315,13 @@ def selection_attention(
         def cut(x, axis):
             return None if x is None else jax.lax.dynamic_slice_in_dim(x, i, 1, axis=axis)
 
-        sel_i = Selection(frames=cut(sel.frames, 2), chunk_mask=cut(sel.chunk_mask, 2), mem_k=cut(sel.mem_k, 2),
-                          mem_v=cut(sel.mem_v, 2), mem_valid=cut(sel.mem_valid, 1))
+        sel_i = Selection(
+            frames=cut(sel.frames, 2),
+            chunk_mask=cut(sel.chunk_mask, 2),
+            mem_k=cut(sel.mem_k, 2),
+            mem_v=cut(sel.mem_v, 2),
+            mem_valid=cut(sel.mem_valid, 1),
+        )
         return _selection(cut(q, 2), cut(k_chunk, 2), cut(v_chunk, 2), k_cache, v_cache, sel_i, blocks, i[None])
 
     def split():
@@ -321,8 +332,11 @@ def selection_attention(
         return split()
     count = jnp.sum(sel.frames >= 0, axis=-1).max(axis=0)  # [Qf, H]: longest selection per (group, head)
     batched_work, split_work = h * jnp.sum(count.max(axis=1)), jnp.sum(count)
-    return jax.lax.cond(batched_work * 5 > split_work * 6, split,
-                        lambda: _selection(q, k_chunk, v_chunk, k_cache, v_cache, sel, blocks, heads))
+    return jax.lax.cond(
+        batched_work * 5 > split_work * 6,
+        split,
+        lambda: _selection(q, k_chunk, v_chunk, k_cache, v_cache, sel, blocks, heads),
+    )
 
 
 def _selection(q, k_chunk, v_chunk, k_cache, v_cache, sel, blocks, heads):

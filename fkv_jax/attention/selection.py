@@ -41,7 +41,8 @@ class Selection:
 
 
 jax.tree_util.register_dataclass(
-    Selection, data_fields=["frames", "chunk_mask", "mem_k", "mem_v", "mem_valid"], meta_fields=[])
+    Selection, data_fields=["frames", "chunk_mask", "mem_k", "mem_v", "mem_valid"], meta_fields=[]
+)
 
 
 def pack_mask(mask: jax.Array, budget: int | None = None) -> jax.Array:

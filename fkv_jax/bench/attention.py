@@ -41,10 +41,20 @@ from fkv_jax.bench.common import median
 
 # device_kind substring -> (peak dense bf16 TFLOP/s, HBM TB/s), vendor datasheets; most specific first.
 CHIPS = [
-    ("H100 PCIe", 756.0, 2.0), ("H100 NVL", 835.0, 3.9), ("H100", 989.4, 3.35), ("H800", 989.4, 3.35),
-    ("GH200", 989.4, 4.0), ("H200", 989.4, 4.8), ("H20", 148.0, 4.0),
-    ("TPU v6 lite", 918.0, 1.64), ("TPU v6e", 918.0, 1.64), ("TPU v5 lite", 197.0, 0.819),
-    ("TPU v5e", 197.0, 0.819), ("TPU v5p", 459.0, 2.765), ("TPU v5", 459.0, 2.765), ("TPU v4", 275.0, 1.2),
+    ("H100 PCIe", 756.0, 2.0),
+    ("H100 NVL", 835.0, 3.9),
+    ("H100", 989.4, 3.35),
+    ("H800", 989.4, 3.35),
+    ("GH200", 989.4, 4.0),
+    ("H200", 989.4, 4.8),
+    ("H20", 148.0, 4.0),
+    ("TPU v6 lite", 918.0, 1.64),
+    ("TPU v6e", 918.0, 1.64),
+    ("TPU v5 lite", 197.0, 0.819),
+    ("TPU v5e", 197.0, 0.819),
+    ("TPU v5p", 459.0, 2.765),
+    ("TPU v5", 459.0, 2.765),
+    ("TPU v4", 275.0, 1.2),
 ]
 
 
@@ -58,6 +68,7 @@ def chip_limits(device_kind: str) -> tuple[float, float] | None:
 
 def make_inputs(rng, *, b, c, t, h, d, n, k, qf, dtype):
     """Random q/k/v [B, C*T, H, D], a cache [B, H, N, T, D] and k distinct random slots per (b, group, head)."""
+
     def rand(*shape):
         return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
 
@@ -122,8 +133,10 @@ def run(*, backends, geometry, budgets, dtype, iters, limits, seed=0) -> list[di
     fns = {name: jax.jit(get_backend(name)) for name in dict.fromkeys([*backends, "xla"])}
     dense = jax.jit(jax.nn.dot_product_attention)
     rows = []
-    print(f"{'Qf':>3} {'K':>3} {'backend':<11} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'%peak':>6} {'%HBM':>6} "
-          f"{'rel err':>8}")
+    print(
+        f"{'Qf':>3} {'K':>3} {'backend':<11} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'%peak':>6} {'%HBM':>6} "
+        f"{'rel err':>8}"
+    )
     for qf in (1, geometry["c"]):
         for k in budgets:
             args, sel = make_inputs(rng, k=k, qf=qf, dtype=dtype, **geometry)
@@ -139,12 +152,18 @@ def run(*, backends, geometry, budgets, dtype, iters, limits, seed=0) -> list[di
                     print(f"{qf:>3} {k:>3} {name:<11} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                     continue
                 err = rel_err(out.reshape(ref.shape), ref)
-                row = dict(qf=qf, k=k, backend=name, ms=sec * 1e3, tflops=flops / sec / 1e12,
-                           gbs=nbytes / sec / 1e9, err=err)
-                peak = f"{100 * row['tflops'] / limits[0]:6.1f} {100 * row['gbs'] / 1e3 / limits[1]:6.1f}" \
-                    if limits else f"{'n/a':>6} {'n/a':>6}"
-                print(f"{qf:>3} {k:>3} {name:<11} {row['ms']:9.3f} {row['tflops']:8.2f} {row['gbs']:8.1f} {peak} "
-                      f"{err:8.1e}")
+                row = dict(
+                    qf=qf, k=k, backend=name, ms=sec * 1e3, tflops=flops / sec / 1e12, gbs=nbytes / sec / 1e9, err=err
+                )
+                peak = (
+                    f"{100 * row['tflops'] / limits[0]:6.1f} {100 * row['gbs'] / 1e3 / limits[1]:6.1f}"
+                    if limits
+                    else f"{'n/a':>6} {'n/a':>6}"
+                )
+                print(
+                    f"{qf:>3} {k:>3} {name:<11} {row['ms']:9.3f} {row['tflops']:8.2f} {row['gbs']:8.1f} {peak} "
+                    f"{err:8.1e}"
+                )
                 rows.append(row)
     return rows
 
@@ -194,16 +213,23 @@ def cpu_roofline(rounds: int, geometry: dict = MINI, caches=MINI_CACHES) -> list
     mm_b = jnp.asarray(np.random.default_rng(2).standard_normal(mm_shape[1:], np.float32))
     mm_fn = jax.jit(jnp.dot)
     mm_flops = 2.0 * np.prod(mm_shape)
-    print(f"CPU roofline: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, jax {jax.__version__}, float32, "
-          f"median of {rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f}")
-    print(f"geometry: {sq} queries ({c} frames x {t} tokens), {h} heads x {d}; torch "
-          f"{torch.__version__ + f' ({torch.get_num_threads()} threads)' if torch else 'not importable: no SDPA column'}")
+    print(
+        f"CPU roofline: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, jax {jax.__version__}, float32, "
+        f"median of {rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"geometry: {sq} queries ({c} frames x {t} tokens), {h} heads x {d}; torch "
+        f"{torch.__version__ + f' ({torch.get_num_threads()} threads)' if torch else 'not importable: no SDPA column'}"
+    )
     rng = np.random.default_rng(0)
     rows = []
-    head = (f"{'keys':>5} | {'torch SDPA':>10} | {'chunk_attention':>15} | {'attend Qf=1':>11} | {'attend Qf=3':>11} | "
-            f"{'best GFLOP/s':>12} | {'matmul GFLOP/s':>14} | {'% matmul wall/CPU':>17} | {'best/SDPA wall/CPU':>12}")
+    head = (
+        f"{'keys':>5} | {'torch SDPA':>10} | {'chunk_attention':>15} | {'attend Qf=1':>11} | {'attend Qf=3':>11} | "
+        f"{'best GFLOP/s':>12} | {'matmul GFLOP/s':>14} | {'% matmul wall/CPU':>17} | {'best/SDPA wall/CPU':>12}"
+    )
     print(head)
     for used, n in caches:
+
         def rand(*shape):
             return jnp.asarray(rng.standard_normal(shape, np.float32))
 
@@ -215,20 +241,33 @@ def cpu_roofline(rounds: int, geometry: dict = MINI, caches=MINI_CACHES) -> list
         sel3 = from_slot_mask(jnp.broadcast_to(slot_mask, (1, c, 1, n)), 1, h)  # one selection per query frame
         f_chunk = jax.jit(chunk_attention)
         f_sel = jax.jit(selection_attention)
-        cases = {"matmul": lambda: jax.block_until_ready(mm_fn(mm_a, mm_b)),
-                 "chunk": lambda: jax.block_until_ready(f_chunk(q, kc, vc, kn, vn, slot_mask)),
-                 "sel1": lambda: jax.block_until_ready(f_sel(q, kc, vc, kn, vn, sel1)),
-                 "sel3": lambda: jax.block_until_ready(f_sel(q, kc, vc, kn, vn, sel3))}
+        cases = {
+            "matmul": lambda: jax.block_until_ready(mm_fn(mm_a, mm_b)),
+            "chunk": lambda: jax.block_until_ready(f_chunk(q, kc, vc, kn, vn, slot_mask)),
+            "sel1": lambda: jax.block_until_ready(f_sel(q, kc, vc, kn, vn, sel1)),
+            "sel3": lambda: jax.block_until_ready(f_sel(q, kc, vc, kn, vn, sel3)),
+        }
         ref = np.asarray(dense_attention_np(q, kc, vc, kn, vn, used))
-        errs = {name: rel_err(fn_out, ref) for name, fn_out in (
-            ("chunk", f_chunk(q, kc, vc, kn, vn, slot_mask)), ("sel1", f_sel(q, kc, vc, kn, vn, sel1)),
-            ("sel3", f_sel(q, kc, vc, kn, vn, sel3)))}
+        errs = {
+            name: rel_err(fn_out, ref)
+            for name, fn_out in (
+                ("chunk", f_chunk(q, kc, vc, kn, vn, slot_mask)),
+                ("sel1", f_sel(q, kc, vc, kn, vn, sel1)),
+                ("sel3", f_sel(q, kc, vc, kn, vn, sel3)),
+            )
+        }
         if torch is not None:
             tq = torch.from_numpy(np.array(q)).transpose(1, 2).contiguous()
-            tk = torch.from_numpy(np.concatenate([np.asarray(kn)[:, :, :used].reshape(1, h, -1, d),
-                                                  np.asarray(kc).transpose(0, 2, 1, 3)], 2)).contiguous()
-            tv = torch.from_numpy(np.concatenate([np.asarray(vn)[:, :, :used].reshape(1, h, -1, d),
-                                                  np.asarray(vc).transpose(0, 2, 1, 3)], 2)).contiguous()
+            tk = torch.from_numpy(
+                np.concatenate(
+                    [np.asarray(kn)[:, :, :used].reshape(1, h, -1, d), np.asarray(kc).transpose(0, 2, 1, 3)], 2
+                )
+            ).contiguous()
+            tv = torch.from_numpy(
+                np.concatenate(
+                    [np.asarray(vn)[:, :, :used].reshape(1, h, -1, d), np.asarray(vc).transpose(0, 2, 1, 3)], 2
+                )
+            ).contiguous()
             sdpa = torch.nn.functional.scaled_dot_product_attention
             cases["torch"] = lambda: sdpa(tq, tk, tv)
             errs["torch"] = rel_err(sdpa(tq, tk, tv).transpose(1, 2).numpy(), ref)
@@ -240,24 +279,36 @@ def cpu_roofline(rounds: int, geometry: dict = MINI, caches=MINI_CACHES) -> list
         best = min(("chunk", "sel1", "sel3"), key=lambda k: sec[k])
         best_cpu = min(("chunk", "sel1", "sel3"), key=lambda k: cpu[k])
         peak = mm_flops / sec["matmul"]
-        row = dict(keys=keys, **{f"{k}_ms": v * 1e3 for k, v in sec.items()},
-                   **{f"{k}_cpu_ms": v * 1e3 for k, v in cpu.items()}, best_gflops=flops / sec[best] / 1e9,
-                   matmul_gflops=peak / 1e9, frac_matmul=flops / sec[best] / peak,
-                   frac_matmul_cpu=(flops / cpu[best_cpu]) / (mm_flops / cpu["matmul"]), errs=errs)
+        row = dict(
+            keys=keys,
+            **{f"{k}_ms": v * 1e3 for k, v in sec.items()},
+            **{f"{k}_cpu_ms": v * 1e3 for k, v in cpu.items()},
+            best_gflops=flops / sec[best] / 1e9,
+            matmul_gflops=peak / 1e9,
+            frac_matmul=flops / sec[best] / peak,
+            frac_matmul_cpu=(flops / cpu[best_cpu]) / (mm_flops / cpu["matmul"]),
+            errs=errs,
+        )
         row["vs_torch"] = sec[best] / sec["torch"] if "torch" in sec else None
         row["vs_torch_cpu"] = cpu[best_cpu] / cpu["torch"] if "torch" in cpu else None
         rows.append(row)
         tcol = f"{sec['torch'] * 1e3:8.1f}ms" if "torch" in sec else f"{'n/a':>10}"
         vs = f"{row['vs_torch']:5.2f} / {row['vs_torch_cpu']:4.2f}" if row["vs_torch"] else f"{'n/a':>12}"
-        print(f"{keys:>5} | {tcol} | {sec['chunk'] * 1e3:13.1f}ms | {sec['sel1'] * 1e3:9.1f}ms | "
-              f"{sec['sel3'] * 1e3:9.1f}ms | {row['best_gflops']:12.1f} | {row['matmul_gflops']:14.1f} | "
-              f"{100 * row['frac_matmul']:5.1f}% / {100 * row['frac_matmul_cpu']:5.1f}% | {vs}")
-    print("relative errors vs a float64 softmax: " + "; ".join(
-        f"{r['keys']} keys: " + ", ".join(f"{k} {v:.1e}" for k, v in r["errs"].items()) for r in rows))
-    print(f"matmul = [{mm_shape[0]} x {mm_shape[1]}] x [{mm_shape[1]} x {mm_shape[2]}] float32, timed in the same "
-          f"rounds. Times are wall medians; '/ CPU' columns use process CPU seconds instead (FLOPs per CPU-second "
-          f"vs the matmul's; CPU time vs SDPA's), which a loaded machine distorts far less. Load average at the "
-          f"end {os.getloadavg()[0]:.1f}")
+        print(
+            f"{keys:>5} | {tcol} | {sec['chunk'] * 1e3:13.1f}ms | {sec['sel1'] * 1e3:9.1f}ms | "
+            f"{sec['sel3'] * 1e3:9.1f}ms | {row['best_gflops']:12.1f} | {row['matmul_gflops']:14.1f} | "
+            f"{100 * row['frac_matmul']:5.1f}% / {100 * row['frac_matmul_cpu']:5.1f}% | {vs}"
+        )
+    print(
+        "relative errors vs a float64 softmax: "
+        + "; ".join(f"{r['keys']} keys: " + ", ".join(f"{k} {v:.1e}" for k, v in r["errs"].items()) for r in rows)
+    )
+    print(
+        f"matmul = [{mm_shape[0]} x {mm_shape[1]}] x [{mm_shape[1]} x {mm_shape[2]}] float32, timed in the same "
+        f"rounds. Times are wall medians; '/ CPU' columns use process CPU seconds instead (FLOPs per CPU-second "
+        f"vs the matmul's; CPU time vs SDPA's), which a loaded machine distorts far less. Load average at the "
+        f"end {os.getloadavg()[0]:.1f}"
+    )
     return rows
 
 
@@ -274,11 +325,17 @@ def dense_attention_np(q, kc, vc, kn, vn, used: int) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fkv_jax.bench.attention", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backends", default=None,
-                   help="comma-separated kernel backends besides xla (default: auto's choice, plus triton on GPU "
-                        "when jax-triton imports)")
+    p = argparse.ArgumentParser(
+        prog="python -m fkv_jax.bench.attention",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated kernel backends besides xla (default: auto's choice, plus triton on GPU "
+        "when jax-triton imports)",
+    )
     p.add_argument("--budgets", default="3,6,12,21", help="selected frames per head (default 3,6,12,21)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, xla and dense only, on CPU")
@@ -291,13 +348,21 @@ def main(argv=None) -> int:
         return 0
     if args.cpu_smoke:
         print(f"CPU smoke run (tiny sizes, not a benchmark): {device.device_kind}, jax {jax.__version__}")
-        run(backends=["xla"], geometry=dict(b=1, c=3, t=16, h=2, d=32, n=6), budgets=[3], dtype=jnp.float32,
-            iters=2, limits=None)
+        run(
+            backends=["xla"],
+            geometry=dict(b=1, c=3, t=16, h=2, d=32, n=6),
+            budgets=[3],
+            dtype=jnp.float32,
+            iters=2,
+            limits=None,
+        )
         return 0
     if device.platform not in ("gpu", "tpu"):
-        print(f"python -m fkv_jax.bench.attention needs an accelerator (a GPU, e.g. H100/H200, or a TPU); "
-              f"this process sees {device.platform} ({device.device_kind}). Nothing was measured. "
-              f"Use --cpu-smoke to check the script or --cpu-roofline for the CPU reference measurement.")
+        print(
+            f"python -m fkv_jax.bench.attention needs an accelerator (a GPU, e.g. H100/H200, or a TPU); "
+            f"this process sees {device.platform} ({device.device_kind}). Nothing was measured. "
+            f"Use --cpu-smoke to check the script or --cpu-roofline for the CPU reference measurement."
+        )
         return 0
 
     from fkv_jax.kernels import choose_backend
@@ -317,10 +382,14 @@ def main(argv=None) -> int:
             backends.append("triton")
     backends = list(dict.fromkeys(backends + ["xla"]))
     limits = chip_limits(device.device_kind)
-    print(f"{device.device_kind} ({device.platform}), jax {jax.__version__}; peak "
-          f"{f'{limits[0]:.0f} TFLOP/s bf16, {limits[1]:.2f} TB/s' if limits else 'unknown (not in CHIPS)'}")
-    print(f"geometry 480x832: T={geometry['t']}, H={geometry['h']}, D={geometry['d']}, C={geometry['c']}, "
-          f"N={geometry['n']} cache frames, bfloat16; backends: {', '.join(backends)} + dense")
+    print(
+        f"{device.device_kind} ({device.platform}), jax {jax.__version__}; peak "
+        f"{f'{limits[0]:.0f} TFLOP/s bf16, {limits[1]:.2f} TB/s' if limits else 'unknown (not in CHIPS)'}"
+    )
+    print(
+        f"geometry 480x832: T={geometry['t']}, H={geometry['h']}, D={geometry['d']}, C={geometry['c']}, "
+        f"N={geometry['n']} cache frames, bfloat16; backends: {', '.join(backends)} + dense"
+    )
     run(backends=backends, geometry=geometry, budgets=budgets, dtype=jnp.bfloat16, iters=args.iters, limits=limits)
     return 0
 

@@ -23,8 +23,11 @@ from fkv_jax.sampling.rollout import Sampler
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fkv_jax.bench.long_rollout", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fkv_jax.bench.long_rollout",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="tiny")
     p.add_argument("--frames", type=int, default=3000)
     args = p.parse_args(argv)
@@ -50,13 +53,16 @@ def main(argv=None) -> int:
         if blk == 4:
             rss0, kv0 = rss_mib(), kv(cache)
     finite = bool(np.isfinite(np.asarray(out.x0)).all())
-    print(f"{args.frames} latent frames ({args.frames // c} chunks) of the {cfg.name} model, sink {s.geom.sink} + "
-          f"ring {s.geom.ring}, window-relative RoPE, {time.perf_counter() - t0:.1f} s in total; last chunk finite: "
-          f"{finite}; compiled {s.trace_count}x")
+    print(
+        f"{args.frames} latent frames ({args.frames // c} chunks) of the {cfg.name} model, sink {s.geom.sink} + "
+        f"ring {s.geom.ring}, window-relative RoPE, {time.perf_counter() - t0:.1f} s in total; last chunk finite: "
+        f"{finite}; compiled {s.trace_count}x"
+    )
     print(f"resident KV: {kv0 / 2**20:.3f} MiB after chunk 5, {kv(cache) / 2**20:.3f} MiB at the end")
     print(f"RSS: {rss0:.0f} MiB after chunk 5, {rss_mib():.0f} MiB at the end")
-    print(f"per-chunk ms: chunks 3-7 median {median(times[2:7]) * 1e3:.1f}, last 5 median "
-          f"{median(times[-5:]) * 1e3:.1f}")
+    print(
+        f"per-chunk ms: chunks 3-7 median {median(times[2:7]) * 1e3:.1f}, last 5 median {median(times[-5:]) * 1e3:.1f}"
+    )
     return 0
 
 

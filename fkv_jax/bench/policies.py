@@ -97,8 +97,12 @@ def bench_policy(graphdef, params, cfg, policy, frames, timed, seed=0):
         keys.append(float(np.mean(np.asarray(out.select_aux[1]))))  # mean keys per query over calls, layers
     mem = sum(int(x.nbytes) for x in jax.tree.leaves(state.get("layers", {})) if x.ndim >= 4)
     kv_bytes = int(cache["k"].nbytes + cache["v"].nbytes) + mem
-    return {"time": median(times[-timed:]), "keys": float(np.mean(keys[-timed:])), "kv_bytes": kv_bytes,
-            "traces": s.trace_count}
+    return {
+        "time": median(times[-timed:]),
+        "keys": float(np.mean(keys[-timed:])),
+        "kv_bytes": kv_bytes,
+        "traces": s.trace_count,
+    }
 
 
 def build_policies(names, cfg, seed=0):
@@ -116,12 +120,19 @@ def build_policies(names, cfg, seed=0):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fkv_jax.bench.policies", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fkv_jax.bench.policies",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="mid", help="model preset (default mid: attention dominates long videos)")
     p.add_argument("--lengths", type=int, nargs="+", default=[30, 60, 120], help="video lengths in latent frames")
-    p.add_argument("--policies", nargs="+", default=["sink_window", "forcing_kv", "focused_forcing"],
-                   help=f"policies to compare with full (registered: {', '.join(sorted(POLICIES))})")
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        default=["sink_window", "forcing_kv", "focused_forcing"],
+        help=f"policies to compare with full (registered: {', '.join(sorted(POLICIES))})",
+    )
     p.add_argument("--timed", type=int, default=3, help="last chunks timed at each length (median)")
     args = p.parse_args(argv)
     cfg = model_preset(args.model)
@@ -130,11 +141,15 @@ def main(argv=None) -> int:
     t = cfg.tokens_per_frame()
     sq = 3 * t
     lin = linear_flops_per_token(cfg, cfg.text_len)
-    print(f"model {cfg.name}: {cfg.num_layers} layers, width {cfg.dim}, {cfg.num_heads} heads x {cfg.head_dim}, "
-          f"{t} tokens/frame; jax {jax.__version__} on {jax.devices()[0].platform}; per-chunk time = median of "
-          f"the last {args.timed} chunks")
-    header = f"{'frames':>6} {'policy':>16} {'ms/chunk':>9} {'keys/query':>10} {'KV MiB':>8} " \
-             f"{'speedup':>8} {'predicted':>9} {'meas/pred':>9}"
+    print(
+        f"model {cfg.name}: {cfg.num_layers} layers, width {cfg.dim}, {cfg.num_heads} heads x {cfg.head_dim}, "
+        f"{t} tokens/frame; jax {jax.__version__} on {jax.devices()[0].platform}; per-chunk time = median of "
+        f"the last {args.timed} chunks"
+    )
+    header = (
+        f"{'frames':>6} {'policy':>16} {'ms/chunk':>9} {'keys/query':>10} {'KV MiB':>8} "
+        f"{'speedup':>8} {'predicted':>9} {'meas/pred':>9}"
+    )
     print(header)
     for frames in args.lengths:
         res = {name: bench_policy(graphdef, params, cfg, pol, frames, args.timed) for name, pol in policies.items()}
@@ -146,8 +161,10 @@ def main(argv=None) -> int:
         for name, r in res.items():
             speed = full["time"] / r["time"]
             pred = flops(full) / flops(r)
-            print(f"{frames:>6} {name:>16} {r['time'] * 1e3:>9.1f} {r['keys']:>10.0f} {r['kv_bytes'] / 2**20:>8.2f} "
-                  f"{speed:>8.2f} {pred:>9.2f} {speed / pred:>9.2f}")
+            print(
+                f"{frames:>6} {name:>16} {r['time'] * 1e3:>9.1f} {r['keys']:>10.0f} {r['kv_bytes'] / 2**20:>8.2f} "
+                f"{speed:>8.2f} {pred:>9.2f} {speed / pred:>9.2f}"
+            )
     return 0
 
 

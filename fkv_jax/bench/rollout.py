@@ -28,8 +28,9 @@ def cache_bytes(cache) -> int:
     return int(cache["k"].nbytes + cache["v"].nbytes)
 
 
-def time_rollout(graphdef, params, cfg, sampler_cfg, chunks: int, seed: int = 0, every: int = 5,
-                 repeats: int = 3) -> dict:
+def time_rollout(
+    graphdef, params, cfg, sampler_cfg, chunks: int, seed: int = 0, every: int = 5, repeats: int = 3
+) -> dict:
     c = sampler_cfg.frames_per_block
     frames = chunks * c
     s = Sampler(graphdef, cfg, sampler_cfg, batch=1, latent_hw=cfg.latent_hw, num_frames=frames)
@@ -51,13 +52,23 @@ def time_rollout(graphdef, params, cfg, sampler_cfg, chunks: int, seed: int = 0,
         jax.block_until_ready((out.x0, cache["k"]))
         if blk == 4:
             rss0 = rss_mib()
-    return {"times": times, "kv_start": kv0, "kv_end": cache_bytes(cache), "rss_start": rss0, "rss_end": rss_mib(),
-            "traces": s.trace_count, "geom": s.geom}
+    return {
+        "times": times,
+        "kv_start": kv0,
+        "kv_end": cache_bytes(cache),
+        "rss_start": rss0,
+        "rss_end": rss_mib(),
+        "traces": s.trace_count,
+        "geom": s.geom,
+    }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fkv_jax.bench.rollout", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fkv_jax.bench.rollout",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="tiny", help="model preset (tiny, mid, ...)")
     p.add_argument("--chunks", type=int, default=100)
     p.add_argument("--window", type=int, default=12, help="rolling local_attn_size (default 12, LongLive)")
@@ -75,9 +86,11 @@ def main(argv=None) -> int:
         "rolling": dataclasses.replace(base, local_attn_size=args.window, sink_size=args.sink),
         "global": base,
     }
-    print(f"model {cfg.name}: {cfg.num_layers} layers, width {cfg.dim}, {cfg.num_heads} heads, "
-          f"{cfg.tokens_per_frame()} tokens/frame; {args.chunks} chunks of {base.frames_per_block} frames; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    print(
+        f"model {cfg.name}: {cfg.num_layers} layers, width {cfg.dim}, {cfg.num_heads} heads, "
+        f"{cfg.tokens_per_frame()} tokens/frame; {args.chunks} chunks of {base.frames_per_block} frames; "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}"
+    )
     results = {}
     for name, sc in modes.items():
         r = time_rollout(graphdef, params, cfg, sc, args.chunks, every=args.every, repeats=args.repeats)
@@ -88,14 +101,20 @@ def main(argv=None) -> int:
         print(f"\n[{name}] slots: sink {g.sink} + ring {g.ring}; compiled {r['traces']}x")
         print("  per-chunk ms (chunk: min of repeats): " + " ".join(f"{k}:{v:.1f}" for k, v in sorted(t.items())))
         print(f"  chunk 5: {early:.1f} ms   chunk {args.chunks}: {late:.1f} ms   late/early = {late / early:.3f}")
-        print(f"  resident KV: {r['kv_start'] / 2**20:.2f} MiB at start, {r['kv_end'] / 2**20:.2f} MiB at end; "
-              f"RSS {r['rss_start']:.0f} MiB after chunk 5 -> {r['rss_end']:.0f} MiB at the end")
+        print(
+            f"  resident KV: {r['kv_start'] / 2**20:.2f} MiB at start, {r['kv_end'] / 2**20:.2f} MiB at end; "
+            f"RSS {r['rss_start']:.0f} MiB after chunk 5 -> {r['rss_end']:.0f} MiB at the end"
+        )
     tr, tg = results["rolling"]["times"], results["global"]["times"]
-    print(f"\nglobal / rolling time at chunk {args.chunks}: {tg[args.chunks] / tr[args.chunks]:.2f}x; "
-          f"KV bytes global / rolling: {results['global']['kv_end'] / results['rolling']['kv_end']:.1f}x")
+    print(
+        f"\nglobal / rolling time at chunk {args.chunks}: {tg[args.chunks] / tr[args.chunks]:.2f}x; "
+        f"KV bytes global / rolling: {results['global']['kv_end'] / results['rolling']['kv_end']:.1f}x"
+    )
     flat = tr[args.chunks] / tr[5]
-    print(f"rolling flatness (chunk {args.chunks} vs chunk 5): {flat:.3f} -> "
-          f"{'PASS' if abs(flat - 1) <= 0.10 else 'FAIL'} (target within 10 %)")
+    print(
+        f"rolling flatness (chunk {args.chunks} vs chunk 5): {flat:.3f} -> "
+        f"{'PASS' if abs(flat - 1) <= 0.10 else 'FAIL'} (target within 10 %)"
+    )
     return 0
 
 

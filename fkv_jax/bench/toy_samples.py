@@ -38,15 +38,25 @@ def summarize(videos, prompts) -> dict:
     rows = []
     for prompt, video in zip(prompts, videos):
         cr, mr = colour_report(video, prompt), motion_report(video)
-        rows.append((np.mean(list(cr["shown"].values())), cr["prompted_pixels_per_frame"],
-                     cr["other_pixels_per_frame"], mr["smooth"], mr["persist"]))
+        rows.append(
+            (
+                np.mean(list(cr["shown"].values())),
+                cr["prompted_pixels_per_frame"],
+                cr["other_pixels_per_frame"],
+                mr["smooth"],
+                mr["persist"],
+            )
+        )
     r = np.asarray(rows, np.float64)
     return dict(zip(("shown", "prompted_px", "other_px", "smooth", "persist"), np.nanmean(r, axis=0)))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fkv_jax.bench.toy_samples", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fkv_jax.bench.toy_samples",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--weights", help="exported toy weights directory (default: the shipped ones)")
     p.add_argument("--episodes", type=int, default=16)
     p.add_argument("--frames", type=int, default=24)
@@ -63,14 +73,21 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
 
     def row(name, s):
-        print(f"| {name} | {s['shown']:.2f} | {s['prompted_px']:.1f} | {s['other_px']:.2f} | {s['smooth']:.2f} | "
-              f"{s['persist']:.2f} |", flush=True)
+        print(
+            f"| {name} | {s['shown']:.2f} | {s['prompted_px']:.1f} | {s['other_px']:.2f} | {s['smooth']:.2f} | "
+            f"{s['persist']:.2f} |",
+            flush=True,
+        )
 
     row("real episodes", summarize([e.frames for e in eps], prompts))
     for name in a.samplers:
         sc = toy_sampler_config(a.weights, **_overrides(SAMPLERS[name]))
-        videos = np.concatenate([generate_video(prompts[i:i + 8], a.frames, seed=a.seed, sampler_cfg=sc,
-                                                weights=a.weights) for i in range(0, len(prompts), 8)])
+        videos = np.concatenate(
+            [
+                generate_video(prompts[i : i + 8], a.frames, seed=a.seed, sampler_cfg=sc, weights=a.weights)
+                for i in range(0, len(prompts), 8)
+            ]
+        )
         row(f"model, sampler {name}", summarize(videos, prompts))
     return 0
 

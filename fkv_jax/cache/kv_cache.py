@@ -84,8 +84,15 @@ class CacheGeometry:
 
         ``capacity_frames`` is the size of a global cache (``local_attn_size = -1``), e.g. the video length.
         """
-        common = dict(num_layers=num_layers, batch=batch, tokens_per_frame=tokens_per_frame,
-                      num_heads=num_heads, head_dim=head_dim, frames_per_block=frames_per_block, grid_hw=grid_hw)
+        common = dict(
+            num_layers=num_layers,
+            batch=batch,
+            tokens_per_frame=tokens_per_frame,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            frames_per_block=frames_per_block,
+            grid_hw=grid_hw,
+        )
         if sink_size < 0:
             raise ValueError(f"sink_size must be >= 0, got {sink_size}")
         if local_attn_size == -1:
@@ -100,7 +107,8 @@ class CacheGeometry:
         if ring < 0:
             raise ValueError(
                 f"local_attn_size={local_attn_size} cannot hold sink_size={sink_size} plus the current chunk of "
-                f"{frames_per_block} frames: need local_attn_size >= {sink_size + frames_per_block}")
+                f"{frames_per_block} frames: need local_attn_size >= {sink_size + frames_per_block}"
+            )
         return cls(sink=sink_size, ring=ring, global_attn=False, **common)
 
 
@@ -134,8 +142,13 @@ def slot_of_frames(geom: CacheGeometry, frames: jax.Array) -> jax.Array:
     return jnp.where(frames < s, frames, jnp.where(keep, ring_slot, geom.num_slots)).astype(jnp.int32)
 
 
-def write(geom: CacheGeometry, cache: Cache, k_new: Float[Array, "L B H C T Dh"], v_new: Float[Array, "L B H C T Dh"],
-          start_frame: Int[Array, ""]) -> Cache:
+def write(
+    geom: CacheGeometry,
+    cache: Cache,
+    k_new: Float[Array, "L B H C T Dh"],
+    v_new: Float[Array, "L B H C T Dh"],
+    start_frame: Int[Array, ""],
+) -> Cache:
     """Store a chunk's clean K/V. k_new, v_new: [L, B, H, C, T, Dh] for frames start_frame .. start_frame+C-1.
 
     An in-place scatter of C frames into the donated buffers (no copy of the cache)."""

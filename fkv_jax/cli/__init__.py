@@ -22,7 +22,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D102 - argparse hook
         extra = message.partition("unrecognized arguments: ")[2]
         if extra and not any(w.startswith("-") for w in extra.split()):
-            raise UsageError(f"{message}: quote a prompt of several words, e.g. \"a red circle and a blue square\"")
+            raise UsageError(f'{message}: quote a prompt of several words, e.g. "a red circle and a blue square"')
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -32,8 +32,9 @@ def one_line(e: BaseException) -> str:
     return text
 
 
-def run_cli(build_parser: Callable, run: Callable, argv=None,
-            errors: tuple[type[BaseException], ...] = (UsageError,)) -> int:
+def run_cli(
+    build_parser: Callable, run: Callable, argv=None, errors: tuple[type[BaseException], ...] = (UsageError,)
+) -> int:
     """Parse ``argv``, call ``run(args)``; :class:`UsageError` and any of ``errors`` become ``error: ...`` on
     stderr and exit code 2, Ctrl-C exit code 130. ``--help`` returns 0."""
     try:

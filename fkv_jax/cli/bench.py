@@ -18,8 +18,11 @@ BENCHES = {
 def main(argv=None, prog: str = "fkv bench") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {prog} NAME [options]\n\nbenchmarks:\n" +
-              "\n".join(f"  {k:<14}{v}" for k, v in BENCHES.items()) + f"\n\n`{prog} NAME --help` lists its options.")
+        print(
+            f"usage: {prog} NAME [options]\n\nbenchmarks:\n"
+            + "\n".join(f"  {k:<14}{v}" for k, v in BENCHES.items())
+            + f"\n\n`{prog} NAME --help` lists its options."
+        )
         return 0 if argv else 2
     name = argv[0]
 

@@ -25,6 +25,7 @@ TOY_POLICY_OPTIONS = {"forcing_kv": {"num_frame_patch": "4"}}
 
 # ---- values -------------------------------------------------------------------------------------------------
 
+
 def parse_hw(text: str, flag: str = "--latent-size") -> tuple[int, int]:
     try:
         h, w = (int(x) for x in text.lower().split("x"))
@@ -63,6 +64,7 @@ def seeds_of(args) -> list[int]:
 
 
 # ---- paths -------------------------------------------------------------------------------------------------
+
 
 def check_input_file(path: Path, flag: str, made_by: str | None = None) -> Path:
     """An existing, readable regular file."""
@@ -150,6 +152,7 @@ def output_tags(args, kind: str) -> list[str]:
 
 # ---- prompts -------------------------------------------------------------------------------------------------
 
+
 def read_prompts(path: Path) -> list[str]:
     """Non-empty lines of a UTF-8 prompts file (:func:`fkv_jax.pipeline.read_prompt_lines`)."""
     from fkv_jax.pipeline import PipelineError, read_prompt_lines
@@ -172,6 +175,7 @@ def prompt_of(args) -> str | None:
 
 # ---- models -------------------------------------------------------------------------------------------------
 
+
 def model_kind(args) -> str:
     """Which model the flags select: "checkpoint", "random" (--model-preset) or "toy" (the default)."""
     if args.checkpoint is not None and args.model_preset is not None:
@@ -179,11 +183,15 @@ def model_kind(args) -> str:
     if args.toy_weights is not None and (args.checkpoint is not None or args.model_preset is not None):
         raise UsageError("--toy-weights selects the toy-world model; it cannot go with --checkpoint or --model-preset")
     if args.checkpoint is not None and not args.checkpoint.is_dir():
-        raise UsageError(f"--checkpoint directory not found: {args.checkpoint} (make one with `fkv convert --input "
-                         "CHECKPOINT.pt --output DIR`)")
+        raise UsageError(
+            f"--checkpoint directory not found: {args.checkpoint} (make one with `fkv convert --input "
+            "CHECKPOINT.pt --output DIR`)"
+        )
     if args.toy_weights is not None and not args.toy_weights.is_dir():
-        raise UsageError(f"cannot load --toy-weights {args.toy_weights}: not a directory (train and export one with "
-                         "`python -m fkv_jax.toyworld.train --export DIR`)")
+        raise UsageError(
+            f"cannot load --toy-weights {args.toy_weights}: not a directory (train and export one with "
+            "`python -m fkv_jax.toyworld.train --export DIR`)"
+        )
     return "checkpoint" if args.checkpoint is not None else "random" if args.model_preset is not None else "toy"
 
 
@@ -247,8 +255,12 @@ def load_model(args, kind: str, progress: bool = True):
             from fkv_jax.model.build import init_model
 
             cfg, _ = model_config(args, kind)
-            return cfg, init_model(cfg, seed=0, dtype=jnp.dtype(dtype or "float32")), None, \
-                f"random-weight model '{cfg.name}'"
+            return (
+                cfg,
+                init_model(cfg, seed=0, dtype=jnp.dtype(dtype or "float32")),
+                None,
+                f"random-weight model '{cfg.name}'",
+            )
         from fkv_jax.toyworld.model import load_toy_model
 
         try:
@@ -291,13 +303,15 @@ def text_source(args, kind: str) -> tuple[list[str] | None, Path | None]:
     if len(sources) > 1:
         raise UsageError("use only one of PROMPT/--prompt, --prompts and --text-embeddings")
     if emb:
-        for f in (emb if isinstance(emb, list) else [emb]):
+        for f in emb if isinstance(emb, list) else [emb]:
             check_input_file(f, "--text-embeddings")
         return None, emb
     if kind == "checkpoint":
-        raise UsageError("this checkpoint needs the text encoder output: pass --text-embeddings FILE.npy "
-                         "([B, L, text_dim] UMT5 output), or use --model-dir DIR for prompts -> mp4; "
-                         "prompts alone are only accepted by the embedded models")
+        raise UsageError(
+            "this checkpoint needs the text encoder output: pass --text-embeddings FILE.npy "
+            "([B, L, text_dim] UMT5 output), or use --model-dir DIR for prompts -> mp4; "
+            "prompts alone are only accepted by the embedded models"
+        )
     if args.prompts is not None:
         return read_prompts(args.prompts), None
     return [prompt if prompt is not None else DEFAULT_PROMPT], None
@@ -318,8 +332,10 @@ def embeddings_context(path: Path, cfg) -> np.ndarray:
     if ctx.ndim == 2:
         ctx = ctx[None]
     if ctx.ndim != 3 or ctx.shape[2] != cfg.text_dim or ctx.shape[1] > cfg.text_len:
-        raise UsageError(f"--text-embeddings {path} has shape {ctx.shape}; expected "
-                         f"[B, L<={cfg.text_len}, {cfg.text_dim}] for this model")
+        raise UsageError(
+            f"--text-embeddings {path} has shape {ctx.shape}; expected "
+            f"[B, L<={cfg.text_len}, {cfg.text_dim}] for this model"
+        )
     return ctx.astype(np.float32)
 
 
@@ -337,6 +353,7 @@ def prompts_context(prompts: list[str], cfg, kind: str, text_encoder=None) -> np
 
 # ---- sampler, policy, backend -----------------------------------------------------------------------------
 
+
 def base_sampler_config(args, kind: str):
     """--preset for the Wan models (default self_forcing); the toy model's own sampler for the toy model."""
     from fkv_jax.config import list_presets, sampler_preset
@@ -346,17 +363,24 @@ def base_sampler_config(args, kind: str):
     if kind == "toy":
         if preset not in (None, *TOY_SAMPLERS):
             raise UsageError(
-                f"--preset {preset}: " + ("a sampler of the distilled Wan models (flow prediction, re-noised steps); "
-                                          if preset in wan else "unknown sampler preset; ")
+                f"--preset {preset}: "
+                + (
+                    "a sampler of the distilled Wan models (flow prediction, re-noised steps); "
+                    if preset in wan
+                    else "unknown sampler preset; "
+                )
                 + "the toy-world model has its own (x0 prediction, 16 Euler steps: the `toy` sampler preset) "
-                  "and uses it by default: drop --preset, or change steps/window with --denoising-steps, "
-                  "--local-attn-size, --sink-size")
+                "and uses it by default: drop --preset, or change steps/window with --denoising-steps, "
+                "--local-attn-size, --sink-size"
+            )
         from fkv_jax.toyworld.model import toy_sampler_config
 
         return toy_sampler_config(args.toy_weights)
     if preset in TOY_SAMPLERS:
-        raise UsageError(f"--preset {preset} is the toy-world model's sampler; with --checkpoint / "
-                         f"--model-preset / --model-dir use one of {', '.join(wan)}")
+        raise UsageError(
+            f"--preset {preset} is the toy-world model's sampler; with --checkpoint / "
+            f"--model-preset / --model-dir use one of {', '.join(wan)}"
+        )
     try:
         return sampler_preset(preset or "self_forcing")
     except ValueError as e:
@@ -384,7 +408,9 @@ def sampler_config(args, kind: str):
         try:
             steps = tuple(float(x) for x in args.denoising_steps.split(","))
         except ValueError:
-            raise UsageError(f"--denoising-steps must be comma-separated numbers, got {args.denoising_steps!r}") from None
+            raise UsageError(
+                f"--denoising-steps must be comma-separated numbers, got {args.denoising_steps!r}"
+            ) from None
         if any(not 0 < s <= 1000 for s in steps):
             raise UsageError(f"--denoising-steps must lie in (0, 1000], got {args.denoising_steps!r}")
         over["denoising_steps"] = steps
@@ -413,8 +439,10 @@ def build_policy(args, cfg, kind: str):
     if args.policy not in POLICIES:
         raise UsageError(f"unknown policy {args.policy!r}; available: {', '.join(sorted(POLICIES))}")
     if getattr(args, "local_attn_size", None) is not None or getattr(args, "sink_size", None) is not None:
-        raise UsageError("--local-attn-size/--sink-size describe the plain cache; with --policy set the window "
-                         "through --policy-opt (e.g. local_attn_size=12, sink_size=3)")
+        raise UsageError(
+            "--local-attn-size/--sink-size describe the plain cache; with --policy set the window "
+            "through --policy-opt (e.g. local_attn_size=12, sink_size=3)"
+        )
     try:
         opts = parse_options(args.policy_opt)
     except ValueError as e:
@@ -427,11 +455,14 @@ def build_policy(args, cfg, kind: str):
             raise UsageError(f"--head-table is Forcing-KV's; policy {args.policy} takes none")
         p = Path(head_table)
         if p.is_dir():
-            raise UsageError(f"--head-table {p} is a directory; expected a JSON file (make one with "
-                             "`fkv profile heads ... --output heads.json`) or a packaged table name")
+            raise UsageError(
+                f"--head-table {p} is a directory; expected a JSON file (make one with "
+                "`fkv profile heads ... --output heads.json`) or a packaged table name"
+            )
         if (p.suffix == ".json" or "/" in head_table) and not p.is_file():
-            raise UsageError(f"--head-table file not found: {p} (make one with `fkv profile heads ... --output "
-                             f"{p.name}`)")
+            raise UsageError(
+                f"--head-table file not found: {p} (make one with `fkv profile heads ... --output {p.name}`)"
+            )
     if importance is not None:
         if not takes_importance:
             raise UsageError(f"--head-importance is Focused Forcing's; policy {args.policy} takes none")
@@ -445,15 +476,25 @@ def build_policy(args, cfg, kind: str):
         if takes_importance and importance is None:
             importance = folder / TOY_IMPORTANCE
             if not importance.is_file():
-                raise UsageError(f"--policy {args.policy} needs per-head importance scores and {folder} has no "
-                                 f"{TOY_IMPORTANCE}: make one with `fkv profile importance --toy-weights {folder} "
-                                 f"--output {importance}` (or pass --head-importance FILE)")
+                raise UsageError(
+                    f"--policy {args.policy} needs per-head importance scores and {folder} has no "
+                    f"{TOY_IMPORTANCE}: make one with `fkv profile importance --toy-weights {folder} "
+                    f"--output {importance}` (or pass --head-importance FILE)"
+                )
     elif takes_importance and importance is None:
-        raise UsageError(f"--policy {args.policy} needs --head-importance FILE (per-head scores; make one with "
-                         "`fkv profile importance --checkpoint DIR --text-embeddings a.npy --output importance.json`)")
+        raise UsageError(
+            f"--policy {args.policy} needs --head-importance FILE (per-head scores; make one with "
+            "`fkv profile importance --checkpoint DIR --text-embeddings a.npy --output importance.json`)"
+        )
     try:
-        return make_policy(args.policy, opts, head_table=head_table, head_importance=importance,
-                           num_layers=cfg.num_layers, num_heads=cfg.num_heads)
+        return make_policy(
+            args.policy,
+            opts,
+            head_table=head_table,
+            head_importance=importance,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+        )
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
 
@@ -464,8 +505,14 @@ def check_backend(name: str, cfg, latent_hw, dtype: str, cache_dtype: str | None
 
     try:
         tokens = cfg.tokens_per_frame(tuple(latent_hw))
-        resolved, _ = resolve_backend(name, dtype=dtype, cache_dtype=cache_dtype or dtype, head_dim=cfg.head_dim,
-                                      tokens_per_frame=tokens, query_tokens_per_group=None)
+        resolved, _ = resolve_backend(
+            name,
+            dtype=dtype,
+            cache_dtype=cache_dtype or dtype,
+            head_dim=cfg.head_dim,
+            tokens_per_frame=tokens,
+            query_tokens_per_group=None,
+        )
     except BackendError as e:
         raise UsageError(f"--attention-backend: {e}") from None
     except ValueError as e:
@@ -498,6 +545,7 @@ def enable_compilation_cache() -> None:
 
 # ---- expectations ------------------------------------------------------------------------------------------
 
+
 def _matmul_rate() -> float:
     """This machine's float32 matmul rate in FLOP/s (a 0.1 s probe)."""
     import jax
@@ -511,11 +559,18 @@ def _matmul_rate() -> float:
     while time.perf_counter() - t0 < 0.1:
         f(a).block_until_ready()
         reps += 1
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def run_flops(cfg, tokens_per_frame: int, frames: int, calls_per_chunk: int, frames_per_block: int,
-              batch: int, history_frames: int) -> float:
+def run_flops(
+    cfg,
+    tokens_per_frame: int,
+    frames: int,
+    calls_per_chunk: int,
+    frames_per_block: int,
+    batch: int,
+    history_frames: int,
+) -> float:
     """Rough FLOPs of a rollout: 2 x params x tokens for every model call, plus attention over the kept history."""
     from fkv_jax.model.build import count_params
 
@@ -526,8 +581,9 @@ def run_flops(cfg, tokens_per_frame: int, frames: int, calls_per_chunk: int, fra
     return float(batch * n_chunks * calls_per_chunk * (dense + attn))
 
 
-def print_estimate(cfg, sampler, frames: int, batch: int, log=lambda s: print(s, file=sys.stderr),
-                   threshold_s: float = 60.0) -> float | None:
+def print_estimate(
+    cfg, sampler, frames: int, batch: int, log=lambda s: print(s, file=sys.stderr), threshold_s: float = 60.0
+) -> float | None:
     """Before a run that will take minutes on a CPU: print an estimate (labelled as one). Returns seconds."""
     import jax
 
@@ -535,13 +591,22 @@ def print_estimate(cfg, sampler, frames: int, batch: int, log=lambda s: print(s,
         return None
     geom = sampler.geom
     history = min(frames, geom.num_slots) // 2  # frames attended on average
-    flops = run_flops(cfg, cfg.tokens_per_frame(sampler.latent_hw), frames, sampler.schedule.num_steps + 1,
-                      sampler.sampler_cfg.frames_per_block, batch, history)
+    flops = run_flops(
+        cfg,
+        cfg.tokens_per_frame(sampler.latent_hw),
+        frames,
+        sampler.schedule.num_steps + 1,
+        sampler.sampler_cfg.frames_per_block,
+        batch,
+        history,
+    )
     if flops < 1e12:  # a second or two: not worth a probe
         return None
     secs = flops / max(_matmul_rate() for _ in range(2))
     if secs >= threshold_s:
         took = f"{secs / 3600:.1f} hours" if secs >= 7200 else f"{secs / 60:.0f} min"
-        log(f"estimate: about {took} on this CPU ({flops / 1e12:.0f} TFLOP at this machine's measured "
-            f"matmul rate; an estimate, not a measurement). Smaller: --frames, --latent-size, --model-preset tiny.")
+        log(
+            f"estimate: about {took} on this CPU ({flops / 1e12:.0f} TFLOP at this machine's measured "
+            f"matmul rate; an estimate, not a measurement). Smaller: --frames, --latent-size, --model-preset tiny."
+        )
     return secs

@@ -65,16 +65,14 @@ def build_parser(prog: str = "fkv convert") -> Parser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument(
-        "--input", metavar="PATH", help=".pt, .pth, .safetensors, .safetensors.index.json or a directory"
-    )
-    ap.add_argument(
-        "--kind", choices=KINDS, help="what --input holds (default: detected from its tensor names)"
-    )
+    ap.add_argument("--input", metavar="PATH", help=".pt, .pth, .safetensors, .safetensors.index.json or a directory")
+    ap.add_argument("--kind", choices=KINDS, help="what --input holds (default: detected from its tensor names)")
     ap.add_argument(
         "--wan-dir", metavar="DIR", help="the Wan2.1-T2V-1.3B download: with --generator, builds a whole model folder"
     )
-    ap.add_argument("--generator", metavar="PATH", help="with --wan-dir: the causal transformer (e.g. self_forcing_dmd.pt)")
+    ap.add_argument(
+        "--generator", metavar="PATH", help="with --wan-dir: the causal transformer (e.g. self_forcing_dmd.pt)"
+    )
     ap.add_argument(
         "--output", required=True, metavar="DIR", help="output checkpoint directory (must not exist, or be empty)"
     )
@@ -115,8 +113,12 @@ def check_args(args) -> None:
         raise UsageError(f"--lora-alpha must be positive, got {args.lora_alpha:g}")
     if args.lora_alpha is not None and args.lora is None:
         raise UsageError("--lora-alpha goes with --lora PATH")
-    for flag, value in (("--input", args.input), ("--wan-dir", args.wan_dir), ("--generator", args.generator),
-                        ("--lora", args.lora)):
+    for flag, value in (
+        ("--input", args.input),
+        ("--wan-dir", args.wan_dir),
+        ("--generator", args.generator),
+        ("--lora", args.lora),
+    ):
         if value is not None and not os.path.exists(value):
             raise UsageError(f"{flag} not found: {value}")
     if args.wan_dir is not None and not os.path.isdir(args.wan_dir):
@@ -132,21 +134,47 @@ def run_args(args) -> None:
     check_args(args)
     progress = not getattr(args, "no_progress", False)
     if (args.input is None) == (args.wan_dir is None):
-        raise ConvertError("give either --input PATH (one checkpoint) or --wan-dir DIR --generator PATH (a model folder)")
+        raise ConvertError(
+            "give either --input PATH (one checkpoint) or --wan-dir DIR --generator PATH (a model folder)"
+        )
     if args.wan_dir is not None:
         if args.generator is None:
             raise ConvertError("--wan-dir needs --generator PATH (the causal transformer, e.g. self_forcing_dmd.pt)")
         if args.kind is not None:
             raise ConvertError("--kind applies to --input, not to --wan-dir")
-        convert_model_dir(args.wan_dir, args.generator, args.output, key=args.key, num_heads=args.num_heads,
-                          text_len=args.text_len, dtype=args.dtype, lora=args.lora, lora_alpha=args.lora_alpha,
-                          preset=args.preset, overwrite=args.overwrite, progress=progress, log=print)
+        convert_model_dir(
+            args.wan_dir,
+            args.generator,
+            args.output,
+            key=args.key,
+            num_heads=args.num_heads,
+            text_len=args.text_len,
+            dtype=args.dtype,
+            lora=args.lora,
+            lora_alpha=args.lora_alpha,
+            preset=args.preset,
+            overwrite=args.overwrite,
+            progress=progress,
+            log=print,
+        )
         return
     if args.generator is not None:
         raise ConvertError("--generator goes with --wan-dir; for one checkpoint use --input")
-    convert_any(args.input, args.output, kind=args.kind, num_heads=args.num_heads, text_len=args.text_len,
-                key=args.key, dtype=args.dtype, lora=args.lora, lora_alpha=args.lora_alpha, preset=args.preset,
-                overwrite=args.overwrite, progress=progress, log=print)
+    convert_any(
+        args.input,
+        args.output,
+        kind=args.kind,
+        num_heads=args.num_heads,
+        text_len=args.text_len,
+        key=args.key,
+        dtype=args.dtype,
+        lora=args.lora,
+        lora_alpha=args.lora_alpha,
+        preset=args.preset,
+        overwrite=args.overwrite,
+        progress=progress,
+        log=print,
+    )
 
 
 def main(argv: list[str] | None = None, prog: str = "fkv convert") -> int:

@@ -24,8 +24,12 @@ from fkv_jax.cli import common as C
 
 
 def build_parser(prog: str = "fkv decode") -> Parser:
-    p = Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--vae", type=Path, required=True, help="converted VAE directory (`fkv convert`)")
     p.add_argument("--latents", type=Path, required=True, help=".npy [B, F, 16, h, w] float32, model space")
     p.add_argument("--output", type=Path, required=True, help="OUT.mp4 (video) or OUT.npy (float32 [B, 3, T, H, W])")
@@ -44,8 +48,9 @@ def _check(args):
         raise UsageError(f"--fps must be positive, got {args.fps:g}")
     C.check_at_least("--chunk", args.chunk, 1)
     if not args.vae.is_dir():
-        raise UsageError(f"--vae directory not found: {args.vae} (make one with `fkv convert --input "
-                         "Wan2.1_VAE.pth --output DIR`)")
+        raise UsageError(
+            f"--vae directory not found: {args.vae} (make one with `fkv convert --input Wan2.1_VAE.pth --output DIR`)"
+        )
     try:
         cfg = read_vae_config(args.vae)
     except (CheckpointError, OSError, ValueError) as e:
@@ -56,8 +61,10 @@ def _check(args):
     except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
         raise UsageError(f"cannot read --latents {args.latents}: {type(e).__name__}: {e}") from None
     if lat.ndim != 5 or lat.shape[2] != cfg.z_dim or lat.shape[1] < 1:
-        raise UsageError(f"--latents {args.latents} has shape {list(lat.shape)}; expected [B, F, {cfg.z_dim}, h, w] "
-                         "(as written by `fkv generate --save-latents`)")
+        raise UsageError(
+            f"--latents {args.latents} has shape {list(lat.shape)}; expected [B, F, {cfg.z_dim}, h, w] "
+            "(as written by `fkv generate --save-latents`)"
+        )
     return cfg, lat
 
 
@@ -82,7 +89,7 @@ def run(args) -> list[Path]:
     parts = []
     try:
         for s in tqdm(range(0, f, args.chunk), desc="decoding", unit="chunk", disable=None if progress else True):
-            video = dec(np.asarray(lat[:, s: s + args.chunk], np.float32))  # [B, T', H, W, 3] in [-1, 1]
+            video = dec(np.asarray(lat[:, s : s + args.chunk], np.float32))  # [B, T', H, W, 3] in [-1, 1]
             if to_mp4:
                 for w, v in zip(writers, video):
                     w.write(v)
@@ -94,7 +101,9 @@ def run(args) -> list[Path]:
                 w.close()
     if to_mp4:
         for p, w in zip(paths, writers):
-            print(f"wrote {p} ({w.frames_written} frames at {args.fps:g} fps, {w.size[0]}x{w.size[1]})", file=sys.stderr)
+            print(
+                f"wrote {p} ({w.frames_written} frames at {args.fps:g} fps, {w.size[0]}x{w.size[1]})", file=sys.stderr
+            )
         return paths
     video = np.concatenate(parts, axis=1).transpose(0, 4, 1, 2, 3)  # [B, 3, T, H, W]
     save_npy_atomic(args.output, np.ascontiguousarray(video, np.float32))

@@ -28,19 +28,34 @@ full (positive = worse)."""
 
 def build_parser(prog: str = "fkv eval") -> Parser:
     p = Parser(prog=prog, description=__doc__, epilog=LEGEND, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policies", nargs="+", default=["sink_window", "forcing_kv", "focused_forcing"],
-                   help="policies compared with full (Forcing-KV / Focused Forcing are profiled on the toy model)")
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        default=["sink_window", "forcing_kv", "focused_forcing"],
+        help="policies compared with full (Forcing-KV / Focused Forcing are profiled on the toy model)",
+    )
     p.add_argument("--episodes", type=int, default=2, help="simulated scenes (prompt + truth) per policy")
     A.add_sampler_args(p, only={"frames", "seed"}, frames_default=120)
     p.add_argument("--context-frames", type=int, default=3, help="true frames given as clean context (default 3)")
-    p.add_argument("--toy-weights", "--weights", dest="weights", type=Path,
-                   help="exported toy weights directory (default: the shipped ones)")
-    A.add_output_args(p, only={"output_dir"}, output_dir_default=Path("outputs/eval"),
-                      output_dir_help="where eval.md, eval.json, the plots and the profiled head files go "
-                                      "(default: outputs/eval)")
+    p.add_argument(
+        "--toy-weights",
+        "--weights",
+        dest="weights",
+        type=Path,
+        help="exported toy weights directory (default: the shipped ones)",
+    )
+    A.add_output_args(
+        p,
+        only={"output_dir"},
+        output_dir_default=Path("outputs/eval"),
+        output_dir_help="where eval.md, eval.json, the plots and the profiled head files go (default: outputs/eval)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
-    p.add_argument("--vbench-dir", type=Path, help="write every video as DIR/<policy>/<prompt>-<index>.mp4 "
-                                                   "(VBench's naming) for external evaluation")
+    p.add_argument(
+        "--vbench-dir",
+        type=Path,
+        help="write every video as DIR/<policy>/<prompt>-<index>.mp4 (VBench's naming) for external evaluation",
+    )
     return p
 
 
@@ -50,14 +65,17 @@ def _check(args) -> None:
     C.check_at_least("--episodes", args.episodes, 1)
     C.check_at_least("--seed", args.seed, 0)
     if args.frames < 1 or args.context_frames < 1:
-        raise UsageError(f"--frames ({args.frames}) and --context-frames ({args.context_frames}) must be positive "
-                         "multiples of 3")
+        raise UsageError(
+            f"--frames ({args.frames}) and --context-frames ({args.context_frames}) must be positive multiples of 3"
+        )
     unknown = [p for p in args.policies if p not in POLICIES]
     if unknown:
         raise UsageError(f"unknown policy {unknown[0]!r}; available: {', '.join(sorted(POLICIES))}")
     if args.weights is not None and not (args.weights / "params.npz").is_file():
-        raise UsageError(f"--toy-weights {args.weights} is not a toy weights directory (no params.npz); export one "
-                         "with `python -m fkv_jax.toyworld.train --export DIR`")
+        raise UsageError(
+            f"--toy-weights {args.weights} is not a toy weights directory (no params.npz); export one "
+            "with `python -m fkv_jax.toyworld.train --export DIR`"
+        )
     C.check_output_dir(args.output_dir, "--output-dir")
     if args.vbench_dir is not None:
         C.check_output_dir(args.vbench_dir, "--vbench-dir")
@@ -92,10 +110,18 @@ def run(args) -> int:
 
     C.make_dir(args.output_dir, "--output-dir")
     try:
-        report = evaluate(args.policies, episodes=args.episodes, frames=args.frames,
-                          context_frames=args.context_frames, seed=args.seed, out_dir=args.output_dir,
-                          weights=None if args.weights is None else str(args.weights), plots=not args.no_plots,
-                          vbench_dir=args.vbench_dir, log=lambda m: print(m, file=sys.stderr))
+        report = evaluate(
+            args.policies,
+            episodes=args.episodes,
+            frames=args.frames,
+            context_frames=args.context_frames,
+            seed=args.seed,
+            out_dir=args.output_dir,
+            weights=None if args.weights is None else str(args.weights),
+            plots=not args.no_plots,
+            vbench_dir=args.vbench_dir,
+            log=lambda m: print(m, file=sys.stderr),
+        )
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     print((args.output_dir / "eval.md").read_text())
@@ -103,9 +129,12 @@ def run(args) -> int:
     extra = _save_profiles(report, args.output_dir)
     files = sorted(p for p in args.output_dir.iterdir() if p.is_file())
     reuse = {"forcingkv_heads.json": "--head-table", "head_importance.json": "--head-importance"}
-    print(f"\nwrote {len(files)} file(s) to {args.output_dir}/: " + ", ".join(p.name for p in files)
-          + "".join(f"; reuse with {reuse[p.name]} {p}" for p in extra)
-          + (f"; videos under {args.vbench_dir}/" if args.vbench_dir else ""))
+    print(
+        f"\nwrote {len(files)} file(s) to {args.output_dir}/: "
+        + ", ".join(p.name for p in files)
+        + "".join(f"; reuse with {reuse[p.name]} {p}" for p in extra)
+        + (f"; videos under {args.vbench_dir}/" if args.vbench_dir else "")
+    )
     return 0 if report else 1
 
 

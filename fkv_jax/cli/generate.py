@@ -55,15 +55,27 @@ def build_parser(prog: str = "fkv generate") -> Parser:
     A.add_backend_args(p)
     A.add_output_args(p, only={"output_dir", "save_latents", "fps", "no_progress"})
     g = p.add_argument_group("text to video (--model-dir): prompts -> mp4")
-    g.add_argument("--model-dir", type=Path, help="model folder from `fkv convert --wan-dir ... --generator ...` "
-                                                  "(transformer/, vae/, text_encoder/, tokenizer/)")
+    g.add_argument(
+        "--model-dir",
+        type=Path,
+        help="model folder from `fkv convert --wan-dir ... --generator ...` "
+        "(transformer/, vae/, text_encoder/, tokenizer/)",
+    )
     g.add_argument("--batch-size", type=int, help="videos generated together (default 1)")
-    g.add_argument("--switch-frames", help="LongLive prompt switching: latent frames at which the 2nd, 3rd, ... "
-                                           "line of --prompts starts, e.g. 40,80 (one video)")
-    g.add_argument("--schedule", type=Path, help="prompt schedule file (.yaml/.json: [{prompt, start_frame}, ...] "
-                                                 "or {prompts, switch_frames}; .jsonl: one segment per line)")
-    g.add_argument("--no-global-sink", action="store_true",
-                   help="on a switch, re-cache the sink too (LongLive global_sink: false)")
+    g.add_argument(
+        "--switch-frames",
+        help="LongLive prompt switching: latent frames at which the 2nd, 3rd, ... "
+        "line of --prompts starts, e.g. 40,80 (one video)",
+    )
+    g.add_argument(
+        "--schedule",
+        type=Path,
+        help="prompt schedule file (.yaml/.json: [{prompt, start_frame}, ...] "
+        "or {prompts, switch_frames}; .jsonl: one segment per line)",
+    )
+    g.add_argument(
+        "--no-global-sink", action="store_true", help="on a switch, re-cache the sink too (LongLive global_sink: false)"
+    )
     return p
 
 
@@ -95,11 +107,15 @@ def run(args) -> Path:
     kind = C.model_kind(args)
     seeds = C.seeds_of(args)
     if len(seeds) > 1 and kind != "toy":
-        raise UsageError("--seeds (several videos from one prompt) works with the toy model and --model-dir; the "
-                         "random-weight and --checkpoint models take one --seed")
+        raise UsageError(
+            "--seeds (several videos from one prompt) works with the toy model and --model-dir; the "
+            "random-weight and --checkpoint models take one --seed"
+        )
     if args.fps is not None and kind != "toy":
-        raise UsageError("--fps sets the frame rate of an mp4: it applies to the toy-world model and --model-dir; "
-                         "--checkpoint and --model-preset write latents")
+        raise UsageError(
+            "--fps sets the frame rate of an mp4: it applies to the toy-world model and --model-dir; "
+            "--checkpoint and --model-preset write latents"
+        )
     if args.fps is not None and args.fps <= 0:
         raise UsageError(f"--fps must be positive, got {args.fps:g}")
     C.check_at_least("--cache-frames", args.cache_frames, 1)
@@ -122,8 +138,9 @@ def run(args) -> Path:
         if noise.ndim != 5 or noise.shape[2] != cfg.in_dim:
             raise UsageError(f"--noise-file `noise` has shape {noise.shape}; expected [B, F, {cfg.in_dim}, H, W]")
         if args.latent_size and tuple(noise.shape[3:]) != latent_hw:
-            raise UsageError(f"--latent-size {args.latent_size} is not the --noise-file's {noise.shape[3]}x"
-                             f"{noise.shape[4]}")
+            raise UsageError(
+                f"--latent-size {args.latent_size} is not the --noise-file's {noise.shape[3]}x{noise.shape[4]}"
+            )
         latent_hw = tuple(noise.shape[3:])
         if args.frames is not None and args.frames > noise.shape[1]:
             raise UsageError(f"--frames {args.frames} is more than the {noise.shape[1]} frames in --noise-file")
@@ -153,8 +170,16 @@ def run(args) -> Path:
     if noise_npz is not None and noise_npz["noise"].shape[0] != batch:
         raise UsageError(f"--noise-file `noise` has {noise_npz['noise'].shape[0]} videos; the text gives {batch}")
     graphdef = nnx.split(abstract_model(cfg, DTYPES[dtype]), nnx.Param)[0]
-    kw = dict(batch=batch, latent_hw=latent_hw, num_frames=frames, cache_frames=args.cache_frames, policy=policy,
-              attention_backend=args.attention_backend, rope_mode=args.rope_mode, cache_dtype=args.cache_dtype)
+    kw = dict(
+        batch=batch,
+        latent_hw=latent_hw,
+        num_frames=frames,
+        cache_frames=args.cache_frames,
+        policy=policy,
+        attention_backend=args.attention_backend,
+        rope_mode=args.rope_mode,
+        cache_dtype=args.cache_dtype,
+    )
 
     def make_sampler(graphdef):
         try:
@@ -176,8 +201,10 @@ def run(args) -> Path:
         renoise = noise_npz["renoise"].astype(np.float32)
         want = (frames // c, n - 1, batch, c, cfg.in_dim, *latent_hw)
         if renoise.ndim != 7 or renoise.shape[1:] != want[1:] or renoise.shape[0] < want[0]:
-            raise UsageError(f"--noise-file `renoise` has shape {renoise.shape}; expected "
-                             f"[num_blocks={want[0]}, steps-1={n - 1}, B={batch}, {c}, {cfg.in_dim}, *{latent_hw}]")
+            raise UsageError(
+                f"--noise-file `renoise` has shape {renoise.shape}; expected "
+                f"[num_blocks={want[0]}, steps-1={n - 1}, B={batch}, {c}, {cfg.in_dim}, *{latent_hw}]"
+            )
         renoise = renoise[: want[0]]
     # output names, decided now (never overwriting an existing file)
     taken: set[Path] = set()
@@ -187,8 +214,11 @@ def run(args) -> Path:
         from fkv_jax.pipeline import slug
 
         labels = prompts if prompts is not None else [f"video{i}" for i in range(batch)]
-        videos = [C.unique_path(args.output_dir / f"{i:03d}_{slug(p)}_seed{s}{tags}.mp4", taken)
-                  for i, p in enumerate(labels) for s in seeds]
+        videos = [
+            C.unique_path(args.output_dir / f"{i:03d}_{slug(p)}_seed{s}{tags}.mp4", taken)
+            for i, p in enumerate(labels)
+            for s in seeds
+        ]
     lat_path = args.save_latents
     if lat_path is None and kind != "toy":
         lat_path = C.unique_path(args.output_dir / f"latents_seed{seeds[0]}{tags}.npy", taken)
@@ -213,15 +243,23 @@ def run(args) -> Path:
         noise = noise_npz["noise"][:, :frames].astype(np.float32)
     else:  # one draw per video from its own seed: a video does not depend on what else is in the batch
         shape = (1, frames, cfg.in_dim, *latent_hw)
-        noise = np.concatenate([np.random.default_rng(s).standard_normal(shape, np.float32)
-                                for _ in range(batch // len(seeds)) for s in seeds])
+        noise = np.concatenate(
+            [
+                np.random.default_rng(s).standard_normal(shape, np.float32)
+                for _ in range(batch // len(seeds))
+                for s in seeds
+            ]
+        )
     geom = sampler.geom
     mode = "global" if geom.global_attn else f"rolling (sink {geom.sink} + {geom.ring} history frames + chunk {c})"
     if args.policy:
         mode = f"policy {args.policy}, {mode}"
-    print(f"model: {what}; {frames} latent frames of {latent_hw[0]}x{latent_hw[1]}, batch {batch}; cache: {mode}, "
-          f"{geom.kv_bytes() / 2**20:.1f} MiB KV; steps {[round(float(t), 1) for t in sampler.schedule.timesteps[:-1]]}"
-          f"; the first chunk includes compilation", file=sys.stderr)
+    print(
+        f"model: {what}; {frames} latent frames of {latent_hw[0]}x{latent_hw[1]}, batch {batch}; cache: {mode}, "
+        f"{geom.kv_bytes() / 2**20:.1f} MiB KV; steps {[round(float(t), 1) for t in sampler.schedule.timesteps[:-1]]}"
+        f"; the first chunk includes compilation",
+        file=sys.stderr,
+    )
     lat = sampler.generate(params, ctx, noise, renoise=renoise, seed=seeds[0], progress=progress)
     written = []
     from fkv_jax.video import save_npy_atomic
@@ -237,8 +275,10 @@ def run(args) -> Path:
         for i, path in enumerate(videos):
             written.append(str(save_mp4(path, np.clip(lat[i], -1, 1), fps=args.fps or 8)))
     dt = time.perf_counter() - t0
-    print(f"wrote {', '.join(written)} in {dt:.1f} s ({sampler.trace_count} compilation(s) of the chunk step)",
-          file=sys.stderr)
+    print(
+        f"wrote {', '.join(written)} in {dt:.1f} s ({sampler.trace_count} compilation(s) of the chunk step)",
+        file=sys.stderr,
+    )
     return args.output_dir if kind == "toy" else lat_path
 
 

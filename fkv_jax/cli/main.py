@@ -12,7 +12,10 @@ import sys
 # name -> (module with main(argv, prog=...), one-line help)
 SUBCOMMANDS = {
     "generate": ("fkv_jax.cli.generate", "generate videos (toy model, --checkpoint, --model-preset, --model-dir)"),
-    "convert": ("fkv_jax.cli.convert", "convert a PyTorch / safetensors / diffusers checkpoint, or a whole model folder"),
+    "convert": (
+        "fkv_jax.cli.convert",
+        "convert a PyTorch / safetensors / diffusers checkpoint, or a whole model folder",
+    ),
     "decode": ("fkv_jax.cli.decode", "decode saved latents with the Wan2.1 VAE into mp4 / .npy"),
     "profile": ("fkv_jax.cli.profile", "profile attention heads: Forcing-KV head table, per-head importance"),
     "eval": ("fkv_jax.cli.eval", "compare KV selection policies with the full cache on the toy world"),
@@ -20,11 +23,17 @@ SUBCOMMANDS = {
     "aot": ("fkv_jax.cli.aot", "compile the chunk step ahead of time for a TPU / GPU target from this host"),
 }
 
-USAGE = "usage: fkv {" + ",".join(SUBCOMMANDS) + "} ...\n\n" + __doc__.split("\n\n")[0] + "\n\nsubcommands:\n" + \
-    "\n".join(f"  {name:<10}{help_}" for name, (_, help_) in SUBCOMMANDS.items()) + \
-    "\n\nexamples:\n  fkv generate                       # the toy model -> outputs/*.mp4, under a minute on a CPU\n" \
-    "  fkv generate \"a green triangle and a cyan cross\" --seeds 0,1,2\n" \
+USAGE = (
+    "usage: fkv {"
+    + ",".join(SUBCOMMANDS)
+    + "} ...\n\n"
+    + __doc__.split("\n\n")[0]
+    + "\n\nsubcommands:\n"
+    + "\n".join(f"  {name:<10}{help_}" for name, (_, help_) in SUBCOMMANDS.items())
+    + "\n\nexamples:\n  fkv generate                       # the toy model -> outputs/*.mp4, under a minute on a CPU\n"
+    '  fkv generate "a green triangle and a cyan cross" --seeds 0,1,2\n'
     "  fkv generate --policy forcing_kv\n  fkv convert --input self_forcing_dmd.pt --output ckpt/sf\n"
+)
 
 
 def main(argv=None) -> int:

@@ -40,12 +40,17 @@ def build_parser(prog: str = "fkv profile") -> Parser:
     h.add_argument("--threshold", type=float, default=0.8, help="static when the mass ratio >= this (0.8)")
     h.add_argument("--last-k", type=int, default=4, help="key frames counted as 'current chunk + anchor' (4)")
     h.add_argument("--skip-first-k", type=int, default=3, help="key frames (sink) left out of the total (3)")
-    h.add_argument("--min-frame", type=int, help="score chunks starting at or after this frame "
-                                                  "(default skip-first-k + last-k)")
-    h.add_argument("--steps", help="comma-separated calls of a chunk to use: 0..n-1 denoising, n = clean pass "
-                                   "(default: all)")
-    sub.add_parser("importance", parents=[common],
-                   help="per-head importance: deviation of the rollout with one head masked (relative L2)")
+    h.add_argument(
+        "--min-frame", type=int, help="score chunks starting at or after this frame (default skip-first-k + last-k)"
+    )
+    h.add_argument(
+        "--steps", help="comma-separated calls of a chunk to use: 0..n-1 denoising, n = clean pass (default: all)"
+    )
+    sub.add_parser(
+        "importance",
+        parents=[common],
+        help="per-head importance: deviation of the rollout with one head masked (relative L2)",
+    )
     return p
 
 
@@ -87,7 +92,7 @@ def run(args) -> Path:
     graphdef, params = nnx.split(model, nnx.Param)
     if contexts is None:
         batch = C.prompts_context(prompts, cfg, kind, text_encoder)
-        contexts = [batch[i:i + 1] for i in range(batch.shape[0])]
+        contexts = [batch[i : i + 1] for i in range(batch.shape[0])]
     runs = []
     for ci, ctx in enumerate(contexts):
         for s in range(args.seeds):
@@ -95,24 +100,33 @@ def run(args) -> Path:
             runs.append((ctx[:1], rng.standard_normal((1, args.frames, cfg.in_dim, *latent_hw), np.float32)))
 
     def make_sampler(policy):
-        return Sampler(graphdef, cfg, sampler_cfg, batch=1, latent_hw=latent_hw, num_frames=args.frames,
-                       policy=policy)
+        return Sampler(graphdef, cfg, sampler_cfg, batch=1, latent_hw=latent_hw, num_frames=args.frames, policy=policy)
 
     C.make_dir(args.output.parent, "--output folder")
     print(f"profiling {what}: {len(runs)} calibration run(s) of {args.frames} frames", file=sys.stderr)
     if args.command == "heads":
         try:
             table, scores = profile_static_dynamic(
-                make_sampler, params, runs, threshold=args.threshold, last_k=args.last_k,
-                skip_first_k=args.skip_first_k, min_frame=args.min_frame, steps=steps, seed=args.seed,
-                progress=progress)
+                make_sampler,
+                params,
+                runs,
+                threshold=args.threshold,
+                last_k=args.last_k,
+                skip_first_k=args.skip_first_k,
+                min_frame=args.min_frame,
+                steps=steps,
+                seed=args.seed,
+                progress=progress,
+            )
         except ValueError as e:
             raise UsageError(str(e)) from None
         table.save(args.output)
         st, dy = table.counts()
-        print(f"wrote {args.output}: {st} static / {dy} dynamic heads; score range "
-              f"{scores.min():.3f}..{scores.max():.3f} (use it with --policy forcing_kv --head-table {args.output})",
-              file=sys.stderr)
+        print(
+            f"wrote {args.output}: {st} static / {dy} dynamic heads; score range "
+            f"{scores.min():.3f}..{scores.max():.3f} (use it with --policy forcing_kv --head-table {args.output})",
+            file=sys.stderr,
+        )
         if scores.size <= 64:  # small models: every head's score (static when >= --threshold)
             for layer, row in enumerate(np.asarray(scores)):
                 print(f"  layer {layer}: " + " ".join(f"{x:.3f}" for x in row), file=sys.stderr)
@@ -122,8 +136,11 @@ def run(args) -> Path:
         except ValueError as e:
             raise UsageError(str(e)) from None
         save_importance(args.output, scores)
-        print(f"wrote {args.output}: {scores.size} head scores, range {scores.min():.4g}..{scores.max():.4g} "
-              f"(use it with --policy focused_forcing --head-importance {args.output})", file=sys.stderr)
+        print(
+            f"wrote {args.output}: {scores.size} head scores, range {scores.min():.4g}..{scores.max():.4g} "
+            f"(use it with --policy focused_forcing --head-importance {args.output})",
+            file=sys.stderr,
+        )
     return args.output
 
 

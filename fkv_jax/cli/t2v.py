@@ -18,8 +18,10 @@ def jobs_from_args(args, out_dir: Path, tags: str = "") -> list:
     prompt = C.prompt_of(args)
     given = [n for n, v in (("PROMPT", prompt), ("--prompts", args.prompts), ("--schedule", args.schedule)) if v]
     if len(given) != 1:
-        raise UsageError("give exactly one of PROMPT, --prompts FILE and --schedule FILE" +
-                         (f" (got {', '.join(given)})" if given else ""))
+        raise UsageError(
+            "give exactly one of PROMPT, --prompts FILE and --schedule FILE"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
     seeds = C.seeds_of(args)
     try:
         if args.schedule is not None:
@@ -44,8 +46,11 @@ def jobs_from_args(args, out_dir: Path, tags: str = "") -> list:
     except PipelineError as e:
         raise UsageError(str(e)) from None
     taken: set[Path] = set()
-    return [Job(s, seed, C.unique_path(out_dir / f"{i:03d}_{slug(s.prompts[0])}_seed{seed}{tags}.mp4", taken))
-            for i, s in enumerate(schedules) for seed in seeds]
+    return [
+        Job(s, seed, C.unique_path(out_dir / f"{i:03d}_{slug(s.prompts[0])}_seed{seed}{tags}.mp4", taken))
+        for i, s in enumerate(schedules)
+        for seed in seeds
+    ]
 
 
 def run_model_dir(args) -> Path:
@@ -54,12 +59,24 @@ def run_model_dir(args) -> Path:
     from fkv_jax.video import VideoError
 
     if args.model_dir is None:
-        used = [f"--{f.replace('_', '-')}" for f in ("batch_size", "switch_frames", "schedule", "no_global_sink")
-                if getattr(args, f, None) not in (None, False)]
+        used = [
+            f"--{f.replace('_', '-')}"
+            for f in ("batch_size", "switch_frames", "schedule", "no_global_sink")
+            if getattr(args, f, None) not in (None, False)
+        ]
         raise UsageError(f"{', '.join(used)} need(s) --model-dir DIR")
-    clash = [n for n, v in (("--checkpoint", args.checkpoint), ("--text-embeddings", args.text_embeddings),
-                            ("--noise-file", args.noise_file), ("--model-preset", args.model_preset),
-                            ("--toy-weights", args.toy_weights), ("--mesh", args.mesh)) if v is not None]
+    clash = [
+        n
+        for n, v in (
+            ("--checkpoint", args.checkpoint),
+            ("--text-embeddings", args.text_embeddings),
+            ("--noise-file", args.noise_file),
+            ("--model-preset", args.model_preset),
+            ("--toy-weights", args.toy_weights),
+            ("--mesh", args.mesh),
+        )
+        if v is not None
+    ]
     if clash:
         raise UsageError(f"--model-dir encodes prompts and draws noise itself; drop {', '.join(clash)}")
     C.check_at_least("--batch-size", args.batch_size, 1)
@@ -85,14 +102,25 @@ def run_model_dir(args) -> Path:
     if any(j.schedule.switch_frames for j in jobs) and policy is not None:
         raise UsageError("prompt switching (KV re-cache) works with the plain cache only; drop --policy")
     dtype = args.dtype or model_dir.model_dtype
-    C.check_backend(args.attention_backend, model_dir.model_cfg, latent_hw, dtype, args.cache_dtype,
-                    sampler_cfg.frames_per_block)
+    C.check_backend(
+        args.attention_backend, model_dir.model_cfg, latent_hw, dtype, args.cache_dtype, sampler_cfg.frames_per_block
+    )
     try:
-        t2v = TextToVideo(model_dir, sampler_cfg, num_frames=frames, latent_hw=latent_hw,
-                          batch_size=1 if args.batch_size is None else min(args.batch_size, len(jobs)),
-                          cache_frames=args.cache_frames, policy=policy, attention_backend=args.attention_backend,
-                          global_sink=not args.no_global_sink, fps=args.fps or 16, progress=not args.no_progress,
-                          dtype=args.dtype, cache_dtype=args.cache_dtype)
+        t2v = TextToVideo(
+            model_dir,
+            sampler_cfg,
+            num_frames=frames,
+            latent_hw=latent_hw,
+            batch_size=1 if args.batch_size is None else min(args.batch_size, len(jobs)),
+            cache_frames=args.cache_frames,
+            policy=policy,
+            attention_backend=args.attention_backend,
+            global_sink=not args.no_global_sink,
+            fps=args.fps or 16,
+            progress=not args.no_progress,
+            dtype=args.dtype,
+            cache_dtype=args.cache_dtype,
+        )
         for j in jobs:
             j.schedule.check_length(t2v.num_frames)
         t2v.check_jobs(jobs)
@@ -100,9 +128,12 @@ def run_model_dir(args) -> Path:
         raise UsageError(str(e)) from None
     C.enable_compilation_cache()
     m, v, (h, w) = model_dir.model_cfg, model_dir.vae_cfg, t2v.latent_hw
-    print(f"model:  {model_dir.root} ({m.name}: dim {m.dim}, {m.num_layers} layers); {len(jobs)} video(s) of "
-          f"{t2v.num_frames} latent frames ({v.num_video_frames(t2v.num_frames)} video frames at "
-          f"{v.spatial_factor * h}x{v.spatial_factor * w}) -> {args.output_dir}", file=sys.stderr)
+    print(
+        f"model:  {model_dir.root} ({m.name}: dim {m.dim}, {m.num_layers} layers); {len(jobs)} video(s) of "
+        f"{t2v.num_frames} latent frames ({v.num_video_frames(t2v.num_frames)} video frames at "
+        f"{v.spatial_factor * h}x{v.spatial_factor * w}) -> {args.output_dir}",
+        file=sys.stderr,
+    )
     C.print_estimate(m, t2v.sampler, frames, t2v.batch_size)
     C.make_dir(args.output_dir, "--output-dir")
     t2v.run(jobs, save_latents=args.save_latents)

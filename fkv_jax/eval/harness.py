@@ -28,13 +28,17 @@ import numpy as np
 from flax import nnx
 
 from fkv_jax.eval import metrics as M
-from fkv_jax.policies import HeadTable, make_policy
+from fkv_jax.policies import make_policy
 from fkv_jax.sampling.rollout import Sampler, rollout
 
 # Forcing-KV on the toy model: 16 tokens per frame split in 4 row segments, 4 of 12 kept (one frame's worth).
 # `window` is the toy sampler's own cache (15 frames, the training clip length): the quality reference whose
 # attention distances all lie inside training, where `full` (every frame, global) goes beyond it.
-TOY_POLICY_OPTIONS = {"forcing_kv": {"num_frame_patch": "4"}, "focused_forcing": {}, "window": {"local_attn_size": "15"}}
+TOY_POLICY_OPTIONS = {
+    "forcing_kv": {"num_frame_patch": "4"},
+    "focused_forcing": {},
+    "window": {"local_attn_size": "15"},
+}
 
 
 @dataclasses.dataclass
@@ -55,19 +59,31 @@ def _kv_bytes(cache, state) -> int:
 def _rollout(sampler, params, ctx, noise, init, seed):
     """Generate; returns (frames, denoise seconds excluding the first generated chunk, kv bytes)."""
     stamps = []
-    res = rollout(sampler, params, [ctx], noise, seed=seed, initial_latents=init,
-                  on_chunk=lambda b, r: (jax.block_until_ready(r.x0), stamps.append(time.perf_counter())))
+    res = rollout(
+        sampler,
+        params,
+        [ctx],
+        noise,
+        seed=seed,
+        initial_latents=init,
+        on_chunk=lambda b, r: (jax.block_until_ready(r.x0), stamps.append(time.perf_counter())),
+    )
     secs = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
     return np.clip(res.latents, -1, 1), secs, _kv_bytes(res.cache, res.state)
 
 
 def quality(frames: np.ndarray, ref: np.ndarray, ep, start: int) -> dict:
     pa = M.prompt_alignment(frames, ep, start)
-    return {"psnr_vs_full": M.psnr(frames[start:], ref[start:]), "ssim_vs_full": M.ssim(frames[start:], ref[start:]),
-            "position_error_px": M.position_error(frames, ep, start), "colour_shown": pa["colour"],
-            "shape_right": pa["shape"], "extra_colour_px": pa["extra_colour_pixels"],
-            "identity_after_occlusion": M.identity_after_occlusion(frames, ep, start),
-            "chunk_discontinuity": M.chunk_discontinuity(frames[start:])}
+    return {
+        "psnr_vs_full": M.psnr(frames[start:], ref[start:]),
+        "ssim_vs_full": M.ssim(frames[start:], ref[start:]),
+        "position_error_px": M.position_error(frames, ep, start),
+        "colour_shown": pa["colour"],
+        "shape_right": pa["shape"],
+        "extra_colour_px": pa["extra_colour_pixels"],
+        "identity_after_occlusion": M.identity_after_occlusion(frames, ep, start),
+        "chunk_discontinuity": M.chunk_discontinuity(frames[start:]),
+    }
 
 
 def build_toy_policies(names, cfg, graphdef, params, sampler_cfg, enc, *, profile_frames=24, seed=0, log=print):
@@ -84,8 +100,9 @@ def build_toy_policies(names, cfg, graphdef, params, sampler_cfg, enc, *, profil
         calib.append((toy_context([ep.prompt], enc, cfg), noise.astype(np.float32)))
 
     def make_sampler(policy):
-        return Sampler(graphdef, cfg, sampler_cfg, batch=1, latent_hw=cfg.latent_hw, num_frames=profile_frames,
-                       policy=policy)
+        return Sampler(
+            graphdef, cfg, sampler_cfg, batch=1, latent_hw=cfg.latent_hw, num_frames=profile_frames, policy=policy
+        )
 
     out, profiles = {}, {}
     for name in names:
@@ -106,9 +123,19 @@ def build_toy_policies(names, cfg, graphdef, params, sampler_cfg, enc, *, profil
     return out, profiles
 
 
-def evaluate(policies: list[str], *, episodes: int = 2, frames: int = 120, context_frames: int = 3, seed: int = 0,
-             out_dir: Path, weights: str | None = None, plots: bool = True, vbench_dir: Path | None = None,
-             log=print) -> dict:
+def evaluate(
+    policies: list[str],
+    *,
+    episodes: int = 2,
+    frames: int = 120,
+    context_frames: int = 3,
+    seed: int = 0,
+    out_dir: Path,
+    weights: str | None = None,
+    plots: bool = True,
+    vbench_dir: Path | None = None,
+    log=print,
+) -> dict:
     from fkv_jax.toyworld.model import load_toy_model, save_video, toy_context, toy_sampler_config
     from fkv_jax.toyworld.world import make_episode
 
@@ -117,26 +144,32 @@ def evaluate(policies: list[str], *, episodes: int = 2, frames: int = 120, conte
     sc = toy_sampler_config(weights)
     c = sc.frames_per_block
     if frames % c or context_frames % c or not 0 < context_frames < frames:
-        raise ValueError(f"--frames ({frames}) and --context-frames ({context_frames}) must be multiples of {c}, "
-                         f"with 0 < context < frames")
-    log(f"toy model {cfg.name}: {cfg.num_layers} layers, {cfg.num_heads} heads, {cfg.tokens_per_frame()} tokens/frame;"
-        f" {episodes} episode(s) x {frames} frames, {context_frames} true context frames; policies: {policies}")
-    pols, profiles = build_toy_policies([p for p in policies if p != "full"], cfg, graphdef, params, sc, enc,
-                                        seed=seed, log=log)
+        raise ValueError(
+            f"--frames ({frames}) and --context-frames ({context_frames}) must be multiples of {c}, "
+            f"with 0 < context < frames"
+        )
+    log(
+        f"toy model {cfg.name}: {cfg.num_layers} layers, {cfg.num_heads} heads, {cfg.tokens_per_frame()} tokens/frame;"
+        f" {episodes} episode(s) x {frames} frames, {context_frames} true context frames; policies: {policies}"
+    )
+    pols, profiles = build_toy_policies(
+        [p for p in policies if p != "full"], cfg, graphdef, params, sc, enc, seed=seed, log=log
+    )
     pols = {"full": make_policy("full"), **pols}
     results = {name: PolicyResult(name) for name in pols}
     per_episode = {name: [] for name in pols}
     secs = {name: [0.0, 0] for name in pols}
     enc_secs = {name: 0.0 for name in pols}
-    samplers = {name: Sampler(graphdef, cfg, sc, batch=1, latent_hw=cfg.latent_hw, num_frames=frames, policy=p)
-                for name, p in pols.items()}
+    samplers = {
+        name: Sampler(graphdef, cfg, sc, batch=1, latent_hw=cfg.latent_hw, num_frames=frames, policy=p)
+        for name, p in pols.items()
+    }
     examples = {}
     for e in range(episodes):
         ep = make_episode(seed + e, frames)
         ctx = toy_context([ep.prompt], enc, cfg)
         init = np.asarray(ep.frames[None, :context_frames], np.float32)
-        noise = np.random.default_rng((seed, e)).standard_normal((1, frames, cfg.in_dim, *cfg.latent_hw),
-                                                                 np.float32)
+        noise = np.random.default_rng((seed, e)).standard_normal((1, frames, cfg.in_dim, *cfg.latent_hw), np.float32)
         ref = None
         for name, sampler in samplers.items():
             video, t, kv = _rollout(sampler, params, ctx, noise, init, seed + e)
@@ -146,8 +179,7 @@ def evaluate(policies: list[str], *, episodes: int = 2, frames: int = 120, conte
             secs[name][0] += t
             secs[name][1] += generated
             t0 = time.perf_counter()
-            target = (vbench_dir / name / f"{ep.prompt}-{e}.mp4") if vbench_dir else \
-                Path(tempfile.mkdtemp()) / "v.mp4"
+            target = (vbench_dir / name / f"{ep.prompt}-{e}.mp4") if vbench_dir else Path(tempfile.mkdtemp()) / "v.mp4"
             target.parent.mkdir(parents=True, exist_ok=True)
             save_video(target, video)
             enc_secs[name] += time.perf_counter() - t0
@@ -162,8 +194,12 @@ def evaluate(policies: list[str], *, episodes: int = 2, frames: int = 120, conte
         r.e2e_fps = n / (s + enc_secs[name]) if s > 0 else float("nan")
         r.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         keys = per_episode[name][0].keys()
-        r.metrics = {k: float(np.nanmean([m[k] for m in per_episode[name]])) if not all(
-            math.isnan(m[k]) for m in per_episode[name]) else float("nan") for k in keys}
+        r.metrics = {
+            k: float(np.nanmean([m[k] for m in per_episode[name]]))
+            if not all(math.isnan(m[k]) for m in per_episode[name])
+            else float("nan")
+            for k in keys
+        }
     report = _report(results, profiles, frames, episodes, context_frames)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
@@ -178,8 +214,14 @@ def _report(results, profiles, frames, episodes, context_frames) -> dict:
     rows = {}
     gt_keys = ("position_error_px", "colour_shown", "shape_right", "identity_after_occlusion")
     for name, r in results.items():
-        row = {"denoise_fps": r.denoise_fps, "e2e_fps": r.e2e_fps, "speedup": r.denoise_fps / full.denoise_fps,
-               "kv_mib": r.kv_bytes / 2**20, "peak_rss_mib": r.peak_rss_mib, **r.metrics}
+        row = {
+            "denoise_fps": r.denoise_fps,
+            "e2e_fps": r.e2e_fps,
+            "speedup": r.denoise_fps / full.denoise_fps,
+            "kv_mib": r.kv_bytes / 2**20,
+            "peak_rss_mib": r.peak_rss_mib,
+            **r.metrics,
+        }
         # relative degradation of each ground-truth metric vs full (positive = worse)
         deg = {}
         for k in gt_keys:
@@ -188,21 +230,39 @@ def _report(results, profiles, frames, episodes, context_frames) -> dict:
                 deg[k] = (a - b) / abs(b) if k == "position_error_px" else (b - a) / abs(b)
         row["worst_gt_degradation"] = max(deg.values()) if deg else float("nan")
         rows[name] = row
-    return {"frames": frames, "episodes": episodes, "context_frames": context_frames, "policies": rows,
-            "profiles": profiles,
-            "targets": "forcing_kv and focused_forcing: >= 1.4x denoise speedup over full with <= 5 % degradation "
-                       "of the ground-truth metrics (reported, not enforced)"}
+    return {
+        "frames": frames,
+        "episodes": episodes,
+        "context_frames": context_frames,
+        "policies": rows,
+        "profiles": profiles,
+        "targets": "forcing_kv and focused_forcing: >= 1.4x denoise speedup over full with <= 5 % degradation "
+        "of the ground-truth metrics (reported, not enforced)",
+    }
 
 
 def _markdown(report) -> str:
-    cols = [("denoise_fps", "denoise FPS", ".2f"), ("speedup", "speedup", ".2f"), ("e2e_fps", "e2e FPS", ".2f"),
-            ("kv_mib", "KV MiB", ".3f"), ("psnr_vs_full", "PSNR vs full", ".1f"), ("ssim_vs_full", "SSIM", ".3f"),
-            ("position_error_px", "pos err px", ".2f"), ("colour_shown", "colour", ".2f"),
-            ("shape_right", "shape", ".2f"), ("identity_after_occlusion", "identity", ".2f"),
-            ("chunk_discontinuity", "chunk disc", ".2f"), ("worst_gt_degradation", "worst GT degr.", "+.1%")]
-    lines = [f"# Toy-world policy evaluation ({report['episodes']} episode(s) x {report['frames']} frames, "
-             f"{report['context_frames']} true context frames)", "",
-             "| policy | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    cols = [
+        ("denoise_fps", "denoise FPS", ".2f"),
+        ("speedup", "speedup", ".2f"),
+        ("e2e_fps", "e2e FPS", ".2f"),
+        ("kv_mib", "KV MiB", ".3f"),
+        ("psnr_vs_full", "PSNR vs full", ".1f"),
+        ("ssim_vs_full", "SSIM", ".3f"),
+        ("position_error_px", "pos err px", ".2f"),
+        ("colour_shown", "colour", ".2f"),
+        ("shape_right", "shape", ".2f"),
+        ("identity_after_occlusion", "identity", ".2f"),
+        ("chunk_discontinuity", "chunk disc", ".2f"),
+        ("worst_gt_degradation", "worst GT degr.", "+.1%"),
+    ]
+    lines = [
+        f"# Toy-world policy evaluation ({report['episodes']} episode(s) x {report['frames']} frames, "
+        f"{report['context_frames']} true context frames)",
+        "",
+        "| policy | " + " | ".join(c[1] for c in cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
     for name, row in report["policies"].items():
         vals = []
         for k, _, fmt in cols:
@@ -213,8 +273,11 @@ def _markdown(report) -> str:
         h = report["profiles"]["forcing_kv_heads"]
         lines += ["", f"Forcing-KV profiler on the toy model: {h['static']} static, {h['dynamic']} dynamic heads."]
     rss = max(row.get("peak_rss_mib", 0.0) for row in report["policies"].values())
-    lines += ["", f"Peak RSS of the whole run (one process for every policy, so not per policy): {rss:.0f} MiB; "
-              "the resident KV of each policy is its `KV MiB`."]
+    lines += [
+        "",
+        f"Peak RSS of the whole run (one process for every policy, so not per policy): {rss:.0f} MiB; "
+        "the resident KV of each policy is its `KV MiB`.",
+    ]
     lines += ["", f"Targets: {report['targets']}.", ""]
     return "\n".join(lines)
 
@@ -232,12 +295,19 @@ def _plots(report, examples, sampler, params, out_dir: Path, cfg, sc, enc) -> No
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     for name, r in rows.items():
         ax[0].scatter(r["speedup"], r.get("position_error_px", np.nan), label=name)
-        ax[1].scatter(r["speedup"], r.get("psnr_vs_full", np.nan) if np.isfinite(r.get("psnr_vs_full", np.nan))
-                      else 60, label=name)
-    ax[0].set(title="speed vs truth", xlabel="denoise speedup over full",
-              ylabel="sprite position error (px, lower is better)")
-    ax[1].set(title="speed vs agreement with full", xlabel="denoise speedup over full",
-              ylabel="PSNR vs full (dB; full plotted at 60)")
+        ax[1].scatter(
+            r["speedup"],
+            r.get("psnr_vs_full", np.nan) if np.isfinite(r.get("psnr_vs_full", np.nan)) else 60,
+            label=name,
+        )
+    ax[0].set(
+        title="speed vs truth", xlabel="denoise speedup over full", ylabel="sprite position error (px, lower is better)"
+    )
+    ax[1].set(
+        title="speed vs agreement with full",
+        xlabel="denoise speedup over full",
+        ylabel="PSNR vs full (dB; full plotted at 60)",
+    )
     ax[0].legend(fontsize=7)
     fig.suptitle(f"KV policies on the toy world ({report['episodes']} episode(s) x {report['frames']} frames)")
     fig.tight_layout()
@@ -254,12 +324,24 @@ def _attention_plot(sampler, params, out_dir, cfg, sc, enc, plt) -> None:
 
     frames = 24
     ep = make_episode(123, frames)
-    s = Sampler(sampler._graphdef, cfg, sc, batch=1, latent_hw=cfg.latent_hw, num_frames=frames,
-                policy=AttentionMassProbe(max_frames=frames))
+    s = Sampler(
+        sampler._graphdef,
+        cfg,
+        sc,
+        batch=1,
+        latent_hw=cfg.latent_hw,
+        num_frames=frames,
+        policy=AttentionMassProbe(max_frames=frames),
+    )
     masses = []
     noise = np.random.default_rng(0).standard_normal((1, frames, cfg.in_dim, *cfg.latent_hw), np.float32)
-    s.generate(params, toy_context([ep.prompt], enc, cfg), noise, progress=False,
-               on_chunk=lambda b, r: masses.append(np.asarray(r.select_aux)[-1]))  # clean pass: [L, H, F]
+    s.generate(
+        params,
+        toy_context([ep.prompt], enc, cfg),
+        noise,
+        progress=False,
+        on_chunk=lambda b, r: masses.append(np.asarray(r.select_aux)[-1]),
+    )  # clean pass: [L, H, F]
     m = np.stack(masses)  # [chunks, L, H, F]
     heads = [(0, 0), (cfg.num_layers // 2, 1 % cfg.num_heads), (cfg.num_layers - 1, cfg.num_heads - 1)]
     fig, ax = plt.subplots(1, len(heads), figsize=(4 * len(heads), 3.2))

@@ -27,7 +27,7 @@ def _box(x: np.ndarray, k: int) -> np.ndarray:
 def ssim(a: np.ndarray, b: np.ndarray, k: int = 7) -> float:
     """Mean SSIM (7x7 box windows, per channel, data range 1) of frames in [-1, 1]."""
     x, y = (np.asarray(a, np.float64) + 1) / 2, (np.asarray(b, np.float64) + 1) / 2
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1, c2 = 0.01**2, 0.03**2
     mx, my = _box(x, k), _box(y, k)
     vx, vy = _box(x * x, k) - mx * mx, _box(y * y, k) - my * my
     cxy = _box(x * y, k) - mx * my
@@ -69,7 +69,7 @@ def classify_shape(mask: np.ndarray, cfg: WorldConfig = WorldConfig()) -> str | 
     best of a few sub-pixel offsets) overlaps a blob mask [H, W] best (IoU)."""
     if mask.sum() < 4 or mask.shape != (cfg.size, cfg.size):
         return None
-    yy, xx = np.mgrid[0:mask.shape[0], 0:mask.shape[1]] + 0.5
+    yy, xx = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]] + 0.5
     cx, cy = (mask * xx).sum() / mask.sum(), (mask * yy).sum() / mask.sum()
     best, best_iou = None, -1.0
     for s in SHAPES:
@@ -97,9 +97,11 @@ def prompt_alignment(frames: np.ndarray, ep: Episode, start: int = 0) -> dict:
                 shape_ok.append(classify_shape(m) == SHAPES[sid])
     others = [2 + i for i in range(len(COLOUR_NAMES)) if i not in set(ep.colour_ids.tolist())]
     extra = float(np.isin(lab[start:], others).sum((-2, -1)).mean())
-    return {"colour": float(np.mean(colour_ok)) if colour_ok else float("nan"),
-            "shape": float(np.mean(shape_ok)) if shape_ok else float("nan"),
-            "extra_colour_pixels": extra}
+    return {
+        "colour": float(np.mean(colour_ok)) if colour_ok else float("nan"),
+        "shape": float(np.mean(shape_ok)) if shape_ok else float("nan"),
+        "extra_colour_pixels": extra,
+    }
 
 
 def identity_after_occlusion(frames: np.ndarray, ep: Episode, start: int = 0) -> float:

@@ -15,16 +15,27 @@ def jax_triton_available() -> bool:
     return available()
 
 
-def choose_backend(q: jax.Array, k_cache: jax.Array, sel: Selection, platform: str | None = None,
-                   device_kind: str | None = None, compute_capability: str | None = None) -> str:
+def choose_backend(
+    q: jax.Array,
+    k_cache: jax.Array,
+    sel: Selection,
+    platform: str | None = None,
+    device_kind: str | None = None,
+    compute_capability: str | None = None,
+) -> str:
     """Backend name ``auto`` picks for a call with these shapes (q [B, C*T, H, D], k_cache [B, H, N, T, D])
     on ``platform`` (default: the current target, see :func:`fkv_jax.attention.backends.current_target`)."""
     from fkv_jax.attention import backends
 
     t = backends.current_target(platform, device_kind, compute_capability)
     p = backends.problem_of(q, k_cache, sel)
-    problem = backends.Problem(jax.numpy.dtype(p["dtype"]).name, jax.numpy.dtype(p["cache_dtype"]).name,
-                               p["head_dim"], p["tokens_per_frame"], p["query_tokens_per_group"])
+    problem = backends.Problem(
+        jax.numpy.dtype(p["dtype"]).name,
+        jax.numpy.dtype(p["cache_dtype"]).name,
+        p["head_dim"],
+        p["tokens_per_frame"],
+        p["query_tokens_per_group"],
+    )
     return backends.choose(t, problem)
 
 

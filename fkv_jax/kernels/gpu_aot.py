@@ -66,8 +66,10 @@ def cuda_pjrt_available() -> bool:
     import importlib.util
 
     try:
-        return (importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-                and importlib.util.find_spec("jax_cuda12_plugin") is not None)
+        return (
+            importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+            and importlib.util.find_spec("jax_cuda12_plugin") is not None
+        )
     except ImportError:  # no jax_plugins namespace at all
         return False
 
@@ -78,16 +80,18 @@ def h200_device():
         raise RuntimeError(f"a deviceless CUDA compile needs jaxlib's CUDA PJRT plugin: {INSTALL_HINT}")
     from jax.experimental import topologies
 
-    topo = topologies.get_topology_desc("h200", platform="cuda", target_config=H200_TARGET_CONFIG,
-                                        topology="1x1x1")
+    topo = topologies.get_topology_desc("h200", platform="cuda", target_config=H200_TARGET_CONFIG, topology="1x1x1")
     return topo.devices[0]
 
 
 def _parse_ptxas(text: str) -> dict:
     regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
     spills = [(int(a), int(b)) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)]
-    return dict(registers=max(regs) if regs else None, spill_stores=sum(a for a, _ in spills) if spills else None,
-                spill_loads=sum(b for _, b in spills) if spills else None)
+    return dict(
+        registers=max(regs) if regs else None,
+        spill_stores=sum(a for a, _ in spills) if spills else None,
+        spill_loads=sum(b for _, b in spills) if spills else None,
+    )
 
 
 # XLA:GPU options for programs that call a kernel on one layer of a stacked cache ``[L, B, H, N, T, D]`` inside
@@ -99,8 +103,13 @@ def _parse_ptxas(text: str) -> dict:
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True}
 
 
-def compile_for_h200(fn, *args, dump_dir: str | os.PathLike | None = None, min_elements: int | None = None,
-                     compiler_options: dict | None = None) -> dict:
+def compile_for_h200(
+    fn,
+    *args,
+    dump_dir: str | os.PathLike | None = None,
+    min_elements: int | None = None,
+    compiler_options: dict | None = None,
+) -> dict:
     """Compile ``jax.jit(fn)(*args)`` for a deviceless H200; ``args`` are ``jax.ShapeDtypeStruct`` pytrees
     (their shardings are replaced by the H200 device's). ``compiler_options``: XLA options for this compile
     (e.g. :data:`GPU_COMPILER_OPTIONS`).
@@ -123,10 +132,21 @@ def compile_for_h200(fn, *args, dump_dir: str | os.PathLike | None = None, min_e
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(dump_dir) if dump_dir is not None else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        saved = {k: os.environ.get(k) for k in ("MOSAIC_GPU_DUMP_TO", "MOSAIC_GPU_DUMP_PTX", "MOSAIC_GPU_DUMP_PTXAS",
-                                                "MOSAIC_GPU_DUMP_MLIR_PASSES")}
-        os.environ.update(MOSAIC_GPU_DUMP_TO=str(out), MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1",
-                          MOSAIC_GPU_DUMP_MLIR_PASSES="1")
+        saved = {
+            k: os.environ.get(k)
+            for k in (
+                "MOSAIC_GPU_DUMP_TO",
+                "MOSAIC_GPU_DUMP_PTX",
+                "MOSAIC_GPU_DUMP_PTXAS",
+                "MOSAIC_GPU_DUMP_MLIR_PASSES",
+            )
+        }
+        os.environ.update(
+            MOSAIC_GPU_DUMP_TO=str(out),
+            MOSAIC_GPU_DUMP_PTX="1",
+            MOSAIC_GPU_DUMP_PTXAS="1",
+            MOSAIC_GPU_DUMP_MLIR_PASSES="1",
+        )
         try:
             compiled = jax.jit(fn).lower(*args).compile(compiler_options)
         finally:
@@ -139,9 +159,12 @@ def compile_for_h200(fn, *args, dump_dir: str | os.PathLike | None = None, min_e
         for ptx in sorted(out.glob("*.ptx")):
             text = ptx.read_text()
             log = ptx.with_suffix(".ptxas")
-            entry = dict(name=ptx.stem, ptx_target=(re.search(r"\.target\s+(\S+)", text) or [None, None])[1],
-                         wgmma=len(re.findall(r"wgmma\.mma_async", text)),
-                         tma=len(re.findall(r"cp\.async\.bulk\.tensor", text)))
+            entry = dict(
+                name=ptx.stem,
+                ptx_target=(re.search(r"\.target\s+(\S+)", text) or [None, None])[1],
+                wgmma=len(re.findall(r"wgmma\.mma_async", text)),
+                tma=len(re.findall(r"cp\.async\.bulk\.tensor", text)),
+            )
             entry.update(_parse_ptxas(log.read_text() if log.exists() else ""))
             passes = ptx.with_suffix(".mlir-passes.log")
             smem = re.search(r"dynamic_shared_memory_size %c(\d+)_i32", passes.read_text()) if passes.exists() else None
@@ -149,11 +172,15 @@ def compile_for_h200(fn, *args, dump_dir: str | os.PathLike | None = None, min_e
             kernels.append(entry)
     hlo = compiled.as_text()
     mem = compiled.memory_analysis()
-    report = dict(device_kind=dev.device_kind,
-                  memory={k: int(getattr(mem, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                            "temp_size_in_bytes", "alias_size_in_bytes")},
-                  custom_calls=sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo))),
-                  mosaic_kernels=kernels)
+    report = dict(
+        device_kind=dev.device_kind,
+        memory={
+            k: int(getattr(mem, k))
+            for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+        },
+        custom_calls=sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo))),
+        mosaic_kernels=kernels,
+    )
     if min_elements is not None:
         report["large_ops"] = large_hlo_ops_outside_kernels(hlo, min_elements)
     return report
@@ -182,5 +209,12 @@ def mosaic_gpu_mlir(fn, *args) -> list[str]:
     return modules
 
 
-__all__ = ["GPU_COMPILER_OPTIONS", "H200_TARGET_CONFIG", "INSTALL_HINT", "compile_for_h200", "cuda_pjrt_available",
-           "h200_device", "mosaic_gpu_mlir"]
+__all__ = [
+    "GPU_COMPILER_OPTIONS",
+    "H200_TARGET_CONFIG",
+    "INSTALL_HINT",
+    "compile_for_h200",
+    "cuda_pjrt_available",
+    "h200_device",
+    "mosaic_gpu_mlir",
+]

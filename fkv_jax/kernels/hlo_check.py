@@ -53,8 +53,11 @@ def large_hlo_ops_outside_kernels(hlo: str, min_elements: int) -> list[str]:
         if entry or not wraps_kernel:
             for ln in block:
                 m = _HLO_OP.match(ln)
-                if m and m.group(3) not in _FREE and math.prod(int(x) for x in m.group(2).split(",") if x) \
-                        >= min_elements:
+                if (
+                    m
+                    and m.group(3) not in _FREE
+                    and math.prod(int(x) for x in m.group(2).split(",") if x) >= min_elements
+                ):
                     found.append(ln.strip()[:240])
         block.clear()
 

@@ -43,7 +43,7 @@ _NEG = -1e30
 
 def _kernel(*refs, dims: Dims, sources: tuple[int, ...], block_q: int, block_k: int):
     n_src = len(sources)
-    q_ref, kv_refs, (table_ref, count_ref, o_ref) = refs[0], refs[1:1 + 2 * n_src], refs[1 + 2 * n_src:]
+    q_ref, kv_refs, (table_ref, count_ref, o_ref) = refs[0], refs[1 : 1 + 2 * n_src], refs[1 + 2 * n_src :]
     src_refs = {s: (kv_refs[2 * i], kv_refs[2 * i + 1]) for i, s in enumerate(sources)}
     d, tq, t, dtype = dims.head_dim, dims.group_tokens, dims.frame_tokens, q_ref.dtype
     scale = 1.0 / math.sqrt(d)
@@ -59,6 +59,7 @@ def _kernel(*refs, dims: Dims, sources: tuple[int, ...], block_q: int, block_k: 
         def fetch(i, slot):
             src, start = table_ref[b, g, h, i, 0], table_ref[b, g, h, i, 1]
             for sid, (kr, vr) in src_refs.items():
+
                 @pl.when(src == sid)
                 def _copy():
                     if sid == SRC_CACHE:  # [B, H, N, T, D]: a tile never leaves its frame (T >= BK)
@@ -106,12 +107,15 @@ def _kernel(*refs, dims: Dims, sources: tuple[int, ...], block_q: int, block_k: 
                 return acc_ref[...]
 
             acc = acc * lax.broadcast_in_dim(corr, acc.shape, [0]) + pl.run_scoped(
-                pv, plgpu.ACC((block_q, d), jnp.float32))
+                pv, plgpu.ACC((block_q, d), jnp.float32)
+            )
             return m_new, l, acc
 
-        init = (plgpu.layout_cast(jnp.full((block_q,), _NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA))
+        init = (
+            plgpu.layout_cast(jnp.full((block_q,), _NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA),
+        )
         _, l, acc = lax.fori_loop(0, n_tiles, step, init)
         l = jnp.where(l == 0, 1.0, l)  # no key at all -> zeros
         q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
@@ -122,12 +126,21 @@ def _kernel(*refs, dims: Dims, sources: tuple[int, ...], block_q: int, block_k: 
     def smem(shape):
         return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
-    pl.run_scoped(body, smem((block_q, d)), smem((2, block_k, d)), smem((2, block_k, d)), smem((block_q, block_k)),
-                  plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2))
+    pl.run_scoped(
+        body,
+        smem((block_q, d)),
+        smem((2, block_k, d)),
+        smem((2, block_k, d)),
+        smem((block_q, block_k)),
+        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=2),
+    )
 
 
-def mosaic_gpu_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, block_q: int = 64,
-                         block_k: int = 64, interpret=None) -> jax.Array:
+def mosaic_gpu_attention(
+    q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, block_q: int = 64, block_k: int = 64, interpret=None
+) -> jax.Array:
     """Selection attention (same numbers as :func:`fkv_jax.attention.reference.selection_attention`).
 
     Args:
@@ -141,13 +154,17 @@ def mosaic_gpu_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, 
     dims = attention_dims(q, k_chunk, v_chunk, k_cache, v_cache, sel)
     b, h, d = dims.batch, dims.heads, dims.head_dim
     n, t, qf = dims.slots, dims.frame_tokens, dims.groups
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or {k_chunk.dtype, v_chunk.dtype, k_cache.dtype,
-                                                         v_cache.dtype} != {q.dtype}:
-        raise ValueError(f"mosaic_gpu needs bfloat16 or float16 inputs of one dtype, got q {q.dtype}, "
-                         f"cache {k_cache.dtype}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or {k_chunk.dtype, v_chunk.dtype, k_cache.dtype, v_cache.dtype} != {
+        q.dtype
+    }:
+        raise ValueError(
+            f"mosaic_gpu needs bfloat16 or float16 inputs of one dtype, got q {q.dtype}, cache {k_cache.dtype}"
+        )
     if d % 64 or block_q != 64 or block_k % 64:
-        raise ValueError(f"mosaic_gpu needs D % 64 == 0, block_q == 64, block_k % 64 == 0 (got D={d}, "
-                         f"block_q={block_q}, block_k={block_k})")
+        raise ValueError(
+            f"mosaic_gpu needs D % 64 == 0, block_q == 64, block_k % 64 == 0 (got D={d}, "
+            f"block_q={block_q}, block_k={block_k})"
+        )
     if t < block_k or dims.group_tokens < block_q:
         raise ValueError(f"mosaic_gpu needs T={t} >= block_k={block_k} and Tq={dims.group_tokens} >= block_q")
 
@@ -164,8 +181,16 @@ def mosaic_gpu_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, 
         sfetch, scount = pack_indices(sel.frames)
         sources.append(SRC_CACHE)
         operands += [k_cache, v_cache]  # [B, H, N, T, D] as they are: the kernel's TMA boxes index them
-    table, count = tile_table(chunk_fetch=cfetch, chunk_count=ccount, slot_fetch=sfetch, slot_count=scount,
-                              mem_count=mem_count, mem_rows=mem_rows, frame_tokens=t, block_k=block_k)
+    table, count = tile_table(
+        chunk_fetch=cfetch,
+        chunk_count=ccount,
+        slot_fetch=sfetch,
+        slot_count=scount,
+        mem_count=mem_count,
+        mem_rows=mem_rows,
+        frame_tokens=t,
+        block_k=block_k,
+    )
     kernel = functools.partial(_kernel, dims=dims, sources=tuple(sources), block_q=block_q, block_k=block_k)
     return plgpu.kernel(
         kernel,

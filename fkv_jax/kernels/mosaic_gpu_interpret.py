@@ -34,26 +34,41 @@ def _read(memory, key_array, transforms, thread, info):
         else:
             indexers.append(tr)
     rng = interpret_utils.to_range(jax.tree.map(int, tuple(indexers)))
-    x, _, _ = memory.get_buffer_content(gpu_callbacks.HostAllocationKey.from_array(key_array), rng, thread,
-                                        logging_info=info)
+    x, _, _ = memory.get_buffer_content(
+        gpu_callbacks.HostAllocationKey.from_array(key_array), rng, thread, logging_info=info
+    )
     return x if perm is None else np.transpose(x, perm)
 
 
-def _wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array, acc_transforms,
-           acc_dtype, a_allocation_key_as_array, a_transforms, b_allocation_key_as_array, b_transforms,
-           source_info=None):
+def _wgmma(
+    *,
+    token,
+    device_id,
+    grid_point_coords,
+    thread_id,
+    acc_allocation_key_as_array,
+    acc_transforms,
+    acc_dtype,
+    a_allocation_key_as_array,
+    a_transforms,
+    b_allocation_key_as_array,
+    b_transforms,
+    source_info=None,
+):
     memory = gpu_callbacks._get_shared_memory()
     thread = memory.get_global_thread_id(int(device_id), int(thread_id))
-    info = interpret_utils.GPULoggingInfo(device_id=int(device_id),
-                                          grid_point_coords=tuple(int(x) for x in grid_point_coords),
-                                          thread_id=int(thread_id), source_info=source_info)
+    info = interpret_utils.GPULoggingInfo(
+        device_id=int(device_id),
+        grid_point_coords=tuple(int(x) for x in grid_point_coords),
+        thread_id=int(thread_id),
+        source_info=source_info,
+    )
     a = _read(memory, a_allocation_key_as_array, a_transforms, thread, info)
     b = _read(memory, b_allocation_key_as_array, b_transforms, thread, info)
     acc_key = gpu_callbacks.HostAllocationKey.from_array(acc_allocation_key_as_array)
     acc_rng = interpret_utils.to_range(jax.tree.map(int, gpu_callbacks._remove_noop_transforms(acc_transforms)))
     acc, _, _ = memory.get_buffer_content(acc_key, acc_rng, thread, logging_info=info)
-    memory.store_buffer_content(acc_key, acc_rng, acc + np.matmul(a, b, dtype=acc_dtype), thread,
-                                logging_info=info)
+    memory.store_buffer_content(acc_key, acc_rng, acc + np.matmul(a, b, dtype=acc_dtype), thread, logging_info=info)
     return token
 
 

@@ -103,12 +103,14 @@ def make_plan(dims: Dims, block_q: int | None = None, block_m: int = 1024) -> Pl
     if dims.memory:
         bm, rows = _memory_block(dims.memory, block_m)
         nmb = rows // bm
-    return Plan(block_q=bq, query_tiles=tq // bq, block_m=bm, memory_blocks=nmb,
-                slot_steps=dims.budget if dims.slots else 0)
+    return Plan(
+        block_q=bq, query_tiles=tq // bq, block_m=bm, memory_blocks=nmb, slot_steps=dims.budget if dims.slots else 0
+    )
 
 
-def selection_cost(dims: Dims, plan: Plan, *, q_bytes: int, chunk_bytes: int, cache_bytes: int,
-                   memory_bytes: int = 0) -> pl.CostEstimate:
+def selection_cost(
+    dims: Dims, plan: Plan, *, q_bytes: int, chunk_bytes: int, cache_bytes: int, memory_bytes: int = 0
+) -> pl.CostEstimate:
     """The kernel's declared cost for the static (maximum) budget: every allowed chunk frame, every memory
     block and all K slots visited by every (b, group, head). ``*_bytes`` are item sizes in bytes.
 
@@ -133,17 +135,31 @@ def selection_cost(dims: Dims, plan: Plan, *, q_bytes: int, chunk_bytes: int, ca
     transcendentals = (tq * keys + tq * steps) * rows
     frame = 2 * t * d  # K and V of one frame, elements
     chunk_reads = (b * h if c == 1 else tiles * c) * frame * chunk_bytes
-    mem_reads = (b * h if plan.memory_blocks == 1 else tiles * plan.memory_blocks) \
-        * 2 * plan.block_m * d * memory_bytes
+    mem_reads = (b * h if plan.memory_blocks == 1 else tiles * plan.memory_blocks) * 2 * plan.block_m * d * memory_bytes
     slot_reads = (rows if k == 1 else tiles * k) * frame * cache_bytes if k else 0
     tables = 4 * (rows * (c + 1) + rows * (max(k, 1) + 1) + b * h + 1)
     qo = 2 * dims.batch * dims.tokens * h * d * q_bytes
-    return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals),
-                           bytes_accessed=int(qo + chunk_reads + mem_reads + slot_reads + tables))
+    return pl.CostEstimate(
+        flops=int(flops),
+        transcendentals=int(transcendentals),
+        bytes_accessed=int(qo + chunk_reads + mem_reads + slot_reads + tables),
+    )
 
 
-def _kernel(cfetch_ref, ccount_ref, sfetch_ref, scount_ref, mcount_ref, layer_ref,  # scalar prefetch (SMEM)
-            *refs, dims: Dims, n_mem_blocks: int, block_m: int, n_slot_steps: int, precision):
+def _kernel(
+    cfetch_ref,
+    ccount_ref,
+    sfetch_ref,
+    scount_ref,
+    mcount_ref,
+    layer_ref,  # scalar prefetch (SMEM)
+    *refs,
+    dims: Dims,
+    n_mem_blocks: int,
+    block_m: int,
+    n_slot_steps: int,
+    precision,
+):
     q_ref, kc_ref, vc_ref, *refs = refs
     if n_mem_blocks:
         km_ref, vm_ref, *refs = refs
@@ -165,8 +181,12 @@ def _kernel(cfetch_ref, ccount_ref, sfetch_ref, scount_ref, mcount_ref, layer_re
         q = q_ref[...]  # [BQ, D]
         if k_tile.dtype != q.dtype:  # a cache (or memory) in another dtype: cast this tile only
             k_tile, v_tile = k_tile.astype(q.dtype), v_tile.astype(q.dtype)
-        s = jax.lax.dot_general(q, k_tile, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                                precision=precision) * scale  # [BQ, Tk]
+        s = (
+            jax.lax.dot_general(
+                q, k_tile, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
+            )
+            * scale
+        )  # [BQ, Tk]
         if valid is not None:
             s = jnp.where(valid, s, _NEG)
         m_prev = m_sc[...]  # [BQ, 1]
@@ -204,9 +224,20 @@ def _kernel(cfetch_ref, ccount_ref, sfetch_ref, scount_ref, mcount_ref, layer_re
         o_ref[...] = (acc_sc[...] / jnp.where(l == 0, 1.0, l)).astype(o_ref.dtype)  # no key at all -> 0
 
 
-def pallas_tpu_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, layer=None,
-                         block_q: int | None = None, block_m: int = 1024, vmem_limit_bytes: int | None = None,
-                         interpret=False) -> jax.Array:
+def pallas_tpu_attention(
+    q,
+    k_chunk,
+    v_chunk,
+    k_cache,
+    v_cache,
+    sel: Selection,
+    *,
+    layer=None,
+    block_q: int | None = None,
+    block_m: int = 1024,
+    vmem_limit_bytes: int | None = None,
+    interpret=False,
+) -> jax.Array:
     """Selection attention (same numbers as :func:`fkv_jax.attention.reference.selection_attention`).
 
     Args:
@@ -290,27 +321,44 @@ def pallas_tpu_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, 
         grid=(b, h, qf, nq, steps),
         in_specs=[pl.BlockSpec((None, None, bq, d), q_map)] + frame_spec + mem_spec + slot_spec,
         out_specs=pl.BlockSpec((None, None, bq, d), q_map),
-        scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                        pltpu.VMEM((bq, d), jnp.float32)],
+        scratch_shapes=[
+            pltpu.VMEM((bq, 1), jnp.float32),
+            pltpu.VMEM((bq, 1), jnp.float32),
+            pltpu.VMEM((bq, d), jnp.float32),
+        ],
     )
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    kernel = functools.partial(_kernel, dims=dims, n_mem_blocks=n_mem_blocks, block_m=block_m,
-                               n_slot_steps=n_slot_steps, precision=precision)
-    cost = selection_cost(dims, plan, q_bytes=q.dtype.itemsize, chunk_bytes=k_chunk.dtype.itemsize,
-                          cache_bytes=k_cache.dtype.itemsize,
-                          memory_bytes=sel.mem_k.dtype.itemsize if dims.memory else 0)
+    kernel = functools.partial(
+        _kernel, dims=dims, n_mem_blocks=n_mem_blocks, block_m=block_m, n_slot_steps=n_slot_steps, precision=precision
+    )
+    cost = selection_cost(
+        dims,
+        plan,
+        q_bytes=q.dtype.itemsize,
+        chunk_bytes=k_chunk.dtype.itemsize,
+        cache_bytes=k_cache.dtype.itemsize,
+        memory_bytes=sel.mem_k.dtype.itemsize if dims.memory else 0,
+    )
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, h, s, d), q.dtype),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "parallel", "arbitrary"),
-            vmem_limit_bytes=vmem_limit_bytes),
+            vmem_limit_bytes=vmem_limit_bytes,
+        ),
         cost_estimate=cost,
         interpret=interpret,
         name="fkv_selection_attention",
-    )(cfetch.reshape(-1), ccount.reshape(-1), sfetch.reshape(-1), scount.reshape(-1), mcount.reshape(-1), layer_idx,
-      *operands)
+    )(
+        cfetch.reshape(-1),
+        ccount.reshape(-1),
+        sfetch.reshape(-1),
+        scount.reshape(-1),
+        mcount.reshape(-1),
+        layer_idx,
+        *operands,
+    )
     return jnp.swapaxes(out, 1, 2)  # [B, S, H, D]
 
 

@@ -30,8 +30,9 @@ class Dims:
         return self.tokens // self.groups
 
 
-def attention_dims(q: jax.Array, k_chunk: jax.Array, v_chunk: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                   sel: Selection) -> Dims:
+def attention_dims(
+    q: jax.Array, k_chunk: jax.Array, v_chunk: jax.Array, k_cache: jax.Array, v_cache: jax.Array, sel: Selection
+) -> Dims:
     """Validate the shapes of one call and return its sizes.
 
     q, k_chunk, v_chunk: [B, C*T, H, D]; k_cache, v_cache: [B, H, N, T, D] (the cache's heads-first layout,
@@ -40,8 +41,7 @@ def attention_dims(q: jax.Array, k_chunk: jax.Array, v_chunk: jax.Array, k_cache
     b, s, h, d = q.shape
     if k_chunk.shape != q.shape or v_chunk.shape != q.shape:
         raise ValueError(f"q, k_chunk, v_chunk must share a shape, got {q.shape}, {k_chunk.shape}, {v_chunk.shape}")
-    if (k_cache.shape != v_cache.shape or k_cache.ndim != 5 or k_cache.shape[:2] != (b, h)
-            or k_cache.shape[4] != d):
+    if k_cache.shape != v_cache.shape or k_cache.ndim != 5 or k_cache.shape[:2] != (b, h) or k_cache.shape[4] != d:
         raise ValueError(f"k_cache, v_cache must be [B={b}, H={h}, N, T, D={d}], got {k_cache.shape}, {v_cache.shape}")
     n, t = k_cache.shape[2:4]
     if s % t:
@@ -58,9 +58,12 @@ def attention_dims(q: jax.Array, k_chunk: jax.Array, v_chunk: jax.Array, k_cache
     if sel.mem_k is not None:
         m = sel.mem_k.shape[1]
         if sel.mem_k.shape != (b, m, h, d) or sel.mem_v is None or sel.mem_v.shape != sel.mem_k.shape:
-            raise ValueError(f"mem_k, mem_v must be [B, M, H, D], got {sel.mem_k.shape}, "
-                             f"{None if sel.mem_v is None else sel.mem_v.shape}")
+            raise ValueError(
+                f"mem_k, mem_v must be [B, M, H, D], got {sel.mem_k.shape}, "
+                f"{None if sel.mem_v is None else sel.mem_v.shape}"
+            )
         if sel.mem_valid is not None and sel.mem_valid.shape != (b, h, m):
             raise ValueError(f"mem_valid must be [B, H, M] = {(b, h, m)}, got {sel.mem_valid.shape}")
-    return Dims(batch=b, heads=h, head_dim=d, tokens=s, slots=n, frame_tokens=t, chunk_frames=c, groups=qf,
-                budget=k, memory=m)
+    return Dims(
+        batch=b, heads=h, head_dim=d, tokens=s, slots=n, frame_tokens=t, chunk_frames=c, groups=qf, budget=k, memory=m
+    )

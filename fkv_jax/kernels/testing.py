@@ -9,8 +9,21 @@ import numpy as np
 from fkv_jax.attention.selection import Selection
 
 
-def random_problem(rng: np.random.Generator, *, b: int, c: int, t: int, h: int, d: int, n: int, k: int, qf: int,
-                   m: int = 0, chunk_mask: bool = True, dtype=jnp.float32):
+def random_problem(
+    rng: np.random.Generator,
+    *,
+    b: int,
+    c: int,
+    t: int,
+    h: int,
+    d: int,
+    n: int,
+    k: int,
+    qf: int,
+    m: int = 0,
+    chunk_mask: bool = True,
+    dtype=jnp.float32,
+):
     """q, k_chunk, v_chunk [B, C*T, H, D], k_cache, v_cache [B, H, N, T, D] (the cache layout) and a Selection.
 
     Budgets are ragged: each (b, group, head) selects a random number of distinct slots in [0, K] (the
@@ -20,6 +33,7 @@ def random_problem(rng: np.random.Generator, *, b: int, c: int, t: int, h: int, 
     (batch, head) pairs). Cache values are scaled
     up so that selecting a wrong slot cannot hide in the tolerance.
     """
+
     def rand(*shape, scale=1.0):
         return jnp.asarray(rng.standard_normal(shape).astype(np.float32) * scale, dtype)
 
@@ -33,8 +47,12 @@ def random_problem(rng: np.random.Generator, *, b: int, c: int, t: int, h: int, 
     cmask = None
     if chunk_mask:
         cmask = rng.random((b, qf, h, c)) < 0.5
-        cmask[np.arange(b)[:, None, None], np.arange(qf)[None, :, None], np.arange(h)[None, None, :],
-              rng.integers(0, c, (b, qf, h))] = True
+        cmask[
+            np.arange(b)[:, None, None],
+            np.arange(qf)[None, :, None],
+            np.arange(h)[None, None, :],
+            rng.integers(0, c, (b, qf, h)),
+        ] = True
         cmask = jnp.asarray(cmask)
     mem_k = mem_v = mem_valid = None
     if m:

@@ -49,14 +49,19 @@ def _memory_tiles(mem_count, rows: int, groups: int, block_k: int):
     off = jnp.minimum(i * block_k, max(rows - block_k, 0))
     cnt = mem_count[:, None, :, None]  # [B, 1, H, 1]
     shape = (b, groups, h, nt)
-    cols = [jnp.full(shape, SRC_MEMORY, jnp.int32), jnp.broadcast_to(off, shape),
-            jnp.broadcast_to(i * block_k - off, shape), jnp.broadcast_to(jnp.minimum(block_k, cnt - off), shape)]
+    cols = [
+        jnp.full(shape, SRC_MEMORY, jnp.int32),
+        jnp.broadcast_to(off, shape),
+        jnp.broadcast_to(i * block_k - off, shape),
+        jnp.broadcast_to(jnp.minimum(block_k, cnt - off), shape),
+    ]
     valid = jnp.broadcast_to(i * block_k < cnt, shape)
     return jnp.stack(cols, -1), valid
 
 
-def tile_table(*, chunk_fetch, chunk_count, slot_fetch, slot_count, mem_count, mem_rows: int, frame_tokens: int,
-               block_k: int) -> tuple[jax.Array, jax.Array]:
+def tile_table(
+    *, chunk_fetch, chunk_count, slot_fetch, slot_count, mem_count, mem_rows: int, frame_tokens: int, block_k: int
+) -> tuple[jax.Array, jax.Array]:
     """The packed tile list of every (b, g, h).
 
     Args:

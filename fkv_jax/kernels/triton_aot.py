@@ -30,8 +30,7 @@ SM90_MAX_SHARED = 232448  # bytes per block (227 KB, opt-in)
 SM90_MAX_REGISTERS = 255  # per thread
 
 _TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-_POINTERS = ("q_ptr", "kc_ptr", "vc_ptr", "km_ptr", "vm_ptr", "kn_ptr", "vn_ptr", "table_ptr", "count_ptr",
-             "out_ptr")
+_POINTERS = ("q_ptr", "kc_ptr", "vc_ptr", "km_ptr", "vm_ptr", "kn_ptr", "vn_ptr", "table_ptr", "count_ptr", "out_ptr")
 
 
 def ptxas_path(arch: int = 90) -> Path:
@@ -54,27 +53,58 @@ def parse_ptxas(log: str) -> dict:
     smem = re.findall(r"(\d+) bytes smem", log)
     if not regs or not spills:
         raise RuntimeError(f"cannot read registers/spills from ptxas output:\n{log}")
-    return dict(registers=max(int(r) for r in regs), spill_stores=sum(int(s) for s, _ in spills),
-                spill_loads=sum(int(l) for _, l in spills), static_smem=sum(int(s) for s in smem))
+    return dict(
+        registers=max(int(r) for r in regs),
+        spill_stores=sum(int(s) for s, _ in spills),
+        spill_loads=sum(int(l) for _, l in spills),
+        static_smem=sum(int(s) for s in smem),
+    )
 
 
-def launch_problem(*, batch: int = 1, heads: int = 12, head_dim: int = 128, frame_tokens: int = 1560,
-                   chunk_frames: int = 3, slots: int = 21, budget: int | None = None, groups: int = 1,
-                   memory: int = 0, dtype: str = "bfloat16", blocks: TritonBlocks = TritonBlocks()
-                   ) -> tuple[Dims, dict]:
+def launch_problem(
+    *,
+    batch: int = 1,
+    heads: int = 12,
+    head_dim: int = 128,
+    frame_tokens: int = 1560,
+    chunk_frames: int = 3,
+    slots: int = 21,
+    budget: int | None = None,
+    groups: int = 1,
+    memory: int = 0,
+    dtype: str = "bfloat16",
+    blocks: TritonBlocks = TritonBlocks(),
+) -> tuple[Dims, dict]:
     """(Dims, constexpr parameters) of one call, as :func:`fkv_jax.kernels.triton_jax.prepare` computes them
     (defaults: Wan2.1-1.3B at 480x832, 3-frame chunks, a 21-slot cache, every slot selectable)."""
     budget = slots if budget is None else budget
     tokens = chunk_frames * frame_tokens
-    dims = Dims(batch=batch, heads=heads, head_dim=head_dim, tokens=tokens, slots=slots, frame_tokens=frame_tokens,
-                chunk_frames=chunk_frames, groups=groups, budget=budget, memory=memory)
+    dims = Dims(
+        batch=batch,
+        heads=heads,
+        head_dim=head_dim,
+        tokens=tokens,
+        slots=slots,
+        frame_tokens=frame_tokens,
+        chunk_frames=chunk_frames,
+        groups=groups,
+        budget=budget,
+        memory=memory,
+    )
     if tokens % groups:
         raise ValueError(f"{tokens} queries do not split into groups={groups}")
     has_cache = bool(slots and budget)
     nt = -(-frame_tokens // blocks.block_k)
     n_tiles = chunk_frames * nt + (-(-memory // blocks.block_k) if memory else 0) + (budget * nt if has_cache else 0)
-    params = kernel_params(dims, memory or tokens, slots * frame_tokens if has_cache else tokens, n_tiles,
-                           np.dtype(_np_dtype(dtype)), blocks.block_q, blocks.block_k)
+    params = kernel_params(
+        dims,
+        memory or tokens,
+        slots * frame_tokens if has_cache else tokens,
+        n_tiles,
+        np.dtype(_np_dtype(dtype)),
+        blocks.block_q,
+        blocks.block_k,
+    )
     return dims, params
 
 
@@ -86,9 +116,15 @@ def _np_dtype(name: str):
     return np.dtype(name)
 
 
-def compile_for_sm90(*, dtype: str = "bfloat16", cache_dtype: str | None = None,
-                     blocks: TritonBlocks = TritonBlocks(), ptxas: bool = True,
-                     workdir: str | os.PathLike | None = None, **problem) -> dict:
+def compile_for_sm90(
+    *,
+    dtype: str = "bfloat16",
+    cache_dtype: str | None = None,
+    blocks: TritonBlocks = TritonBlocks(),
+    ptxas: bool = True,
+    workdir: str | os.PathLike | None = None,
+    **problem,
+) -> dict:
     """Compile :func:`~fkv_jax.kernels.triton_kernel.selection_attention_kernel` to PTX and cubin for sm_90a.
 
     Args:
@@ -116,8 +152,16 @@ def compile_for_sm90(*, dtype: str = "bfloat16", cache_dtype: str | None = None,
             raise ValueError(f"{name}={value!r} is not one of {sorted(_TRITON_TYPES)}")
     dims, params = launch_problem(dtype=dtype, blocks=blocks, **problem)
     fn = _compilable(selection_attention_kernel)
-    elem = {"q_ptr": dtype, "kc_ptr": dtype, "vc_ptr": dtype, "km_ptr": dtype, "vm_ptr": dtype,
-            "kn_ptr": cache_dtype, "vn_ptr": cache_dtype, "out_ptr": dtype}
+    elem = {
+        "q_ptr": dtype,
+        "kc_ptr": dtype,
+        "vc_ptr": dtype,
+        "km_ptr": dtype,
+        "vm_ptr": dtype,
+        "kn_ptr": cache_dtype,
+        "vn_ptr": cache_dtype,
+        "out_ptr": dtype,
+    }
     signature = {}
     for arg in fn.arg_names:
         if arg in _POINTERS:
@@ -128,17 +172,31 @@ def compile_for_sm90(*, dtype: str = "bfloat16", cache_dtype: str | None = None,
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in _POINTERS}
     src = ASTSource(fn=fn, signature=signature, constexprs=params, attrs=attrs)
     t0 = time.perf_counter()
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-                                           enable_fp_fusion=True))
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", 90, 32),
+        options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages, enable_fp_fusion=True),
+    )
     compile_s = time.perf_counter() - t0
     ptx = compiled.asm["ptx"]
-    report = dict(target="cuda sm_90a (GPUTarget('cuda', 90, 32))", dtype=dtype, cache_dtype=cache_dtype,
-                  dims=dataclasses.asdict(dims), block_q=blocks.block_q, block_k=blocks.block_k,
-                  num_warps=blocks.num_warps, num_stages=blocks.num_stages, constexprs=dict(params),
-                  grid=grid(dims, blocks.block_q), shared=int(compiled.metadata.shared), ptx_bytes=len(ptx),
-                  cubin_bytes=len(compiled.asm["cubin"]), wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
-                  ptx_target=(re.search(r"\.target\s+(\S+)", ptx) or [None, None])[1], compile_s=round(compile_s, 2))
+    report = dict(
+        target="cuda sm_90a (GPUTarget('cuda', 90, 32))",
+        dtype=dtype,
+        cache_dtype=cache_dtype,
+        dims=dataclasses.asdict(dims),
+        block_q=blocks.block_q,
+        block_k=blocks.block_k,
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
+        constexprs=dict(params),
+        grid=grid(dims, blocks.block_q),
+        shared=int(compiled.metadata.shared),
+        ptx_bytes=len(ptx),
+        cubin_bytes=len(compiled.asm["cubin"]),
+        wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        ptx_target=(re.search(r"\.target\s+(\S+)", ptx) or [None, None])[1],
+        compile_s=round(compile_s, 2),
+    )
     if ptxas:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(workdir) if workdir is not None else Path(tmp)
@@ -146,8 +204,20 @@ def compile_for_sm90(*, dtype: str = "bfloat16", cache_dtype: str | None = None,
             ptx_file = out / f"selection_attention_{dtype}_{cache_dtype}.ptx"
             ptx_file.write_text(ptx)
             # the flags of Triton's own cubin step (--regAllocOptLevel=2: its ptxas 13.x workaround)
-            r = subprocess.run([str(ptxas_path()), "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(ptx_file),
-                                "-o", str(ptx_file.with_suffix(".cubin"))], capture_output=True, text=True, timeout=300)
+            r = subprocess.run(
+                [
+                    str(ptxas_path()),
+                    "-v",
+                    "--regAllocOptLevel=2",
+                    "--gpu-name=sm_90a",
+                    str(ptx_file),
+                    "-o",
+                    str(ptx_file.with_suffix(".cubin")),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             if r.returncode:
                 raise RuntimeError(f"ptxas failed ({r.returncode}):\n{r.stderr[-3000:]}")
             log = r.stdout + r.stderr
@@ -176,5 +246,12 @@ def check_sm90_limits(report: dict) -> list[str]:
     return problems
 
 
-__all__ = ["SM90_MAX_REGISTERS", "SM90_MAX_SHARED", "check_sm90_limits", "compile_for_sm90", "launch_problem",
-           "parse_ptxas", "ptxas_path"]
+__all__ = [
+    "SM90_MAX_REGISTERS",
+    "SM90_MAX_SHARED",
+    "check_sm90_limits",
+    "compile_for_sm90",
+    "launch_problem",
+    "parse_ptxas",
+    "ptxas_path",
+]

@@ -117,8 +117,9 @@ def run_interpreted(operands, params: dict, grid_shape: tuple[int, int, int], ou
     return out.numpy()
 
 
-def interpret_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel, *, block_q: int = 16,
-                        block_k: int = 16) -> np.ndarray:
+def interpret_attention(
+    q, k_chunk, v_chunk, k_cache, v_cache, sel, *, block_q: int = 16, block_k: int = 16
+) -> np.ndarray:
     """Run :func:`selection_attention_kernel` in Triton's interpreter on CPU, eagerly (tests).
 
     Same arguments as :func:`~fkv_jax.kernels.triton_jax.triton_attention`; the XLA-side preparation
@@ -128,8 +129,9 @@ def interpret_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel, *, block_q: 
     return run_interpreted([np.asarray(x) for x in operands], params, grid(dims, block_q), q.dtype)
 
 
-def triton_interpret_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, block_q: int = 32,
-                               block_k: int = 32) -> jax.Array:
+def triton_interpret_attention(
+    q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, block_q: int = 32, block_k: int = 32
+) -> jax.Array:
     """The same kernel in Triton's interpreter on the host, as a ``jax.pure_callback`` (traceable, jittable;
     CPU only, slow: for checking a model with ``backend="triton"`` on a machine without a GPU).
 

@@ -24,8 +24,9 @@ from fkv_jax.kernels.tiles import tile_table
 from fkv_jax.kernels.triton_kernel import TritonBlocks, grid, kernel_params, selection_attention_kernel
 
 
-def prepare(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, block_q: int, block_k: int
-            ) -> tuple[Dims, list[jax.Array], dict]:
+def prepare(
+    q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, block_q: int, block_k: int
+) -> tuple[Dims, list[jax.Array], dict]:
     """Kernel operands (q, kc, vc, km, vm, kn, vn, table, count) and constexpr parameters.
 
     kn, vn are ``k_cache``, ``v_cache`` themselves. An absent source (no memory, empty cache or budget) is
@@ -33,8 +34,9 @@ def prepare(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, block_q: i
     """
     dims = attention_dims(q, k_chunk, v_chunk, k_cache, v_cache, sel)
     has_cache = bool(dims.slots and dims.budget)
-    km, vm, table, count = _tables(k_chunk, v_chunk, sel, dims=dims, block_k=block_k, has_cache=has_cache,
-                                   dtype=jnp.dtype(q.dtype).name)
+    km, vm, table, count = _tables(
+        k_chunk, v_chunk, sel, dims=dims, block_k=block_k, has_cache=has_cache, dtype=jnp.dtype(q.dtype).name
+    )
     kn, vn = (k_cache, v_cache) if has_cache else (k_chunk, v_chunk)
     mem_rows = dims.memory or dims.tokens
     cache_rows = dims.slots * dims.frame_tokens if has_cache else dims.tokens
@@ -55,15 +57,33 @@ def _tables(k_chunk, v_chunk, sel: Selection, *, dims: Dims, block_k: int, has_c
     sfetch = scount = None
     if has_cache:
         sfetch, scount = pack_indices(sel.frames)
-    table, count = tile_table(chunk_fetch=cfetch, chunk_count=ccount, slot_fetch=sfetch, slot_count=scount,
-                              mem_count=mem_count, mem_rows=dims.memory, frame_tokens=dims.frame_tokens,
-                              block_k=block_k)
+    table, count = tile_table(
+        chunk_fetch=cfetch,
+        chunk_count=ccount,
+        slot_fetch=sfetch,
+        slot_count=scount,
+        mem_count=mem_count,
+        mem_rows=dims.memory,
+        frame_tokens=dims.frame_tokens,
+        block_k=block_k,
+    )
     return km, vm, table, count
 
 
-def triton_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, block_q: int = 64,
-                     block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
-                     compute_capability: int | None = None) -> jax.Array:
+def triton_attention(
+    q,
+    k_chunk,
+    v_chunk,
+    k_cache,
+    v_cache,
+    sel: Selection,
+    *,
+    block_q: int = 64,
+    block_k: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    compute_capability: int | None = None,
+) -> jax.Array:
     """Selection attention (same numbers as :func:`fkv_jax.attention.reference.selection_attention`) as a
     Triton kernel called through ``jax_triton.triton_call``; runs on CUDA (and ROCm) GPUs.
 
@@ -82,9 +102,16 @@ def triton_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, b
     TritonBlocks(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
     dims, operands, params = prepare(q, k_chunk, v_chunk, k_cache, v_cache, sel, block_q=block_q, block_k=block_k)
     return jt.triton_call(
-        *operands, kernel=selection_attention_kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=grid(dims, block_q), num_warps=num_warps, num_stages=num_stages,
-        compute_capability=compute_capability, name="fkv_selection_attention", **params)
+        *operands,
+        kernel=selection_attention_kernel,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=grid(dims, block_q),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        compute_capability=compute_capability,
+        name="fkv_selection_attention",
+        **params,
+    )
 
 
 __all__ = ["prepare", "triton_attention"]

@@ -34,10 +34,28 @@ import triton.language as tl
 
 @triton.jit
 def selection_attention_kernel(
-    q_ptr, kc_ptr, vc_ptr, km_ptr, vm_ptr, kn_ptr, vn_ptr, table_ptr, count_ptr, out_ptr,
-    H: tl.constexpr, D: tl.constexpr, S: tl.constexpr, TQ: tl.constexpr, QF: tl.constexpr,
-    ROWS_M: tl.constexpr, ROWS_N: tl.constexpr, N_TILES: tl.constexpr, SCALE: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    km_ptr,
+    vm_ptr,
+    kn_ptr,
+    vn_ptr,
+    table_ptr,
+    count_ptr,
+    out_ptr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    S: tl.constexpr,
+    TQ: tl.constexpr,
+    QF: tl.constexpr,
+    ROWS_M: tl.constexpr,
+    ROWS_N: tl.constexpr,
+    N_TILES: tl.constexpr,
+    SCALE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """q, kc, vc, out: [B, S, H, D]; km, vm: [B, ROWS_M, H, D]; kn, vn: [B, H, ROWS_N = N * T, D] (the
     cache [B, H, N, T, D]); table: int32 [B, QF, H, N_TILES, 4]; count: int32 [B, QF, H].
@@ -120,9 +138,20 @@ def kernel_params(dims, mem_rows: int, cache_rows: int, n_tiles: int, dtype, blo
     """The constexpr arguments of :func:`selection_attention_kernel` for one call."""
     check_head_dim(dims.head_dim)
     TritonBlocks(block_q=block_q, block_k=block_k)
-    return dict(H=dims.heads, D=dims.head_dim, S=dims.tokens, TQ=dims.group_tokens, QF=dims.groups,
-                ROWS_M=mem_rows, ROWS_N=cache_rows, N_TILES=n_tiles, SCALE=1.0 / math.sqrt(dims.head_dim),
-                BLOCK_Q=block_q, BLOCK_K=block_k, PRECISION="ieee" if np.dtype(dtype) == np.float32 else "tf32")
+    return dict(
+        H=dims.heads,
+        D=dims.head_dim,
+        S=dims.tokens,
+        TQ=dims.group_tokens,
+        QF=dims.groups,
+        ROWS_M=mem_rows,
+        ROWS_N=cache_rows,
+        N_TILES=n_tiles,
+        SCALE=1.0 / math.sqrt(dims.head_dim),
+        BLOCK_Q=block_q,
+        BLOCK_K=block_k,
+        PRECISION="ieee" if np.dtype(dtype) == np.float32 else "tf32",
+    )
 
 
 def grid(dims, block_q: int) -> tuple[int, int, int]:

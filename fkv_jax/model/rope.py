@@ -50,9 +50,12 @@ def make_rope_tables(head_dim: int, grid_hw: tuple[int, int], max_frames: int = 
     aw = _angles(gw, cw, 2 * cw)
     f32 = np.float32
     return RopeTables(
-        np.cos(at).astype(f32), np.sin(at).astype(f32),
-        np.cos(ah).astype(f32), np.sin(ah).astype(f32),
-        np.cos(aw).astype(f32), np.sin(aw).astype(f32),
+        np.cos(at).astype(f32),
+        np.sin(at).astype(f32),
+        np.cos(ah).astype(f32),
+        np.sin(ah).astype(f32),
+        np.cos(aw).astype(f32),
+        np.sin(aw).astype(f32),
     )
 
 
@@ -98,7 +101,7 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def _rotate_temporal_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate only the first ``ct`` (temporal) pairs of x [..., D]; cos, sin broadcastable to [..., ct]."""
     ct = rope_split(x.shape[-1])[0]
-    return jnp.concatenate([rotate(x[..., : 2 * ct], cos, sin), x[..., 2 * ct:]], axis=-1)
+    return jnp.concatenate([rotate(x[..., : 2 * ct], cos, sin), x[..., 2 * ct :]], axis=-1)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -13,6 +13,13 @@ from fkv_jax.parallel.mesh import make_mesh, parse_mesh_spec
 from fkv_jax.parallel.sampler import ShardedSampler
 from fkv_jax.parallel.shardings import cache_shardings, param_shardings, param_spec
 
-__all__ = ["ShardedSampler", "cache_shardings", "make_mesh", "param_shardings", "param_spec", "parse_mesh_spec",
-           "sharded",
-           "sharded_attention"]
+__all__ = [
+    "ShardedSampler",
+    "cache_shardings",
+    "make_mesh",
+    "param_shardings",
+    "param_spec",
+    "parse_mesh_spec",
+    "sharded",
+    "sharded_attention",
+]

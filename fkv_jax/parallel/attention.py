@@ -18,11 +18,17 @@ CACHE = P("data", "model", None, None, None)  # [B, H, N, T, D]
 
 def selection_specs(sel: Selection) -> Selection:
     """PartitionSpecs with the structure of ``sel`` (absent optional fields stay None)."""
+
     def maybe(x, spec):
         return None if x is None else spec
 
-    return Selection(frames=HEADS, chunk_mask=maybe(sel.chunk_mask, HEADS), mem_k=maybe(sel.mem_k, HEADS),
-                     mem_v=maybe(sel.mem_v, HEADS), mem_valid=maybe(sel.mem_valid, P("data", "model", None)))
+    return Selection(
+        frames=HEADS,
+        chunk_mask=maybe(sel.chunk_mask, HEADS),
+        mem_k=maybe(sel.mem_k, HEADS),
+        mem_v=maybe(sel.mem_v, HEADS),
+        mem_valid=maybe(sel.mem_valid, P("data", "model", None)),
+    )
 
 
 def sharded(mesh: Mesh, fn):
@@ -35,8 +41,13 @@ def sharded(mesh: Mesh, fn):
     kernel = fn
 
     def call(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection):
-        mapped = jax.shard_map(kernel, mesh=mesh, in_specs=(HEADS, HEADS, HEADS, CACHE, CACHE, selection_specs(sel)),
-                               out_specs=HEADS, check_vma=False)
+        mapped = jax.shard_map(
+            kernel,
+            mesh=mesh,
+            in_specs=(HEADS, HEADS, HEADS, CACHE, CACHE, selection_specs(sel)),
+            out_specs=HEADS,
+            check_vma=False,
+        )
         return mapped(q, k_chunk, v_chunk, k_cache, v_cache, sel)
 
     return call

@@ -39,8 +39,10 @@ def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
             sizes[name] = num_devices // known
     out = {name: sizes.get(name, 1) for name in AXES}
     if math.prod(out.values()) != num_devices:
-        raise ValueError(f"mesh {spec!r} has {math.prod(out.values())} devices, but {num_devices} are available "
-                         f"({jax.default_backend()}); sizes must multiply to the device count")
+        raise ValueError(
+            f"mesh {spec!r} has {math.prod(out.values())} devices, but {num_devices} are available "
+            f"({jax.default_backend()}); sizes must multiply to the device count"
+        )
     return out
 
 

@@ -31,8 +31,14 @@ from fkv_jax.sampling.rollout import Sampler, StepShardings, _named_attention
 def step_shardings(mesh: Mesh) -> StepShardings:
     """The chunk step's shardings on a ``(data, model)`` mesh: batch on ``data``, heads on ``model``."""
     rep = NamedSharding(mesh, P())
-    return StepShardings(cache=cache_shardings(mesh), state=rep, context=NamedSharding(mesh, CONTEXT_KV),
-                         chunk=batch_sharding(mesh, 5), steps=batch_sharding(mesh, 6, batch_axis=1), replicated=rep)
+    return StepShardings(
+        cache=cache_shardings(mesh),
+        state=rep,
+        context=NamedSharding(mesh, CONTEXT_KV),
+        chunk=batch_sharding(mesh, 5),
+        steps=batch_sharding(mesh, 6, batch_axis=1),
+        replicated=rep,
+    )
 
 
 class ShardedSampler(Sampler):
@@ -42,8 +48,18 @@ class ShardedSampler(Sampler):
     :meth:`generate` accepts unsharded params and places them (:meth:`shard_params` does it once up front).
     """
 
-    def __init__(self, graphdef, model_cfg, sampler_cfg, *, mesh: Mesh, batch: int, attention_backend: str = "xla",
-                 attention_kwargs: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        graphdef,
+        model_cfg,
+        sampler_cfg,
+        *,
+        mesh: Mesh,
+        batch: int,
+        attention_backend: str = "xla",
+        attention_kwargs: dict | None = None,
+        **kwargs,
+    ):
         """
         Args:
           mesh: a ``(data, model)`` mesh (:func:`~fkv_jax.parallel.mesh.make_mesh`).
@@ -56,12 +72,20 @@ class ShardedSampler(Sampler):
         check_divisible(model_cfg, mesh, batch)
         dtype = model_dtype(graphdef)
         gh, gw = model_cfg.grid_hw(tuple(kwargs["latent_hw"]))
-        fn = _named_attention(attention_backend, dtype, kwargs.get("cache_dtype") or dtype, model_cfg.head_dim,
-                              gh * gw)  # resolved and checked for this model
+        fn = _named_attention(
+            attention_backend, dtype, kwargs.get("cache_dtype") or dtype, model_cfg.head_dim, gh * gw
+        )  # resolved and checked for this model
         if attention_kwargs:
             fn = functools.partial(fn, **attention_kwargs)
-        super().__init__(graphdef, model_cfg, sampler_cfg, batch=batch, attention=sharded(mesh, fn),
-                         shardings=step_shardings(mesh), **kwargs)
+        super().__init__(
+            graphdef,
+            model_cfg,
+            sampler_cfg,
+            batch=batch,
+            attention=sharded(mesh, fn),
+            shardings=step_shardings(mesh),
+            **kwargs,
+        )
         self.mesh = mesh
         self.cache_sharding = self.shardings.cache
 

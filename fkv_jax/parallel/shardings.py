@@ -46,6 +46,7 @@ def check_divisible(cfg: ModelConfig, mesh: Mesh, batch: int) -> None:
 
 def param_shardings(params, mesh: Mesh):
     """NamedShardings with the structure of ``params`` (an NNX ``State`` or nested dict of arrays)."""
+
     def spec(path, x):
         keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
         keys = tuple(k for k in keys if k != "value")

@@ -133,7 +133,29 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["Call", "DeepForcing", "DummyForcing", "H2O", "RKV", "SnapKV", "FocusedForcing", "FocusedForcingLongLive",
-           "ForcingKV", "Full", "HeadTable", "POLICIES", "Policy", "SinkWindow",
-           "Window", "WriteCall", "dense_selection", "importance_budgets", "load_head_table", "load_importance",
-           "make_policy", "parse_options", "preset", "register"]
+__all__ = [
+    "Call",
+    "DeepForcing",
+    "DummyForcing",
+    "H2O",
+    "RKV",
+    "SnapKV",
+    "FocusedForcing",
+    "FocusedForcingLongLive",
+    "ForcingKV",
+    "Full",
+    "HeadTable",
+    "POLICIES",
+    "Policy",
+    "SinkWindow",
+    "Window",
+    "WriteCall",
+    "dense_selection",
+    "importance_budgets",
+    "load_head_table",
+    "load_importance",
+    "make_policy",
+    "parse_options",
+    "preset",
+    "register",
+]

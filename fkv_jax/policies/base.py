@@ -73,8 +73,10 @@ class WriteCall:
 
 
 jax.tree_util.register_dataclass(
-    WriteCall, data_fields=["state", "cache", "k_new", "v_new", "start_frame", "clean_select", "clean_q"],
-    meta_fields=[])
+    WriteCall,
+    data_fields=["state", "cache", "k_new", "v_new", "start_frame", "clean_select", "clean_q"],
+    meta_fields=[],
+)
 
 
 def value_key(x) -> Any:

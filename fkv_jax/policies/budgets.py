@@ -33,8 +33,9 @@ def importance_budgets(importance: np.ndarray, min_budget: int, max_budget: int,
     s = np.asarray(importance, np.float64)
     lo, hi = s.min(), s.max()
     x = (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
-    return np.asarray([round(min_budget + v ** gamma * (max_budget - min_budget)) for v in x.reshape(-1)],
-                      np.int32).reshape(s.shape)
+    return np.asarray(
+        [round(min_budget + v**gamma * (max_budget - min_budget)) for v in x.reshape(-1)], np.int32
+    ).reshape(s.shape)
 
 
 def fixed_budgets(num_layers: int, num_heads: int, budget: int) -> np.ndarray:
@@ -74,8 +75,9 @@ def adakv_floor(total, num_heads: int, alpha: float):
     return (jnp.asarray(total, jnp.float32) * alpha / num_heads).astype(jnp.int32)
 
 
-def adakv_head_budgets(scores: jax.Array, valid: jax.Array, total, alpha: float = 0.2,
-                       cap: int | None = None) -> jax.Array:
+def adakv_head_budgets(
+    scores: jax.Array, valid: jax.Array, total, alpha: float = 0.2, cap: int | None = None
+) -> jax.Array:
     """Ada-KV allocation of one layer's budget ``total`` (B) over its heads.
 
     Args:
@@ -113,5 +115,13 @@ def head_capacity(per_head_budget: int, num_heads: int, allocator: str, cap_rati
     raise ValueError(f"unknown allocator {allocator!r}; choose one of {ALLOCATORS}")
 
 
-__all__ = ["ALLOCATORS", "adakv_floor", "adakv_head_budgets", "fixed_budgets", "head_capacity", "importance_budgets",
-           "pyramid_budgets", "uniform_head_budgets"]
+__all__ = [
+    "ALLOCATORS",
+    "adakv_floor",
+    "adakv_head_budgets",
+    "fixed_budgets",
+    "head_capacity",
+    "importance_budgets",
+    "pyramid_budgets",
+    "uniform_head_budgets",
+]

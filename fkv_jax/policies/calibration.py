@@ -80,8 +80,9 @@ class AttentionMassProbe(Full):
 
     def select(self, call: Call):
         sel, _ = super().select(call)
-        mass = frame_attention_mass(call.q, call.k_chunk, call.cache_k, call.visible, call.slot_frame,
-                                    call.start_frame, self.max_frames)
+        mass = frame_attention_mass(
+            call.q, call.k_chunk, call.cache_k, call.visible, call.slot_frame, call.start_frame, self.max_frames
+        )
         return sel, mass
 
 
@@ -130,8 +131,14 @@ def profile_static_dynamic(
     total, count = None, 0
     for ri, (ctx, noise) in enumerate(tqdm(runs, desc="calibration runs", disable=None if progress else True)):
         chunks = []
-        sampler.generate(params, ctx, noise, seed=seed + ri, progress=False,
-                         on_chunk=lambda blk, r: chunks.append((blk, np.asarray(r.select_aux))))
+        sampler.generate(
+            params,
+            ctx,
+            noise,
+            seed=seed + ri,
+            progress=False,
+            on_chunk=lambda blk, r: chunks.append((blk, np.asarray(r.select_aux))),
+        )
         for blk, mass in chunks:  # mass [calls, L, H, frames]
             start = blk * c
             if start < min_frame:
@@ -143,10 +150,13 @@ def profile_static_dynamic(
     if count == 0:
         raise ValueError(f"no chunk starts at frame >= {min_frame}: generate more frames for calibration")
     scores = total / count
-    desc = (f"fkv_jax profile: static when mass of the last {last_k} key frames / mass over key frames "
-            f"[{skip_first_k}:] >= {threshold}; {len(runs)} run(s), chunks from frame {min_frame}")
-    return classify_heads(scores, threshold, profile=f"fkv_jax_last{last_k}_skip{skip_first_k}_thr{threshold}",
-                          description=desc), scores
+    desc = (
+        f"fkv_jax profile: static when mass of the last {last_k} key frames / mass over key frames "
+        f"[{skip_first_k}:] >= {threshold}; {len(runs)} run(s), chunks from frame {min_frame}"
+    )
+    return classify_heads(
+        scores, threshold, profile=f"fkv_jax_last{last_k}_skip{skip_first_k}_thr{threshold}", description=desc
+    ), scores
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -206,8 +216,9 @@ def head_importance(
     scores = np.zeros((L, H))
     bar = tqdm(total=len(runs) * (L * H + 1), desc="head ablations", disable=None if progress else True)
     for ri, (ctx, noise) in enumerate(runs):
-        ref = sampler.generate(params, ctx, noise, seed=seed + ri, progress=False,
-                               state=jax.tree.map(jnp.array, base_state))
+        ref = sampler.generate(
+            params, ctx, noise, seed=seed + ri, progress=False, state=jax.tree.map(jnp.array, base_state)
+        )
         bar.update(1)
         for layer in range(L):
             for head in range(H):

@@ -62,13 +62,17 @@ class DeepForcing(TokenMemory):
 
     def geometry(self, base, num_frames=None):
         if self.memory_frames != int(self.memory_frames) or self.memory_frames < 0:
-            raise ValueError(f"deep_forcing: memory_frames (C = N - R - S) must be a whole number of frames, "
-                             f"got {self.memory_frames}")
+            raise ValueError(
+                f"deep_forcing: memory_frames (C = N - R - S) must be a whole number of frames, "
+                f"got {self.memory_frames}"
+            )
         if self.recent_frames < 1:
             raise ValueError("deep_forcing needs recent_frames >= 1 (their queries score the candidates)")
         if self.allocator != "uniform" or self.layer_schedule != "uniform":
-            raise ValueError("deep_forcing keeps the same C frames' worth of tokens in every head and layer "
-                             "(allocator='uniform', layer_schedule='uniform'): the RoPE layout depends on it")
+            raise ValueError(
+                "deep_forcing keeps the same C frames' worth of tokens in every head and layer "
+                "(allocator='uniform', layer_schedule='uniform'): the RoPE layout depends on it"
+            )
         return super().geometry(base, num_frames)
 
     # ---- state: the recent frames' query sums, the sink's RoPE position ----------------------------------

@@ -51,8 +51,9 @@ def sample_rows(num_queries: int, num_rows: int) -> np.ndarray:
     return (np.arange(r) * num_queries) // r
 
 
-def group_masses(q: jax.Array, k_chunk: jax.Array, cache_k: jax.Array, first: jax.Array, mid: jax.Array,
-                 rows: np.ndarray) -> jax.Array:
+def group_masses(
+    q: jax.Array, k_chunk: jax.Array, cache_k: jax.Array, first: jax.Array, mid: jax.Array, rows: np.ndarray
+) -> jax.Array:
     """Mean attention mass per head on [first slots | mid slots | own chunk]: float32 [B, H, 3].
 
     q, k_chunk: [B, C*T, H, D] rotated; cache_k: [B, H, N, T, D]; first, mid: bool [N] (disjoint);
@@ -68,7 +69,7 @@ def group_masses(q: jax.Array, k_chunk: jax.Array, cache_k: jax.Array, first: ja
     p_slot = p[..., : n * t].reshape(b, h, len(rows), n, t).sum(-1)  # [B, H, R, N]
     p_first = (p_slot * first).sum(-1).mean(-1)
     p_mid = (p_slot * mid).sum(-1).mean(-1)
-    p_last = p[..., n * t:].sum(-1).mean(-1)
+    p_last = p[..., n * t :].sum(-1).mean(-1)
     return jnp.stack([p_first, p_mid, p_last], -1)
 
 
@@ -104,8 +105,10 @@ class DummyForcing(Policy):
 
     def geometry(self, base, num_frames=None):
         if self.ar_start < 1:
-            raise ValueError("dummy_forcing needs ar_start >= 1: the classification compares sink and mid-context "
-                             "attention, which chunk 0 does not have")
+            raise ValueError(
+                "dummy_forcing needs ar_start >= 1: the classification compares sink and mid-context "
+                "attention, which chunk 0 does not have"
+            )
         if self.local_context_length < 1:
             raise ValueError("dummy_forcing needs local_context_length >= 1")
         self.dummies(base.num_layers, base.num_heads)
@@ -135,7 +138,8 @@ class DummyForcing(Policy):
         mass = jax.lax.cond(
             call.is_clean_pass & (block == self.ar_start),
             lambda: group_masses(call.q, call.k_chunk, call.cache_k, sink, mid, self._rows(c, t)),
-            lambda: jnp.zeros((b, geom.num_heads, 3), jnp.float32))
+            lambda: jnp.zeros((b, geom.num_heads, 3), jnp.float32),
+        )
         return Selection(frames=frames), {"mass": mass}
 
     def on_write(self, call):
@@ -145,5 +149,7 @@ class DummyForcing(Policy):
         group, cost = classify_heads(mass, self.dummies(L, h))
         now = start_frame // c == self.ar_start
         new_group = jnp.where(now, group, state["layers"]["group"])
-        return ({**state, "layers": {**state["layers"], "group": new_group}},
-                {"group": new_group, "cost": jnp.where(now, cost, jnp.nan)})
+        return (
+            {**state, "layers": {**state["layers"], "group": new_group}},
+            {"group": new_group, "cost": jnp.where(now, cost, jnp.nan)},
+        )

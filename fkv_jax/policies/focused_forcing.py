@@ -62,8 +62,10 @@ class FocusedForcing(Policy):
     def budgets(self, num_layers: int, num_heads: int) -> np.ndarray:
         if self.importance is None:
             if self.min_budget != self.max_budget:
-                raise ValueError("focused_forcing needs per-head importance (--head-importance FILE.json) "
-                                 "unless min_budget == max_budget")
+                raise ValueError(
+                    "focused_forcing needs per-head importance (--head-importance FILE.json) "
+                    "unless min_budget == max_budget"
+                )
             return np.full((num_layers, num_heads), self.min_budget, np.int32)
         imp = np.asarray(self.importance)
         if imp.shape != (num_layers, num_heads):
@@ -74,8 +76,9 @@ class FocusedForcing(Policy):
         c = base.frames_per_block
         hist = self.local_attn_size - c
         if hist < FRONT + 1:
-            raise ValueError(f"local_attn_size={self.local_attn_size} leaves {hist} history frames; "
-                             f"need >= {FRONT + 1}")
+            raise ValueError(
+                f"local_attn_size={self.local_attn_size} leaves {hist} history frames; need >= {FRONT + 1}"
+            )
         if self.min_budget < FRONT + 1 or self.max_budget < self.min_budget:
             raise ValueError(f"need {FRONT + 1} <= min_budget <= max_budget, got {self.min_budget}, {self.max_budget}")
         self.budgets(base.num_layers, base.num_heads)
@@ -121,8 +124,7 @@ class FocusedForcing(Policy):
         div = jax.vmap(jax.vmap(lambda k: key_diversity(k.astype(jnp.float32), jnp.ones((hist,), bool))))(keys)
         div_z = zscore_std(div, axis=-1)  # [L, B, H, hist]
         active = self._active(start_frame, c)
-        state = dict(state, hist_slots=order,
-                     layers={"div_z": jnp.where(active, div_z, state["layers"]["div_z"])})
+        state = dict(state, hist_slots=order, layers={"div_z": jnp.where(active, div_z, state["layers"]["div_z"])})
         return state, cache
 
     # ---- every call -------------------------------------------------------------------------------
@@ -137,8 +139,9 @@ class FocusedForcing(Policy):
         extra = jnp.clip(budgets - (c + 1), 0, hist - 1)  # [H]
         k_extra = int(np.clip(self.budgets(geom.num_layers, geom.num_heads).max() - (c + 1), 0, hist - 1))
 
-        attn_z = pooled_attention_z(call.q.reshape(b, c, t, h, d), call.cache_k[:, :, hist_slots], groups,
-                                    self.pool_alpha)  # [B, C, H, hist]
+        attn_z = pooled_attention_z(
+            call.q.reshape(b, c, t, h, d), call.cache_k[:, :, hist_slots], groups, self.pool_alpha
+        )  # [B, C, H, hist]
         score = self.attn_weight * attn_z + (1 - self.attn_weight) * call.layer_state["div_z"][:, None]
         front = jnp.argmax(score[..., :FRONT], axis=-1)  # [B, C, H], first maximum on ties
         pos = jnp.arange(hist)
@@ -146,16 +149,20 @@ class FocusedForcing(Policy):
         _, top = jax.lax.top_k(rest, k_extra) if k_extra else (None, jnp.zeros((b, c, h, 0), jnp.int32))
         keep_top = jnp.arange(k_extra) < extra[None, None, :, None]  # [1, 1, H, k_extra]
         chosen = (pos == front[..., None]) | jnp.any(
-            (top[..., None] == pos) & keep_top[..., None], axis=-2)  # [B, C, H, hist]
+            (top[..., None] == pos) & keep_top[..., None], axis=-2
+        )  # [B, C, H, hist]
         slot_mask = jnp.zeros((b, c, h, geom.num_slots), bool).at[..., hist_slots].set(chosen)
         sel_frames = pack_mask(slot_mask, 1 + k_extra)
         dense = dense_selection(call, call.visible)
         active = self._active(call.start_frame, c)
         k_max = max(geom.num_slots, 1 + k_extra)
+
         def pad(f):
             return jnp.pad(f, ((0, 0), (0, 0), (0, 0), (0, k_max - f.shape[-1])), constant_values=-1)
-        frames = jnp.where(active, pad(sel_frames),
-                           pad(jnp.broadcast_to(dense.frames, (b, 1, h, dense.frames.shape[-1])).repeat(c, 1)))
+
+        frames = jnp.where(
+            active, pad(sel_frames), pad(jnp.broadcast_to(dense.frames, (b, 1, h, dense.frames.shape[-1])).repeat(c, 1))
+        )
         aux = {"attn_z": attn_z, "selected": jnp.where(active, slot_mask, False)}
         return Selection(frames=frames), aux
 

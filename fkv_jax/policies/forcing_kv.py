@@ -51,8 +51,10 @@ class ForcingKV(Policy):
         if self.head_table is None:
             return np.zeros((geom.num_layers, geom.num_heads), bool)
         if self.head_table.dynamic.shape != (geom.num_layers, geom.num_heads):
-            raise ValueError(f"head table is {self.head_table.dynamic.shape} (layers, heads); the model has "
-                             f"({geom.num_layers}, {geom.num_heads})")
+            raise ValueError(
+                f"head table is {self.head_table.dynamic.shape} (layers, heads); the model has "
+                f"({geom.num_layers}, {geom.num_heads})"
+            )
         return self.head_table.dynamic
 
     def keep_segments(self, frames_per_block: int) -> int:
@@ -71,12 +73,16 @@ class ForcingKV(Policy):
         if self.dynamic_temporal_enabled and keep != self.dynamic_context_length * self.num_frame_patch:
             raise ValueError(
                 f"round({c} * num_frame_patch * sim_retention_ratio) = {keep} segments must equal "
-                f"dynamic_context_length * num_frame_patch = {self.dynamic_context_length * self.num_frame_patch}")
+                f"dynamic_context_length * num_frame_patch = {self.dynamic_context_length * self.num_frame_patch}"
+            )
         ring = max(self.spatial_context_length, self.temporal_context_length)
         geom = window_geometry(base, self.sink_size + ring + c, self.sink_size, None)
         self._table(geom)
-        if self.dynamic_temporal_enabled and not self._table(geom)[self.score_layer].any() and \
-                self._table(geom)[1:].any():
+        if (
+            self.dynamic_temporal_enabled
+            and not self._table(geom)[self.score_layer].any()
+            and self._table(geom)[1:].any()
+        ):
             raise ValueError(f"score_layer={self.score_layer} has no dynamic head to score segments with")
         return geom
 
@@ -84,8 +90,10 @@ class ForcingKV(Policy):
     def init_state(self, geom):
         m = self.buffer_tokens(geom) if self.dynamic_temporal_enabled else 0
         shape = (geom.num_layers, geom.batch, m, geom.num_heads, geom.head_dim)
-        return {"layers": {"mem_k": jnp.zeros(shape, geom.dtype), "mem_v": jnp.zeros(shape, geom.dtype)},
-                "mem_count": jnp.zeros((), jnp.int32)}
+        return {
+            "layers": {"mem_k": jnp.zeros(shape, geom.dtype), "mem_v": jnp.zeros(shape, geom.dtype)},
+            "mem_count": jnp.zeros((), jnp.int32),
+        }
 
     def _grouped(self, layer, start_frame, c):
         return (start_frame // c > self.ar_start) & (layer != 0)
@@ -107,8 +115,12 @@ class ForcingKV(Policy):
         m = call.layer_state["mem_k"].shape[1]
         if m:
             valid = grouped & dyn[:, None] & (jnp.arange(m) < call.state["mem_count"])[None]  # [H, M]
-            sel = dataclasses.replace(sel, mem_k=call.layer_state["mem_k"], mem_v=call.layer_state["mem_v"],
-                                      mem_valid=jnp.broadcast_to(valid[None], (b, geom.num_heads, m)))
+            sel = dataclasses.replace(
+                sel,
+                mem_k=call.layer_state["mem_k"],
+                mem_v=call.layer_state["mem_v"],
+                mem_valid=jnp.broadcast_to(valid[None], (b, geom.num_heads, m)),
+            )
         return sel, None
 
     # ---- the clean pass: refresh the segment buffer -----------------------------------------------
@@ -125,7 +137,9 @@ class ForcingKV(Policy):
         # candidates: the C frames leaving the dynamic ring, each compared with the frame after it
         cand = start_frame - self.temporal_context_length + jnp.arange(c + 1)
 
-        def frames_of(kk, kn, layer=None):  # [B, H, N, T, D] (or [L, ...] + layer), [B, H, C, T, D] -> [C+1, B, H, T, D]
+        def frames_of(
+            kk, kn, layer=None
+        ):  # [B, H, N, T, D] (or [L, ...] + layer), [B, H, C, T, D] -> [C+1, B, H, T, D]
             return jax.vmap(lambda f: frame_kv(kk, kn, cache["slot_frame"], start_frame, f, layer))(cand)
 
         ls = self.score_layer
@@ -145,10 +159,11 @@ class ForcingKV(Policy):
         mem_v = jax.vmap(gather)(cache["v"], v_new).astype(state["layers"]["mem_v"].dtype)
         active = self._grouped(1, start_frame, c)  # a grouped block: the buffer is (re)filled
         new = {
-            "layers": {"mem_k": jnp.where(active, mem_k, state["layers"]["mem_k"]),
-                       "mem_v": jnp.where(active, mem_v, state["layers"]["mem_v"])},
+            "layers": {
+                "mem_k": jnp.where(active, mem_k, state["layers"]["mem_k"]),
+                "mem_v": jnp.where(active, mem_v, state["layers"]["mem_v"]),
+            },
             "mem_count": jnp.where(active, jnp.int32(keep * seg), state["mem_count"]),
         }
-        aux = {"selected": jnp.where(active, idx, -1),
-               "scores": jnp.where(active, scores, jnp.nan)}
+        aux = {"selected": jnp.where(active, idx, -1), "scores": jnp.where(active, scores, jnp.nan)}
         return new, aux

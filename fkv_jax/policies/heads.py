@@ -48,10 +48,19 @@ class HeadTable(ValueHashed):
 
     def to_json(self) -> dict:
         return {
-            "format": FORMAT, "profile": self.profile, "num_layers": self.num_layers, "num_heads": self.num_heads,
+            "format": FORMAT,
+            "profile": self.profile,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
             "description": self.description,
-            "layers": [{"layer_idx": i, "static_head": [int(h) for h in np.flatnonzero(~row)],
-                        "dynamic_head": [int(h) for h in np.flatnonzero(row)]} for i, row in enumerate(self.dynamic)],
+            "layers": [
+                {
+                    "layer_idx": i,
+                    "static_head": [int(h) for h in np.flatnonzero(~row)],
+                    "dynamic_head": [int(h) for h in np.flatnonzero(row)],
+                }
+                for i, row in enumerate(self.dynamic)
+            ],
         }
 
     def save(self, path: str | Path) -> None:
@@ -74,8 +83,9 @@ def resolve_head_table(name_or_path: str | Path) -> Path:
         return p
     packaged = presets.path("heads", str(name_or_path))
     if packaged is None:
-        raise ValueError(f"head table {name_or_path!r} is neither a file nor a packaged table "
-                         f"({', '.join(packaged_head_tables())})")
+        raise ValueError(
+            f"head table {name_or_path!r} is neither a file nor a packaged table ({', '.join(packaged_head_tables())})"
+        )
     return Path(str(packaged))
 
 
@@ -129,8 +139,10 @@ def load_importance(path: str | Path, num_layers: int, num_heads: int) -> np.nda
     keys = sorted(int(k) for k in raw)
     if keys != list(range(n)):
         missing = sorted(set(range(n)) - set(keys))[:10]
-        raise ValueError(f"head importance file {path} must have one score per head 0..{n - 1} "
-                         f"(layer * {num_heads} + head); missing e.g. {missing}, has {len(keys)} entries")
+        raise ValueError(
+            f"head importance file {path} must have one score per head 0..{n - 1} "
+            f"(layer * {num_heads} + head); missing e.g. {missing}, has {len(keys)} entries"
+        )
     return np.asarray([float(raw[str(i)]) for i in range(n)], np.float64).reshape(num_layers, num_heads)
 
 

@@ -31,8 +31,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from fkv_jax.policies.token_memory import (Candidates, TokenMemory, masked_softmax, mean_cosine_to_others,
-                                           pool1d)
+from fkv_jax.policies.token_memory import Candidates, TokenMemory, masked_softmax, mean_cosine_to_others, pool1d
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -48,7 +47,7 @@ class H2O(TokenMemory):
         ls = x.layer.state
         running = ls["slot_score"] + x.mass_cache  # [B, H, N, T]: every slot's total after this pass
         ev = x.evicted(running[..., None], x.mass_chunk[..., None])[..., 0]  # [B, C*T, H]
-        score = jnp.concatenate([ls["mem_score"] + x.mass_cand[..., :cand.num_mem], jnp.moveaxis(ev, 1, 2)], -1)
+        score = jnp.concatenate([ls["mem_score"] + x.mass_cand[..., : cand.num_mem], jnp.moveaxis(ev, 1, 2)], -1)
         # the frames written now start with what their own chunk gave them
         slot_score = running.at[:, :, x.written].set(x.mass_chunk, mode="drop")
         return score, {"slot_score": slot_score}

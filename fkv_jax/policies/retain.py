@@ -18,8 +18,14 @@ def recent_slots(slot_frame: jax.Array, start_frame: jax.Array, frames) -> jax.A
     return (slot_frame >= 0) & (slot_frame < start_frame) & (slot_frame >= start_frame - frames)
 
 
-def frame_kv(cache_k: jax.Array, k_new: jax.Array, slot_frame: jax.Array, start_frame: jax.Array,
-             frame: jax.Array, layer: int | None = None) -> jax.Array:
+def frame_kv(
+    cache_k: jax.Array,
+    k_new: jax.Array,
+    slot_frame: jax.Array,
+    start_frame: jax.Array,
+    frame: jax.Array,
+    layer: int | None = None,
+) -> jax.Array:
     """K (or V) of absolute ``frame``, from the cache if it is older than the chunk, else from the chunk's own.
 
     cache_k: [..., N, T, D] (heads-first: [B, H, N, T, D]), or with ``layer`` the whole cache [L, B, H, N, T, D]
@@ -40,6 +46,14 @@ def frame_kv(cache_k: jax.Array, k_new: jax.Array, slot_frame: jax.Array, start_
 def window_geometry(base: CacheGeometry, local_attn_size: int, sink_size: int, capacity: int | None) -> CacheGeometry:
     """``base`` with another upstream-style window (``local_attn_size``, ``sink_size``; -1 = global of ``capacity``)."""
     return CacheGeometry.from_upstream(
-        local_attn_size=local_attn_size, sink_size=sink_size, frames_per_block=base.frames_per_block,
-        num_layers=base.num_layers, batch=base.batch, tokens_per_frame=base.tokens_per_frame,
-        num_heads=base.num_heads, head_dim=base.head_dim, capacity_frames=capacity, grid_hw=base.grid_hw)
+        local_attn_size=local_attn_size,
+        sink_size=sink_size,
+        frames_per_block=base.frames_per_block,
+        num_layers=base.num_layers,
+        batch=base.batch,
+        tokens_per_frame=base.tokens_per_frame,
+        num_heads=base.num_heads,
+        head_dim=base.head_dim,
+        capacity_frames=capacity,
+        grid_hw=base.grid_hw,
+    )

@@ -41,8 +41,13 @@ import numpy as np
 
 from fkv_jax.cache.kv_cache import CacheGeometry, slot_of_frames, visible_slots
 from fkv_jax.policies.base import Call, Policy, WriteCall, dense_selection
-from fkv_jax.policies.budgets import (ALLOCATORS, adakv_head_budgets, head_capacity, pyramid_budgets,
-                                      uniform_head_budgets)
+from fkv_jax.policies.budgets import (
+    ALLOCATORS,
+    adakv_head_budgets,
+    head_capacity,
+    pyramid_budgets,
+    uniform_head_budgets,
+)
 from fkv_jax.policies.retain import frame_kv, window_geometry
 
 _BIG = np.iinfo(np.int32).max
@@ -53,9 +58,15 @@ def _divisor_at_most(n: int, k: int) -> int:
     return max(d for d in range(1, min(n, max(k, 1)) + 1) if n % d == 0)
 
 
-def attention_mass(q: jax.Array, k_chunk: jax.Array, k_cache: jax.Array, slot_mask: jax.Array,
-                   mem_k: jax.Array | None = None, mem_valid: jax.Array | None = None,
-                   block: int = 512) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def attention_mass(
+    q: jax.Array,
+    k_chunk: jax.Array,
+    k_cache: jax.Array,
+    slot_mask: jax.Array,
+    mem_k: jax.Array | None = None,
+    mem_valid: jax.Array | None = None,
+    block: int = 512,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Mean softmax attention mass each key receives from the queries ``q``.
 
     The softmax of a query runs over the chunk's keys (all allowed), the tokens of the cache slots with
@@ -91,8 +102,8 @@ def attention_mass(q: jax.Array, k_chunk: jax.Array, k_cache: jax.Array, slot_ma
     acc, _ = jax.lax.scan(body, jnp.zeros(mask.shape, jnp.float32), jnp.moveaxis(qs, 1, 0))
     acc = acc / nq
     chunk = acc[..., :qk]  # [B, H, Qk]
-    cache = acc[..., qk:qk + n * t].reshape(b, h, n, t)
-    return chunk, cache, (acc[..., qk + n * t:] if m else None)
+    cache = acc[..., qk : qk + n * t].reshape(b, h, n, t)
+    return chunk, cache, (acc[..., qk + n * t :] if m else None)
 
 
 def pool1d(x: jax.Array, kernel: int, mode: str = "avg") -> jax.Array:
@@ -139,8 +150,9 @@ def take_per_head(x: jax.Array, idx: jax.Array) -> jax.Array:
 def cache_geometry_of(k_new: jax.Array, sink: int, ring: int) -> CacheGeometry:
     """The geometry of the cache ``on_write`` is about to write into, from the chunk's K [L, B, H, C, T, Dh]."""
     L, b, h, c, t, d = k_new.shape
-    return CacheGeometry(num_layers=L, batch=b, sink=sink, ring=ring, tokens_per_frame=t, num_heads=h, head_dim=d,
-                         frames_per_block=c)
+    return CacheGeometry(
+        num_layers=L, batch=b, sink=sink, ring=ring, tokens_per_frame=t, num_heads=h, head_dim=d, frames_per_block=c
+    )
 
 
 # ---- the mechanism ---------------------------------------------------------------------------------------
@@ -159,8 +171,8 @@ class LayerInputs:
 
 
 jax.tree_util.register_dataclass(
-    LayerInputs, data_fields=["cache_k", "cache_v", "k_new", "v_new", "state", "budget", "q", "extra"],
-    meta_fields=[])
+    LayerInputs, data_fields=["cache_k", "cache_v", "k_new", "v_new", "state", "budget", "q", "extra"], meta_fields=[]
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,8 +323,16 @@ class TokenMemory(Policy):
             raise ValueError(f"{self.name}.on_write needs the clean pass's queries (WriteCall.clean_q)")
         budgets = jnp.asarray(self.layer_budgets(L, t))
         mc = state["layers"]["mem_k"].shape[2]
-        xs = LayerInputs(cache_k=cache["k"], cache_v=cache["v"], k_new=k_new, v_new=v_new, state=state["layers"],
-                         budget=budgets, q=q_all, extra=self.extra_layer_inputs(call))
+        xs = LayerInputs(
+            cache_k=cache["k"],
+            cache_v=cache["v"],
+            k_new=k_new,
+            v_new=v_new,
+            state=state["layers"],
+            budget=budgets,
+            q=q_all,
+            extra=self.extra_layer_inputs(call),
+        )
         ev_src = (ev[:, None] * t + jnp.arange(t, dtype=jnp.int32)[None]).reshape(-1)  # [C*T]
         evicted = Evicted(frames=ev, slot_frame=sf, start_frame=start_frame)
 
@@ -324,15 +344,23 @@ class TokenMemory(Policy):
                 valid=jnp.concatenate([ls["mem_valid"], jnp.broadcast_to(jnp.repeat(ev_ok, t), (b, h, c * t))], -1),
                 src=jnp.concatenate([ls["mem_src"], jnp.broadcast_to(ev_src, (b, h, c * t))], -1),
                 pos=jnp.concatenate([ls["mem_pos"], jnp.broadcast_to(ev_src // t, (b, h, c * t))], -1),
-                num_mem=mc)
+                num_mem=mc,
+            )
             if self.uses_mass:
                 k_chunk = jnp.moveaxis(li.k_new, 1, 3).reshape(b, c * t, h, d)  # token-major, chunk-sized
                 m_chunk, m_cache, m_mem = attention_mass(
-                    li.q, k_chunk, li.cache_k, vis, ls["mem_k"], ls["mem_valid"], self.query_block)
+                    li.q, k_chunk, li.cache_k, vis, ls["mem_k"], ls["mem_valid"], self.query_block
+                )
                 m_chunk = m_chunk.reshape(b, h, c, t)
                 m_ev = evicted(m_cache[..., None], m_chunk[..., None])[..., 0]  # [B, C*T, H]
-                x = ScoreInputs(layer=li, evicted=evicted, written=written, mass_cache=m_cache, mass_chunk=m_chunk,
-                                mass_cand=jnp.concatenate([m_mem, jnp.moveaxis(m_ev, 1, 2)], -1))
+                x = ScoreInputs(
+                    layer=li,
+                    evicted=evicted,
+                    written=written,
+                    mass_cache=m_cache,
+                    mass_chunk=m_chunk,
+                    mass_cand=jnp.concatenate([m_mem, jnp.moveaxis(m_ev, 1, 2)], -1),
+                )
             else:
                 x = ScoreInputs(layer=li, evicted=evicted, written=written)
             score, updates = self.score_candidates(cand, x)
@@ -372,5 +400,4 @@ class TokenMemory(Policy):
 
 def resident_bytes(geom: CacheGeometry, state: Any, cache_dtype=None) -> int:
     """Resident bytes of a policy: its physical KV cache plus every array of its state."""
-    return geom.kv_bytes(cache_dtype) + sum(int(np.prod(x.shape)) * x.dtype.itemsize
-                                            for x in jax.tree.leaves(state))
+    return geom.kv_bytes(cache_dtype) + sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))

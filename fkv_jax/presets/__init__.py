@@ -25,8 +25,11 @@ def _folder(kind: str) -> Traversable:
 def names(kind: str) -> list[str]:
     """The preset names of one kind, sorted."""
     prefix = _PREFIX.get(kind, "")
-    return sorted(p.name[len(prefix):-5] for p in _folder(kind).iterdir()
-                  if p.name.endswith(".json") and p.name.startswith(prefix))
+    return sorted(
+        p.name[len(prefix) : -5]
+        for p in _folder(kind).iterdir()
+        if p.name.endswith(".json") and p.name.startswith(prefix)
+    )
 
 
 def path(kind: str, name: str) -> Traversable | None:

@@ -41,8 +41,19 @@ def recache_frames(geom: CacheGeometry, local_attn_size: int, start_frame: int) 
     return start_frame if geom.global_attn or local_attn_size == -1 else min(local_attn_size, start_frame)
 
 
-def recache(graphdef: nnx.GraphDef, geom: CacheGeometry, rope, params, cache: dict, ctx_kv, latents: jax.Array,
-            recache_start: jax.Array, rewrite_sink: jax.Array, *, attention: Callable | None = None) -> dict:
+def recache(
+    graphdef: nnx.GraphDef,
+    geom: CacheGeometry,
+    rope,
+    params,
+    cache: dict,
+    ctx_kv,
+    latents: jax.Array,
+    recache_start: jax.Array,
+    rewrite_sink: jax.Array,
+    *,
+    attention: Callable | None = None,
+) -> dict:
     """Re-compute the cache from clean latents with new text K/V (one model call at ``t = 0``).
 
     Args:
@@ -68,8 +79,9 @@ def recache(graphdef: nnx.GraphDef, geom: CacheGeometry, rope, params, cache: di
     slots = kept_sink & ~rewrite
     own = rewrite | (frame_pos >= recache_start + s)
     h = geom.num_heads
-    sel = Selection(frames=pack_mask(jnp.broadcast_to(slots, (b, 1, h, num_slots))),
-                    chunk_mask=jnp.broadcast_to(own, (b, 1, h, n)))
+    sel = Selection(
+        frames=pack_mask(jnp.broadcast_to(slots, (b, 1, h, num_slots))), chunk_mask=jnp.broadcast_to(own, (b, 1, h, n))
+    )
 
     def attn_fn(layer, lx, q, k, v):
         ck, cv = lx
@@ -87,8 +99,12 @@ def recache(graphdef: nnx.GraphDef, geom: CacheGeometry, rope, params, cache: di
     # the sink: the first S re-cached frames, or untouched; then the window from frame rs + S on
     sink_k = jnp.where(rewrite, k_new[:, :, :, :s].astype(cache["k"].dtype), cache["k"][:, :, :, :s])
     sink_v = jnp.where(rewrite, v_new[:, :, :, :s].astype(cache["v"].dtype), cache["v"][:, :, :, :s])
-    cache = {**cache, "k": cache["k"].at[:, :, :, :s].set(sink_k), "v": cache["v"].at[:, :, :, :s].set(sink_v),
-             "slot_frame": cache["slot_frame"].at[:s].set(jnp.where(rewrite, frame_pos[:s], sf[:s]))}
+    cache = {
+        **cache,
+        "k": cache["k"].at[:, :, :, :s].set(sink_k),
+        "v": cache["v"].at[:, :, :, :s].set(sink_v),
+        "slot_frame": cache["slot_frame"].at[:s].set(jnp.where(rewrite, frame_pos[:s], sf[:s])),
+    }
     return write(geom, cache, k_new[:, :, :, s:], v_new[:, :, :, s:], recache_start + s)
 
 
@@ -99,15 +115,19 @@ class PromptSwitcher:
         if getattr(sampler, "rope_mode", "absolute") != "absolute":
             raise ValueError("prompt switching (KV re-cache) supports rope_mode='absolute' only")
         if type(sampler.policy) is not Policy:
-            raise ValueError(f"prompt switching (KV re-cache) needs the plain cache; the sampler uses the "
-                             f"{getattr(sampler.policy, 'name', type(sampler.policy).__name__)!r} policy")
+            raise ValueError(
+                f"prompt switching (KV re-cache) needs the plain cache; the sampler uses the "
+                f"{getattr(sampler.policy, 'name', type(sampler.policy).__name__)!r} policy"
+            )
         self.sampler, self.global_sink = sampler, global_sink
         graphdef = graphdef if graphdef is not None else sampler._graphdef
         geom, rope = sampler.geom, sampler.rope
         self._fn = jax.jit(
-            lambda params, cache, ctx_kv, lat, rs, rewrite: recache(graphdef, geom, rope, params, cache, ctx_kv, lat,
-                                                                    rs, rewrite, attention=sampler.attention),
-            donate_argnums=(1,))
+            lambda params, cache, ctx_kv, lat, rs, rewrite: recache(
+                graphdef, geom, rope, params, cache, ctx_kv, lat, rs, rewrite, attention=sampler.attention
+            ),
+            donate_argnums=(1,),
+        )
 
     def num_frames(self, start_frame: int) -> int:
         return recache_frames(self.sampler.geom, self.sampler.sampler_cfg.local_attn_size, start_frame)
@@ -133,8 +153,10 @@ class PromptSchedule:
         if not self.prompts:
             raise ValueError("a prompt schedule needs at least one prompt")
         if len(self.switch_frames) != len(self.prompts) - 1:
-            raise ValueError(f"{len(self.prompts)} prompts need {len(self.prompts) - 1} switch frames, got "
-                             f"{len(self.switch_frames)} ({list(self.switch_frames)})")
+            raise ValueError(
+                f"{len(self.prompts)} prompts need {len(self.prompts) - 1} switch frames, got "
+                f"{len(self.switch_frames)} ({list(self.switch_frames)})"
+            )
         if any(f <= 0 for f in self.switch_frames) or list(self.switch_frames) != sorted(set(self.switch_frames)):
             raise ValueError(f"switch frames must be positive and strictly increasing, got {list(self.switch_frames)}")
 

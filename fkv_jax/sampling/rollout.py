@@ -120,10 +120,17 @@ class Sampler:
             cache_frames = num_frames if num_frames is not None else c  # a placeholder until a policy decides
         gh, gw = model_cfg.grid_hw(self.latent_hw)
         base = CacheGeometry.from_upstream(
-            local_attn_size=sampler_cfg.local_attn_size, sink_size=sampler_cfg.sink_size, frames_per_block=c,
-            num_layers=model_cfg.num_layers, batch=batch, tokens_per_frame=gh * gw,
-            num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, capacity_frames=cache_frames,
-            grid_hw=(gh, gw))
+            local_attn_size=sampler_cfg.local_attn_size,
+            sink_size=sampler_cfg.sink_size,
+            frames_per_block=c,
+            num_layers=model_cfg.num_layers,
+            batch=batch,
+            tokens_per_frame=gh * gw,
+            num_heads=model_cfg.num_heads,
+            head_dim=model_cfg.head_dim,
+            capacity_frames=cache_frames,
+            grid_hw=(gh, gw),
+        )
         self.policy = policy if policy is not None else Policy()
         # the policy decides the slots; the cache dtype is the Sampler's (policies read it from geom.dtype)
         self.geom = dataclasses.replace(self.policy.geometry(base, num_frames), dtype=jnp.dtype(cache_dtype).name)
@@ -139,15 +146,28 @@ class Sampler:
 
         self.trajectories = trajectories
         self.cache_dtype = cache_dtype.name
-        self.attention = attention if attention is not None else _named_attention(
-            attention_backend, self.dtype, self.cache_dtype, model_cfg.head_dim, gh * gw)
+        self.attention = (
+            attention
+            if attention is not None
+            else _named_attention(attention_backend, self.dtype, self.cache_dtype, model_cfg.head_dim, gh * gw)
+        )
         self.schedule: Schedule = make_schedule(sampler_cfg)
         self.rope = make_rope_tables(model_cfg.head_dim, (gh, gw), model_cfg.rope_max_frames)
         t_sin = timestep_sinusoid_np(self.schedule.timesteps, model_cfg.freq_dim)  # [n + 1, freq_dim]
         self._graphdef = graphdef
-        step, prefill = _make_chunk_step(graphdef, self.geom, self.schedule, self.rope, t_sin, self.policy,
-                                         self.attention, rope_mode == "window_relative", sampler_cfg.solver,
-                                         sampler_cfg.prediction, trajectories)
+        step, prefill = _make_chunk_step(
+            graphdef,
+            self.geom,
+            self.schedule,
+            self.rope,
+            t_sin,
+            self.policy,
+            self.attention,
+            rope_mode == "window_relative",
+            sampler_cfg.solver,
+            sampler_cfg.prediction,
+            trajectories,
+        )
         self.prefill_step = jax.jit(prefill, donate_argnums=(1, 2))
         self.trace_count = 0
 
@@ -165,12 +185,13 @@ class Sampler:
         else:
             # params keep their placement; the policy state comes back as it went in, so one executable
             traj = sh.steps if trajectories else None
-            outputs = ChunkOutput(x0=sh.chunk, flows=traj, x0s=traj, select_aux=sh.replicated,
-                                  write_aux=sh.replicated)
+            outputs = ChunkOutput(x0=sh.chunk, flows=traj, x0s=traj, select_aux=sh.replicated, write_aux=sh.replicated)
             self.chunk_step = jax.jit(
-                counted, donate_argnums=(1, 2),
+                counted,
+                donate_argnums=(1, 2),
                 in_shardings=(None, sh.cache, sh.state, (sh.context, sh.context), sh.chunk, sh.steps, sh.replicated),
-                out_shardings=(outputs, sh.cache, sh.state))
+                out_shardings=(outputs, sh.cache, sh.state),
+            )
             self._context_kv = jax.jit(context_kv, out_shardings=(sh.context, sh.context))
 
     # ---- pieces ---------------------------------------------------------------------------------------
@@ -192,10 +213,12 @@ class Sampler:
         if context.ndim != 3 or context.shape[0] != self.batch or context.shape[2] != self.model_cfg.text_dim:
             raise ValueError(
                 f"text context must have shape [B={self.batch}, L<={self.model_cfg.text_len}, "
-                f"text_dim={self.model_cfg.text_dim}], got {tuple(context.shape)}")
+                f"text_dim={self.model_cfg.text_dim}], got {tuple(context.shape)}"
+            )
         if context.shape[1] > self.model_cfg.text_len:
-            raise ValueError(f"text context has {context.shape[1]} tokens, more than "
-                             f"text_len={self.model_cfg.text_len}")
+            raise ValueError(
+                f"text context has {context.shape[1]} tokens, more than text_len={self.model_cfg.text_len}"
+            )
         return self._context_kv(params, context)
 
     def check_length(self, num_frames: int) -> None:
@@ -205,11 +228,13 @@ class Sampler:
         if self.geom.global_attn and num_frames > self.geom.capacity_frames:
             raise ValueError(
                 f"a global KV cache (local_attn_size=-1) of {self.geom.capacity_frames} frames cannot hold "
-                f"{num_frames} frames; raise the cache capacity or use a rolling window (local_attn_size=N)")
+                f"{num_frames} frames; raise the cache capacity or use a rolling window (local_attn_size=N)"
+            )
         if self.rope_mode == "absolute" and num_frames > self.model_cfg.rope_max_frames:
             raise ValueError(
                 f"{num_frames} latent frames exceed the absolute RoPE table of {self.model_cfg.rope_max_frames} "
-                f"frames; use a rolling window with window-relative RoPE (--rope-mode window_relative)")
+                f"frames; use a rolling window with window-relative RoPE (--rope-mode window_relative)"
+            )
 
     # ---- the rollout ----------------------------------------------------------------------------------
     def generate(self, params, context: jax.Array, noise: jax.Array, **kwargs) -> np.ndarray:
@@ -281,8 +306,9 @@ def rollout(
         renoise = np.asarray(renoise, np.float32)
         want = (nblk, n - 1, *chunk_shape)
         if tuple(renoise.shape) != want:
-            raise ValueError(f"renoise must have shape [num_blocks, steps-1, B, C_blk, C, H, W] = {want}, "
-                             f"got {tuple(renoise.shape)}")
+            raise ValueError(
+                f"renoise must have shape [num_blocks, steps-1, B, C_blk, C, H, W] = {want}, got {tuple(renoise.shape)}"
+            )
     switcher = PromptSwitcher(sampler, graphdef, global_sink=global_sink) if switch_frames else None
     seg = 0
     ctx_kv = sampler.context_kv(params, contexts[0])
@@ -292,17 +318,23 @@ def rollout(
     first = 0
     if initial_latents is not None:
         init = np.asarray(initial_latents, np.float32)
-        if init.ndim != 5 or init.shape[0] != b or init.shape[2:] != noise.shape[2:] or init.shape[1] % c \
-                or init.shape[1] >= f:
-            raise ValueError(f"initial_latents must be [B={b}, F0, {noise.shape[2]}, {noise.shape[3]}, "
-                             f"{noise.shape[4]}] with F0 a multiple of {c} below {f}, got {tuple(init.shape)}")
+        if (
+            init.ndim != 5
+            or init.shape[0] != b
+            or init.shape[2:] != noise.shape[2:]
+            or init.shape[1] % c
+            or init.shape[1] >= f
+        ):
+            raise ValueError(
+                f"initial_latents must be [B={b}, F0, {noise.shape[2]}, {noise.shape[3]}, "
+                f"{noise.shape[4]}] with F0 a multiple of {c} below {f}, got {tuple(init.shape)}"
+            )
         first = init.shape[1] // c
         for blk in range(first):
-            x0 = jnp.asarray(init[:, blk * c:(blk + 1) * c])
+            x0 = jnp.asarray(init[:, blk * c : (blk + 1) * c])
             cache, state = sampler.prefill_step(params, cache, state, ctx_kv, x0, jnp.int32(blk * c))
-        out[:, :first * c] = init
-    bar = tqdm(range(first, nblk), desc="chunks", unit="chunk", disable=None if progress else True,
-               dynamic_ncols=True)
+        out[:, : first * c] = init
+    bar = tqdm(range(first, nblk), desc="chunks", unit="chunk", disable=None if progress else True, dynamic_ncols=True)
     t0 = time.perf_counter()
     for blk in bar:
         start = blk * c
@@ -316,9 +348,16 @@ def rollout(
             eps = renoise_draws(seed, blk, n, chunk_shape)
         else:
             eps = renoise(blk) if callable(renoise) else renoise[blk]
-        res, cache, state = sampler.chunk_step(params, cache, state, ctx_kv, jnp.asarray(noise[:, start:start + c]),
-                                               jnp.asarray(eps, jnp.float32), jnp.int32(start))
-        out[:, start:start + c] = np.asarray(res.x0)
+        res, cache, state = sampler.chunk_step(
+            params,
+            cache,
+            state,
+            ctx_kv,
+            jnp.asarray(noise[:, start : start + c]),
+            jnp.asarray(eps, jnp.float32),
+            jnp.int32(start),
+        )
+        out[:, start : start + c] = np.asarray(res.x0)
         if on_chunk is not None:
             on_chunk(blk, res)
         done = (blk + 1 - first) * c
@@ -341,27 +380,40 @@ def _named_attention(name: str, dtype, cache_dtype, head_dim: int, tokens_per_fr
     otherwise). ``auto`` chooses per call, at trace time, from the call's own shapes."""
     if name == "auto":
         return auto_attention
-    return resolve_backend(name, dtype=dtype, cache_dtype=cache_dtype, head_dim=head_dim,
-                           tokens_per_frame=tokens_per_frame)[1]
+    return resolve_backend(
+        name, dtype=dtype, cache_dtype=cache_dtype, head_dim=head_dim, tokens_per_frame=tokens_per_frame
+    )[1]
 
 
-def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_sin_table: np.ndarray,
-                     policy: Policy, attention: Callable, relative: bool = False, solver: str = "renoise",
-                     prediction: str = "flow", trajectories: bool = False):
+def _make_chunk_step(
+    graphdef,
+    geom: CacheGeometry,
+    schedule: Schedule,
+    rope,
+    t_sin_table: np.ndarray,
+    policy: Policy,
+    attention: Callable,
+    relative: bool = False,
+    solver: str = "renoise",
+    prediction: str = "flow",
+    trajectories: bool = False,
+):
     """The jitted bodies: ``chunk_step`` (denoise + clean pass + write) and ``prefill_step`` (clean pass + write)."""
     n = schedule.num_steps
     sig = schedule.sigmas  # [n + 1]
     euler = solver == "euler"
     stacked = reads_stacked_cache(attention)
     if prediction == "x0" and (sig[:n] <= 0).any():
-        raise ValueError("prediction='x0' needs every denoising step at a noise level > 0 (the flow is "
-                         "(x_t - x0) / sigma)")
+        raise ValueError(
+            "prediction='x0' needs every denoising step at a noise level > 0 (the flow is (x_t - x0) / sigma)"
+        )
 
     def flow_and_x0(out, xt, s):
         """(flow, x0) from the model output at noise level s > 0."""
         if prediction == "x0":
             return (xt - out) / s, out
         return out, xt - s * out
+
     # after step i, re-noise with sigma_{i+1}; after the last step nothing (sigma 0 keeps x0 exactly)
     re_sig = np.concatenate([schedule.renoise_sigmas, np.zeros(1, np.float32)]).astype(np.float32)
 
@@ -389,12 +441,26 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
             (``reads_stacked_cache``) gets the whole cache and the layer index; the others, and the policy's
             view, get ``cache[layer]``, which XLA fuses into its consumers where it can.
             """
+
             def attn_fn(layer, ls, q, k, v):
                 ck = jax.lax.dynamic_index_in_dim(read_k, layer, 0, keepdims=False)  # [B, H, N, T, Dh]
                 cv = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False)
-                call = Call(layer=layer, step=step, num_steps=n, start_frame=start_frame, q=q, k_chunk=k,
-                            v_chunk=v, cache_k=ck, cache_v=cv, slot_frame=cache["slot_frame"], visible=visible,
-                            layer_state=ls, state=state, geom=geom)
+                call = Call(
+                    layer=layer,
+                    step=step,
+                    num_steps=n,
+                    start_frame=start_frame,
+                    q=q,
+                    k_chunk=k,
+                    v_chunk=v,
+                    cache_k=ck,
+                    cache_v=cv,
+                    slot_frame=cache["slot_frame"],
+                    visible=visible,
+                    layer_state=ls,
+                    state=state,
+                    geom=geom,
+                )
                 sel, aux = policy.select(call)
                 if clean:  # the clean pass may also hand its queries to on_write
                     aux = {"select": aux, "q": q if policy.needs_clean_queries else None}
@@ -404,20 +470,30 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
                     out = attention(q, k, v, ck, cv, sel)
                 out = policy.post_attention(call, out)
                 return out, aux
+
             return attn_fn
 
         def call_model(xt, i, clean=False):
             ts = jnp.broadcast_to(tsin[i], (b, c, tsin.shape[-1]))
-            flow, k_new, v_new, aux = model.forward(xt, ts, ctx_kv, rope, frame_pos, state["layers"],
-                                                    make_attn_fn(i, clean))
+            flow, k_new, v_new, aux = model.forward(
+                xt, ts, ctx_kv, rope, frame_pos, state["layers"], make_attn_fn(i, clean)
+            )
             return flow, k_new, v_new, aux
 
         def clean_and_store(x0):
             """The clean pass (t = 0) on x0; its K/V is what the cache keeps."""
             flow_c, k_new, v_new, clean_aux = call_model(x0, jnp.int32(n), clean=True)
-            new_state, write_aux = policy.on_write(WriteCall(
-                state=state, cache=cache, k_new=k_new, v_new=v_new, start_frame=start_frame,
-                clean_select=clean_aux["select"], clean_q=clean_aux["q"]))
+            new_state, write_aux = policy.on_write(
+                WriteCall(
+                    state=state,
+                    cache=cache,
+                    k_new=k_new,
+                    v_new=v_new,
+                    start_frame=start_frame,
+                    clean_select=clean_aux["select"],
+                    clean_q=clean_aux["q"],
+                )
+            )
             if relative:  # the cache holds un-rotated keys
                 k_new = rotate_temporal(k_new, rope, -frame_pos[None, None, None, :])
             return flow_c, clean_aux, write(geom, cache, k_new, v_new, start_frame), new_state, write_aux
@@ -459,5 +535,6 @@ def _make_chunk_step(graphdef, geom: CacheGeometry, schedule: Schedule, rope, t_
     return chunk_step, prefill_step
 
 
-jax.tree_util.register_dataclass(ChunkOutput, data_fields=["x0", "flows", "x0s", "select_aux", "write_aux"],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(
+    ChunkOutput, data_fields=["x0", "flows", "x0s", "select_aux", "write_aux"], meta_fields=[]
+)

@@ -51,8 +51,9 @@ def make_schedule(sampler: SamplerConfig) -> Schedule:
         ext = np.concatenate([ts, np.zeros(1, np.float32)])
         idx = (NUM_TRAIN_TIMESTEPS - steps).astype(np.int64)
         if np.any(idx < 0) or np.any(idx > NUM_TRAIN_TIMESTEPS) or np.any(idx != NUM_TRAIN_TIMESTEPS - steps):
-            raise ValueError("warped denoising steps must be integers in [0, 1000], got "
-                             f"{list(sampler.denoising_steps)}")
+            raise ValueError(
+                f"warped denoising steps must be integers in [0, 1000], got {list(sampler.denoising_steps)}"
+            )
         t = ext[idx].astype(np.float32)
     else:
         t = steps.astype(np.float32)

@@ -26,8 +26,15 @@ FORMAT = "fkv_jax.text_encoder"
 FORMAT_VERSION = 1
 
 
-def save_text_encoder(path: str | Path, cfg: UMT5Config, params: Mapping, dtype: Any, source: Mapping[str, Any], *,
-                      overwrite: bool = False) -> Path:
+def save_text_encoder(
+    path: str | Path,
+    cfg: UMT5Config,
+    params: Mapping,
+    dtype: Any,
+    source: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Write a converted text encoder atomically (see :func:`fkv_jax.checkpoint.save_checkpoint_dir`)."""
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "text_encoder": cfg.to_dict()}
     return save_checkpoint_dir(path, config, params, dtype, source, abstract_params(cfg), overwrite=overwrite)

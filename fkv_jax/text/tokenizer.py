@@ -33,13 +33,16 @@ def find_tokenizer_file(folder: str | Path) -> Path:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise TokenizerError(f"tokenizer folder {folder} does not exist (it is the google/umt5-xxl folder of the "
-                             "Wan2.1 download)")
+        raise TokenizerError(
+            f"tokenizer folder {folder} does not exist (it is the google/umt5-xxl folder of the Wan2.1 download)"
+        )
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
             return folder / name
-    raise TokenizerError(f"tokenizer folder {folder} has neither {' nor '.join(TOKENIZER_FILES)} (copy the "
-                         "google/umt5-xxl folder of the Wan2.1 download)")
+    raise TokenizerError(
+        f"tokenizer folder {folder} has neither {' nor '.join(TOKENIZER_FILES)} (copy the "
+        "google/umt5-xxl folder of the Wan2.1 download)"
+    )
 
 
 def clean_prompt(text: str) -> str:
@@ -110,8 +113,10 @@ def _load_sentencepiece(file: Path):
     try:
         import sentencepiece as spm
     except ImportError:
-        raise TokenizerError(f"reading {file} needs the `sentencepiece` package (pip install sentencepiece), or "
-                             "put tokenizer.json beside it") from None
+        raise TokenizerError(
+            f"reading {file} needs the `sentencepiece` package (pip install sentencepiece), or "
+            "put tokenizer.json beside it"
+        ) from None
     sp = spm.SentencePieceProcessor(model_file=str(file))
 
     def lookup(piece: str):

@@ -12,8 +12,20 @@ sampler code as the real checkpoints), so that generation quality can be measure
 
 from fkv_jax.toyworld.world import COLOUR_NAMES, SHAPES, Episode, Scene, Sprite, WorldConfig, make_episode, simulate
 
-__all__ = ["COLOUR_NAMES", "SHAPES", "Episode", "Scene", "Sprite", "WorldConfig", "make_episode", "simulate",
-           "load_toy_model", "toy_context", "generate_video", "save_video"]
+__all__ = [
+    "COLOUR_NAMES",
+    "SHAPES",
+    "Episode",
+    "Scene",
+    "Sprite",
+    "WorldConfig",
+    "make_episode",
+    "simulate",
+    "load_toy_model",
+    "toy_context",
+    "generate_video",
+    "save_video",
+]
 
 
 def __getattr__(name):  # the model side imports jax/flax: load it on first use

@@ -62,8 +62,11 @@ def colour_report(frames: np.ndarray, prompt: str, min_pixels: int = 4) -> dict:
     want = prompt_colours(prompt)
     shown = {c: float((counts[:, COLOUR_NAMES.index(c)] >= min_pixels).mean()) for c in want}
     others = [i for i, c in enumerate(COLOUR_NAMES) if c not in want]
-    return {"shown": shown, "other_pixels_per_frame": float(counts[:, others].sum(-1).mean()),
-            "prompted_pixels_per_frame": float(counts[:, [COLOUR_NAMES.index(c) for c in want]].sum(-1).mean())}
+    return {
+        "shown": shown,
+        "other_pixels_per_frame": float(counts[:, others].sum(-1).mean()),
+        "prompted_pixels_per_frame": float(counts[:, [COLOUR_NAMES.index(c) for c in want]].sum(-1).mean()),
+    }
 
 
 def motion_report(frames: np.ndarray, max_step: float = 3.0, min_pixels: int = 4) -> dict:
@@ -77,5 +80,7 @@ def motion_report(frames: np.ndarray, max_step: float = 3.0, min_pixels: int = 4
     shown = ~np.isnan(c[..., 0])
     both = shown[1:] & shown[:-1]
     d = np.linalg.norm(c[1:] - c[:-1], axis=-1)
-    return {"smooth": float((d[both] <= max_step).mean()) if both.any() else float("nan"),
-            "persist": float(both.sum() / max(shown[:-1].sum(), 1))}
+    return {
+        "smooth": float((d[both] <= max_step).mean()) if both.any() else float("nan"),
+        "persist": float(both.sum() / max(shown[:-1].sum(), 1)),
+    }

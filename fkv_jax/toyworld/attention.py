@@ -74,7 +74,7 @@ def teacher_forcing_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_bloc
     for j in range(num_blocks):
         lo, hi = j * tb, (j + 1) * tb
         clean_out.append(_attend(qf[:, lo:hi], kf[:, :hi], vf[:, :hi]))
-        kn = jnp.concatenate([kf[:, :lo], kf[:, s + lo:s + hi]], axis=1)
-        vn = jnp.concatenate([vf[:, :lo], vf[:, s + lo:s + hi]], axis=1)
-        noisy_out.append(_attend(qf[:, s + lo:s + hi], kn, vn))
+        kn = jnp.concatenate([kf[:, :lo], kf[:, s + lo : s + hi]], axis=1)
+        vn = jnp.concatenate([vf[:, :lo], vf[:, s + lo : s + hi]], axis=1)
+        noisy_out.append(_attend(qf[:, s + lo : s + hi], kn, vn))
     return jnp.concatenate(clean_out + noisy_out, axis=1).astype(q.dtype)

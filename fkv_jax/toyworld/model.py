@@ -27,8 +27,18 @@ from fkv_jax.toyworld.weights import WEIGHTS_DIR, _abstract_text_encoder, load_p
 
 TOY_DIR = Path(__file__).resolve().parent
 
-__all__ = ["WEIGHTS_DIR", "ToyModel", "build", "generate_video", "load_params", "load_toy_model", "save_video",
-           "toy_context", "toy_sampler_config", "weights_prediction"]
+__all__ = [
+    "WEIGHTS_DIR",
+    "ToyModel",
+    "build",
+    "generate_video",
+    "load_params",
+    "load_toy_model",
+    "save_video",
+    "toy_context",
+    "toy_sampler_config",
+    "weights_prediction",
+]
 
 
 def toy_sampler_config(weights: str | Path | None = None, **overrides) -> SamplerConfig:
@@ -61,8 +71,9 @@ class ToyModel:
     Build with :meth:`load`; keep the object for as many videos as you like, drop it to free everything.
     """
 
-    def __init__(self, cfg: ModelConfig, model: CausalWanModel, text_encoder: ToyTextEncoder,
-                 weights: str | Path | None = None):
+    def __init__(
+        self, cfg: ModelConfig, model: CausalWanModel, text_encoder: ToyTextEncoder, weights: str | Path | None = None
+    ):
         self.cfg, self.text_encoder, self.weights = cfg, text_encoder, weights
         self.graphdef, self.params = nnx.split(model, nnx.Param)
         self._samplers: dict = {}
@@ -83,12 +94,21 @@ class ToyModel:
         cap = num_frames if sc.local_attn_size == -1 else None
         key = (sc, batch, cap)
         if key not in self._samplers:
-            self._samplers[key] = Sampler(self.graphdef, self.cfg, sc, batch=batch, latent_hw=self.cfg.latent_hw,
-                                          num_frames=num_frames)
+            self._samplers[key] = Sampler(
+                self.graphdef, self.cfg, sc, batch=batch, latent_hw=self.cfg.latent_hw, num_frames=num_frames
+            )
         return self._samplers[key]
 
-    def generate(self, prompts: list[str], num_frames: int, seed: int = 0, sampler_cfg: SamplerConfig | None = None,
-                 *, progress: bool = False, return_latents: bool = False) -> np.ndarray:
+    def generate(
+        self,
+        prompts: list[str],
+        num_frames: int,
+        seed: int = 0,
+        sampler_cfg: SamplerConfig | None = None,
+        *,
+        progress: bool = False,
+        return_latents: bool = False,
+    ) -> np.ndarray:
         """One video per prompt with the KV-cache AR rollout: frames float32 [B, T, 3, H, W] in [-1, 1].
 
         ``seed`` seeds the initial noise (``default_rng(seed)``, all prompts drawn together) and the re-noise
@@ -110,8 +130,9 @@ def load_toy_model(path: str | Path | None = None) -> tuple[ModelConfig, CausalW
     return cfg, model, enc
 
 
-def toy_context(prompts: list[str], text_encoder: ToyTextEncoder | None = None,
-                cfg: ModelConfig | None = None) -> np.ndarray:
+def toy_context(
+    prompts: list[str], text_encoder: ToyTextEncoder | None = None, cfg: ModelConfig | None = None
+) -> np.ndarray:
     """Text context float32 [B, text_len, text_dim] of the prompts (zero rows past each prompt's length)."""
     if text_encoder is None:
         cfg, _, text_encoder = load_toy_model()
@@ -119,13 +140,21 @@ def toy_context(prompts: list[str], text_encoder: ToyTextEncoder | None = None,
     return np.asarray(jax.jit(lambda m, i: m(i))(text_encoder, jnp.asarray(ids)), np.float32)
 
 
-def generate_video(prompts: list[str], num_frames: int, seed: int = 0, sampler_cfg: SamplerConfig | None = None,
-                   *, weights: str | Path | None = None, progress: bool = False,
-                   return_latents: bool = False) -> np.ndarray:
+def generate_video(
+    prompts: list[str],
+    num_frames: int,
+    seed: int = 0,
+    sampler_cfg: SamplerConfig | None = None,
+    *,
+    weights: str | Path | None = None,
+    progress: bool = False,
+    return_latents: bool = False,
+) -> np.ndarray:
     """:meth:`ToyModel.generate` of a freshly loaded model (``weights``: default the shipped ones). Keep a
     :class:`ToyModel` when generating several videos: its samplers compile once."""
-    return ToyModel.load(weights).generate(prompts, num_frames, seed, sampler_cfg, progress=progress,
-                                           return_latents=return_latents)
+    return ToyModel.load(weights).generate(
+        prompts, num_frames, seed, sampler_cfg, progress=progress, return_latents=return_latents
+    )
 
 
 def save_video(path: str | Path, frames: np.ndarray, fps: int = 8, scale: int = 8) -> Path:

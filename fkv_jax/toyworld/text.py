@@ -39,13 +39,14 @@ def tokenize(prompts: list[str], text_len: int) -> tuple[np.ndarray, np.ndarray]
         ws = words(p)
         unknown = sorted({w for w in ws if w not in _INDEX or w == PAD})
         if unknown:
-            raise ValueError(f"prompt {p!r} has words outside the toy vocabulary: {unknown}; "
-                             f"known words: {', '.join(VOCAB[1:])}")
+            raise ValueError(
+                f"prompt {p!r} has words outside the toy vocabulary: {unknown}; known words: {', '.join(VOCAB[1:])}"
+            )
         if not ws:
             raise ValueError("empty prompt")
         if len(ws) > text_len:
             raise ValueError(f"prompt {p!r} has {len(ws)} words, more than text_len={text_len}")
-        ids[b, :len(ws)] = [_INDEX[w] for w in ws]
+        ids[b, : len(ws)] = [_INDEX[w] for w in ws]
         lens[b] = len(ws)
     return ids, lens
 
@@ -56,8 +57,7 @@ class ToyTextEncoder(nnx.Module):
     def __init__(self, text_dim: int, text_len: int, *, hidden: int | None = None, rngs: nnx.Rngs):
         hidden = hidden or 2 * text_dim
         self.text_dim, self.text_len = text_dim, text_len
-        self.embed = nnx.Embed(len(VOCAB), text_dim, rngs=rngs,
-                               embedding_init=nnx.initializers.normal(1.0))
+        self.embed = nnx.Embed(len(VOCAB), text_dim, rngs=rngs, embedding_init=nnx.initializers.normal(1.0))
         self.pos = nnx.Param(0.1 * jax.random.normal(rngs.params(), (text_len, text_dim)))
         self.fc1 = nnx.Linear(2 * text_dim, hidden, rngs=rngs)
         self.fc2 = nnx.Linear(hidden, text_dim, rngs=rngs)

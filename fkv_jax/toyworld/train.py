@@ -111,8 +111,15 @@ def merge(graphdefs, params) -> tuple[CausalWanModel, ToyTextEncoder]:
 # ---- the training forward ------------------------------------------------------------------------------
 
 
-def forward_teacher_forcing(model: CausalWanModel, context: jax.Array, x_clean: jax.Array, x_noisy: jax.Array,
-                            t_noisy: jax.Array, rope, frames_per_block: int) -> jax.Array:
+def forward_teacher_forcing(
+    model: CausalWanModel,
+    context: jax.Array,
+    x_clean: jax.Array,
+    x_noisy: jax.Array,
+    t_noisy: jax.Array,
+    rope,
+    frames_per_block: int,
+) -> jax.Array:
     """Model output (x0 or flow, see ``TrainConfig.prediction``) of the noisy frames given the clean ones.
 
     x_clean, x_noisy: [B, F, C, H, W]; t_noisy: [B, F] timesteps (float, 0..1000); context [B, L, text_dim].
@@ -143,7 +150,7 @@ def forward_teacher_forcing(model: CausalWanModel, context: jax.Array, x_clean: 
         return layer(xs, *inp), None
 
     tokens, _ = jax.lax.scan(body, tokens, (state, ctx_k, ctx_v))
-    out = model.head(tokens[:, f * t_tok:], e[:, f:], f)
+    out = model.head(tokens[:, f * t_tok :], e[:, f:], f)
     return unpatchify(out, f, (gh, gw), (ph, pw), cfg.out_dim)
 
 
@@ -174,10 +181,12 @@ def make_loss_fn(graphdefs, cfg: ModelConfig, tc: TrainConfig):
 
 
 def make_optimizer(tc: TrainConfig):
-    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1),
-                                               end_value=tc.lr * tc.end_lr_frac)
-    return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                       optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=tc.weight_decay))
+    sched = optax.warmup_cosine_decay_schedule(
+        0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1), end_value=tc.lr * tc.end_lr_frac
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip), optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=tc.weight_decay)
+    )
 
 
 def make_train_step(graphdefs, cfg: ModelConfig, tc: TrainConfig):
@@ -237,8 +246,9 @@ class Prefetcher:
 # ---- export / load ----------------------------------------------------------------------------------------
 
 
-def export_weights(path: Path, params: dict, cfg: ModelConfig, tc: TrainConfig, extra: dict,
-                   dtype: str = "float16") -> Path:
+def export_weights(
+    path: Path, params: dict, cfg: ModelConfig, tc: TrainConfig, extra: dict, dtype: str = "float16"
+) -> Path:
     """Write ``params.npz`` (stored as ``dtype``: float16 keeps the shipped file under 10 MB; loading casts
     back to float32) and ``config.json`` (model config, training config, ``extra``)."""
     path = Path(path)
@@ -247,14 +257,21 @@ def export_weights(path: Path, params: dict, cfg: ModelConfig, tc: TrainConfig, 
     flat = {k: np.asarray(v).astype(dtype) for k, v in flatten(jax.device_get(params)).items()}
     np.savez_compressed(tmp, **flat)
     os.replace(tmp, path / "params.npz")
-    meta = {"format": "fkv_jax.toyworld", "format_version": 1, "stored_dtype": dtype, "model": cfg.to_dict(),
-            "train": dataclasses.asdict(tc), **extra}
+    meta = {
+        "format": "fkv_jax.toyworld",
+        "format_version": 1,
+        "stored_dtype": dtype,
+        "model": cfg.to_dict(),
+        "train": dataclasses.asdict(tc),
+        **extra,
+    }
     (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
 
-def load_run_params(out: str | Path, step: int | None = None, which: str = "ema",
-                    cfg: ModelConfig | None = None) -> tuple[int, dict]:
+def load_run_params(
+    out: str | Path, step: int | None = None, which: str = "ema", cfg: ModelConfig | None = None
+) -> tuple[int, dict]:
     """(step, params) of a training run's checkpoint (``which`` = "ema" or "params"), for looking at a run."""
     import orbax.checkpoint as ocp
 
@@ -264,16 +281,25 @@ def load_run_params(out: str | Path, step: int | None = None, which: str = "ema"
         raise FileNotFoundError(f"no checkpoint in {out}")
     _, params = init_params(cfg or toy_model_config())
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
-    r = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={which: target}, partial_restore=True)))
+    r = mgr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item={which: target}, partial_restore=True))
+    )
     return step, r.state[which]
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------
 
 
-def train(tc: TrainConfig, out: Path, *, resume: bool = False, export: Path | None = None,
-          progress: bool = True, cfg: ModelConfig | None = None, stop_after: int | None = None) -> dict:
+def train(
+    tc: TrainConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    export: Path | None = None,
+    progress: bool = True,
+    cfg: ModelConfig | None = None,
+    stop_after: int | None = None,
+) -> dict:
     """Run (or continue) a training run; returns a summary dict (final losses, wall time).
 
     ``stop_after=k`` stops (with a checkpoint) once step k is done, as an interruption would; ``resume=True``
@@ -294,8 +320,7 @@ def train(tc: TrainConfig, out: Path, *, resume: bool = False, export: Path | No
             raise SystemExit(f"--init {tc.init} holds a different model config: {init_cfg} vs {cfg}")
         params = jax.tree.map(lambda ref, x: jnp.asarray(x, ref.dtype), params, loaded)
     tx, train_step, eval_loss = make_train_step(graphdefs, cfg, tc)
-    state = {"params": params, "ema": jax.tree.map(jnp.copy, params), "opt": tx.init(params),
-             "step": jnp.int32(0)}
+    state = {"params": params, "ema": jax.tree.map(jnp.copy, params), "opt": tx.init(params), "step": jnp.int32(0)}
     mgr = ocp.CheckpointManager(out / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     log_path = out / "log.jsonl"
     wall_before = 0.0
@@ -304,13 +329,15 @@ def train(tc: TrainConfig, out: Path, *, resume: bool = False, export: Path | No
         raise SystemExit(f"{out} already has checkpoints (step {latest}); pass --resume or another --out")
     if resume and latest is not None:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        r = mgr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                        meta=ocp.args.JsonRestore()))
+        r = mgr.restore(
+            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        )
         state = r.state
         saved_tc = r.meta["train"]
         if saved_tc != json.loads(json.dumps(dataclasses.asdict(tc))):
-            raise SystemExit(f"--resume with a different training config: saved {saved_tc}, "
-                             f"now {dataclasses.asdict(tc)}")
+            raise SystemExit(
+                f"--resume with a different training config: saved {saved_tc}, now {dataclasses.asdict(tc)}"
+            )
         wall_before = float(r.meta["wall_seconds"])
         if log_path.exists():  # drop log lines written after the checkpoint
             lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= latest]
@@ -319,15 +346,26 @@ def train(tc: TrainConfig, out: Path, *, resume: bool = False, export: Path | No
     ev_frames, ev_ids, ev_idx = eval_batch(tc, cfg)
 
     def save(step, wall):
-        mgr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({"train": dataclasses.asdict(tc), "model": cfg.to_dict(), "wall_seconds": wall})),
-            force=True)
+        mgr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({"train": dataclasses.asdict(tc), "model": cfg.to_dict(), "wall_seconds": wall}),
+            ),
+            force=True,
+        )
 
     stop = tc.steps if stop_after is None else min(stop_after, tc.steps)
     pf = Prefetcher(lambda s: batch_for_step(tc, cfg, s), start, stop)
-    bar = tqdm(range(start, stop), initial=start, total=tc.steps, desc="train", disable=not progress,
-               dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(
+        range(start, stop),
+        initial=start,
+        total=tc.steps,
+        desc="train",
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=2.0,
+    )
     t0 = time.perf_counter()
     window: list[float] = []
     last = {}
@@ -340,29 +378,40 @@ def train(tc: TrainConfig, out: Path, *, resume: bool = False, export: Path | No
             bar.set_postfix(loss=f"{np.mean(window[-20:]):.4f}")
             is_last = done == tc.steps
             if done % tc.eval_every == 0 or is_last:
-                last = {"step": done, "train_loss": float(np.mean(window)),
-                        "eval_loss": float(eval_loss(state["params"], ev_frames, ev_ids, ev_idx)),
-                        "eval_loss_ema": float(eval_loss(state["ema"], ev_frames, ev_ids, ev_idx)),
-                        "wall_seconds": wall_before + time.perf_counter() - t0}
+                last = {
+                    "step": done,
+                    "train_loss": float(np.mean(window)),
+                    "eval_loss": float(eval_loss(state["params"], ev_frames, ev_ids, ev_idx)),
+                    "eval_loss_ema": float(eval_loss(state["ema"], ev_frames, ev_ids, ev_idx)),
+                    "wall_seconds": wall_before + time.perf_counter() - t0,
+                }
                 log.write(json.dumps(last) + "\n")
                 log.flush()
                 window = []
-                bar.write(f"step {done}: train {last['train_loss']:.4f}  eval {last['eval_loss']:.4f}  "
-                          f"eval(ema) {last['eval_loss_ema']:.4f}  {last['wall_seconds']:.0f}s")
+                bar.write(
+                    f"step {done}: train {last['train_loss']:.4f}  eval {last['eval_loss']:.4f}  "
+                    f"eval(ema) {last['eval_loss_ema']:.4f}  {last['wall_seconds']:.0f}s"
+                )
             if done % tc.ckpt_every == 0 or is_last or done == stop:
                 save(done, wall_before + time.perf_counter() - t0)
     mgr.wait_until_finished()
     wall = wall_before + time.perf_counter() - t0
-    summary = {"steps": int(state["step"]), "wall_seconds": wall,
-               **{k: v for k, v in last.items() if k != "wall_seconds"}}
+    summary = {
+        "steps": int(state["step"]),
+        "wall_seconds": wall,
+        **{k: v for k, v in last.items() if k != "wall_seconds"},
+    }
     if export is not None and int(state["step"]) == tc.steps:
         export_weights(export, state["ema"], cfg, tc, {"summary": summary})
     return summary
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m fkv_jax.toyworld.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fkv_jax.toyworld.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--out", type=Path, default=Path("runs/toyworld"), help="run directory (checkpoints, log)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -372,14 +421,26 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=TrainConfig.frames)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
-    p.add_argument("--prediction", choices=("x0", "flow"), default=TrainConfig.prediction,
-                   help="what the model learns to output: x0 (the clean frames, default) or flow (v = eps - x0); "
-                        "recorded in the exported config.json, which the samplers read")
+    p.add_argument(
+        "--prediction",
+        choices=("x0", "flow"),
+        default=TrainConfig.prediction,
+        help="what the model learns to output: x0 (the clean frames, default) or flow (v = eps - x0); "
+        "recorded in the exported config.json, which the samplers read",
+    )
     p.add_argument("--init", default="", help="start from exported weights (DIR with params.npz), e.g. a first stage")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    tc = TrainConfig(steps=a.steps, seed=a.seed, batch=a.batch, frames=a.frames, lr=a.lr, warmup=a.warmup,
-                     prediction=a.prediction, init=str(Path(a.init).resolve()) if a.init else "")
+    tc = TrainConfig(
+        steps=a.steps,
+        seed=a.seed,
+        batch=a.batch,
+        frames=a.frames,
+        lr=a.lr,
+        warmup=a.warmup,
+        prediction=a.prediction,
+        init=str(Path(a.init).resolve()) if a.init else "",
+    )
     summary = train(tc, a.out, resume=a.resume, export=a.export, progress=not a.no_progress)
     print(json.dumps(summary, indent=2))
 

@@ -30,7 +30,7 @@ def tile(videos: np.ndarray, pad: int = 1) -> np.ndarray:
     b, t, c, h, w = videos.shape
     out = np.zeros((t, c, h, b * w + (b - 1) * pad), np.float32)
     for i in range(b):
-        out[..., i * (w + pad):i * (w + pad) + w] = videos[i]
+        out[..., i * (w + pad) : i * (w + pad) + w] = videos[i]
     return out
 
 
@@ -70,8 +70,12 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png)
@@ -85,5 +89,5 @@ def filmstrip(videos: np.ndarray, every: int = 1, pad: int = 1) -> np.ndarray:
     out = np.zeros((c, b * (h + pad) - pad, t * (w + pad) - pad), np.float32)  # pad = black (value 0 -> grey)
     for i in range(b):
         for j in range(t):
-            out[:, i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = videos[i, j]
+            out[:, i * (h + pad) : i * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = videos[i, j]
     return out

@@ -60,8 +60,10 @@ def load_params(path: str | Path | None = None) -> tuple[ModelConfig, dict]:
     path = Path(path) if path is not None else WEIGHTS_DIR
     meta_file, params_file = path / "config.json", path / "params.npz"
     if not meta_file.is_file() or not params_file.is_file():
-        raise FileNotFoundError(f"{path} is not a toy-world weights directory (needs config.json and params.npz); "
-                                "train one with `python -m fkv_jax.toyworld.train --export DIR`")
+        raise FileNotFoundError(
+            f"{path} is not a toy-world weights directory (needs config.json and params.npz); "
+            "train one with `python -m fkv_jax.toyworld.train --export DIR`"
+        )
     try:
         cfg = ModelConfig.from_dict(json.loads(meta_file.read_text())["model"])
     except (ValueError, KeyError, TypeError) as e:
@@ -77,6 +79,7 @@ def load_params(path: str | Path | None = None) -> tuple[ModelConfig, dict]:
 
 def _check_shapes(cfg: ModelConfig, tree: dict, params_file: Path) -> None:
     """Every tensor the config needs, at its shape; a ValueError listing every difference otherwise."""
+
     def shapes(node, prefix=""):  # the key names of train.flatten, leaf -> shape
         if isinstance(node, dict):
             return {k: v for name, sub in node.items() for k, v in shapes(sub, f"{prefix}{name}/").items()}
@@ -88,8 +91,14 @@ def _check_shapes(cfg: ModelConfig, tree: dict, params_file: Path) -> None:
     have = shapes(tree)
     problems = [f"missing {k} {want[k]}" for k in sorted(want.keys() - have.keys())]
     problems += [f"unexpected {k}" for k in sorted(have.keys() - want.keys())]
-    problems += [f"{k} has shape {have[k]}, the config needs {want[k]}"
-                 for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
+    problems += [
+        f"{k} has shape {have[k]}, the config needs {want[k]}"
+        for k in sorted(want.keys() & have.keys())
+        if have[k] != want[k]
+    ]
     if problems:
-        raise ValueError(f"{params_file} does not match its config.json: " + "; ".join(problems[:8])
-                         + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else ""))
+        raise ValueError(
+            f"{params_file} does not match its config.json: "
+            + "; ".join(problems[:8])
+            + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
+        )

@@ -168,8 +168,12 @@ def view_x(x: float, cfg: WorldConfig) -> float:
 # ---- sampling and rendering ------------------------------------------------------------------------------
 
 
-def sample_scene(rng: np.random.Generator, cfg: WorldConfig = WorldConfig(), num_sprites: int | None = None,
-                 pillar: bool | None = None) -> Scene:
+def sample_scene(
+    rng: np.random.Generator,
+    cfg: WorldConfig = WorldConfig(),
+    num_sprites: int | None = None,
+    pillar: bool | None = None,
+) -> Scene:
     """A random scene: distinct colours, any shapes, positions anywhere on the ring (possibly hidden)."""
     n = int(rng.integers(cfg.min_sprites, cfg.max_sprites + 1)) if num_sprites is None else num_sprites
     if not 1 <= n <= len(COLOUR_NAMES):
@@ -210,7 +214,7 @@ def simulate(scene: Scene, num_frames: int, cfg: WorldConfig = WorldConfig()) ->
     palette = np.asarray([BACKGROUND, PILLAR_COLOUR, *(COLOURS[s.colour] for s in scene.sprites)], np.float32)
     pillar = np.zeros((size * ss, size * ss), bool)
     if scene.pillar is not None:
-        pillar[:, scene.pillar[0] * ss:scene.pillar[1] * ss] = True
+        pillar[:, scene.pillar[0] * ss : scene.pillar[1] * ss] = True
     for t in range(num_frames):
         owner = np.zeros((size * ss, size * ss), np.int32)  # palette index of each sub-sample
         for i, s in enumerate(scene.sprites):
@@ -228,10 +232,14 @@ def simulate(scene: Scene, num_frames: int, cfg: WorldConfig = WorldConfig()) ->
         frames[t] = np.moveaxis(_down(np.moveaxis(rgb, -1, 0), cfg), 0, 0) * 2 - 1
         state = [step_state(*st, cfg) for st in state]
     return Episode(
-        frames=frames, positions=pos, visible_frac=np.clip(vis, 0, 1),
+        frames=frames,
+        positions=pos,
+        visible_frac=np.clip(vis, 0, 1),
         shape_ids=np.asarray([SHAPES.index(s.shape) for s in scene.sprites], np.int32),
         colour_ids=np.asarray([COLOUR_NAMES.index(s.colour) for s in scene.sprites], np.int32),
-        scene=scene, prompt=prompt_of(scene))
+        scene=scene,
+        prompt=prompt_of(scene),
+    )
 
 
 def make_episode(seed: int, num_frames: int, cfg: WorldConfig = WorldConfig(), **scene_kw) -> Episode:
@@ -239,8 +247,9 @@ def make_episode(seed: int, num_frames: int, cfg: WorldConfig = WorldConfig(), *
     return simulate(sample_scene(np.random.default_rng(seed), cfg, **scene_kw), num_frames, cfg)
 
 
-def make_batch(rng: np.random.Generator, batch: int, num_frames: int,
-               cfg: WorldConfig = WorldConfig()) -> tuple[np.ndarray, list[str]]:
+def make_batch(
+    rng: np.random.Generator, batch: int, num_frames: int, cfg: WorldConfig = WorldConfig()
+) -> tuple[np.ndarray, list[str]]:
     """``batch`` random episodes: frames float32 [B, T, 3, H, W] and their prompts."""
     eps = [simulate(sample_scene(rng, cfg), num_frames, cfg) for _ in range(batch)]
     return np.stack([e.frames for e in eps]), [e.prompt for e in eps]

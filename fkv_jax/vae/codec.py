@@ -2,7 +2,8 @@
 
 A converted VAE is a directory like a converted transformer (:mod:`fkv_jax.checkpoint`)::
 
-    DIR/config.json   {"format": "fkv_jax.vae", "format_version": 1, "vae": VAEConfig.to_dict(), "dtype": ..., "source": ...}
+    DIR/config.json   {"format": "fkv_jax.vae", "format_version": 1, "vae": VAEConfig.to_dict(),
+                       "dtype": ..., "source": ...}
     DIR/params/       Orbax checkpoint of the VAE's pure param dict (channel-last kernels)
 
 Latents use the sampler's layout ``[B, F, 16, h, w]`` in model space (normalised, what the DiT produces);
@@ -29,8 +30,9 @@ FORMAT_VERSION = 1
 ENCODE_CHUNK = 4  # frames per encoder call after the first (fixed upstream, whatever the temporal factor)
 
 
-def save_vae(path: str | Path, cfg: VAEConfig, params: Mapping, dtype: Any, source: Mapping[str, Any], *,
-             overwrite: bool = False) -> Path:
+def save_vae(
+    path: str | Path, cfg: VAEConfig, params: Mapping, dtype: Any, source: Mapping[str, Any], *, overwrite: bool = False
+) -> Path:
     """Write a converted VAE atomically (see :func:`fkv_jax.checkpoint.save_checkpoint_dir`)."""
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "vae": cfg.to_dict()}
     return save_checkpoint_dir(path, config, params, dtype, source, abstract_params(cfg), overwrite=overwrite)
@@ -106,8 +108,9 @@ class VAE:
     def _check_latents(self, latents) -> jax.Array:
         lat = jnp.asarray(latents, jnp.float32)
         if lat.ndim != 5 or lat.shape[2] != self.cfg.z_dim:
-            raise ValueError(f"latents must be [B, F, {self.cfg.z_dim}, h, w] (the sampler's layout), "
-                             f"got {tuple(lat.shape)}")
+            raise ValueError(
+                f"latents must be [B, F, {self.cfg.z_dim}, h, w] (the sampler's layout), got {tuple(lat.shape)}"
+            )
         return lat
 
     def decode_chunk(self, latents, cache=None, *, clamp: bool = True):
@@ -127,7 +130,7 @@ class VAE:
         for i in range(z.shape[0]):
             outs = []
             for t in range(z.shape[1]):
-                y, caches[i] = _decode_step(self.graphdef, self.params, z[i: i + 1, t: t + 1], caches[i])
+                y, caches[i] = _decode_step(self.graphdef, self.params, z[i : i + 1, t : t + 1], caches[i])
                 outs.append(y)
             videos.append(np.concatenate([np.asarray(y) for y in outs], axis=1))
         video = np.concatenate(videos, axis=0)
@@ -144,13 +147,14 @@ class VAE:
         v = jnp.asarray(video, jnp.float32)
         sf = self.cfg.spatial_factor
         if v.ndim != 5 or v.shape[-1] != 3 or (v.shape[1] - 1) % ENCODE_CHUNK or v.shape[2] % sf or v.shape[3] % sf:
-            raise ValueError(f"video must be [B, 1 + {ENCODE_CHUNK}k, H, W, 3] with H, W multiples of {sf}, "
-                             f"got {tuple(v.shape)}")
+            raise ValueError(
+                f"video must be [B, 1 + {ENCODE_CHUNK}k, H, W, 3] with H, W multiples of {sf}, got {tuple(v.shape)}"
+            )
         out = []
         for i in range(v.shape[0]):  # one sample at a time, like decode
             cache, mus = None, []
             for start, stop in [(0, 1)] + [(t, t + ENCODE_CHUNK) for t in range(1, v.shape[1], ENCODE_CHUNK)]:
-                mu, cache = _encode_step(self.graphdef, self.params, v[i: i + 1, start:stop], cache)
+                mu, cache = _encode_step(self.graphdef, self.params, v[i : i + 1, start:stop], cache)
                 mus.append(np.asarray(mu))
             out.append(np.concatenate(mus, axis=1))
         return np.concatenate(out, axis=0).transpose(0, 1, 4, 2, 3)

@@ -31,10 +31,42 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+WAN21_LATENTS_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+WAN21_LATENTS_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
 CACHE_T = 2  # frames of history a causal 3x3x3 conv keeps
 
 
@@ -54,11 +86,15 @@ class VAEConfig:
 
     def __post_init__(self):
         if len(self.temperal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError(f"temperal_downsample needs {len(self.dim_mult) - 1} entries (one per resample), "
-                             f"got {list(self.temperal_downsample)}")
+            raise ValueError(
+                f"temperal_downsample needs {len(self.dim_mult) - 1} entries (one per resample), "
+                f"got {list(self.temperal_downsample)}"
+            )
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ValueError(f"latents_mean / latents_std need z_dim={self.z_dim} entries, got "
-                             f"{len(self.latents_mean)} / {len(self.latents_std)}")
+            raise ValueError(
+                f"latents_mean / latents_std need z_dim={self.z_dim} entries, got "
+                f"{len(self.latents_mean)} / {len(self.latents_std)}"
+            )
 
     @property
     def temperal_upsample(self) -> tuple[bool, ...]:
@@ -131,8 +167,13 @@ class VAEConfig:
         if unknown:
             raise ValueError(f"unknown VAE config keys: {unknown}")
         kw = dict(d)
-        for k, conv in (("dim_mult", int), ("attn_scales", float), ("temperal_downsample", bool),
-                        ("latents_mean", float), ("latents_std", float)):
+        for k, conv in (
+            ("dim_mult", int),
+            ("attn_scales", float),
+            ("temperal_downsample", bool),
+            ("latents_mean", float),
+            ("latents_std", float),
+        ):
             if k in kw:
                 kw[k] = tuple(conv(x) for x in kw[k])
         return cls(**kw)
@@ -148,8 +189,9 @@ class Conv(nnx.Module):
     convolution is several times slower than its 2-d one); 1x1 spatial kernels run as a matrix product.
     """
 
-    def __init__(self, cin: int, cout: int, kernel: tuple[int, ...], stride: tuple[int, ...] | None = None, *,
-                 dtype=jnp.float32):
+    def __init__(
+        self, cin: int, cout: int, kernel: tuple[int, ...], stride: tuple[int, ...] | None = None, *, dtype=jnp.float32
+    ):
         self.kernel = nnx.Param(jnp.zeros((*kernel, cin, cout), dtype))
         self.bias = nnx.Param(jnp.zeros((cout,), dtype))
         self.stride = tuple(stride or (1,) * len(kernel))
@@ -164,7 +206,7 @@ class Conv(nnx.Module):
             assert tuple(padding[0]) == (0, 0), "pad time explicitly before a 3-d conv"
             b, t = x.shape[:2]
             to = (t - kt) // st + 1
-            taps = [x[:, i: i + st * (to - 1) + 1: st] for i in range(kt)]
+            taps = [x[:, i : i + st * (to - 1) + 1 : st] for i in range(kt)]
             x = jnp.concatenate(taps, axis=-1) if kt > 1 else taps[0]  # [B, To, H, W, kt*C]
             k = k.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * cin, cout)
             y = self._conv2d(x.reshape(b * to, *x.shape[2:]), k, self.stride[1:], padding[1:])
@@ -174,8 +216,9 @@ class Conv(nnx.Module):
     def _conv2d(self, x, k, stride, padding):
         if k.shape[:2] == (1, 1) and tuple(stride) == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
             return jnp.einsum("...c,cd->...d", x, k[0, 0]) + self.bias[...]
-        y = jax.lax.conv_general_dilated(x, k, tuple(stride), [tuple(p) for p in padding],
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(
+            x, k, tuple(stride), [tuple(p) for p in padding], dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         return y + self.bias[...]
 
 
@@ -339,8 +382,9 @@ class Encoder3d(nnx.Module):
         c = cfg.mid_dim
         self.conv1 = CausalConv3d(3, cfg.dim, dtype=dtype)
         self.downsamples = nnx.List([_make_layer(s, dtype) for s in cfg.encoder_plan()])
-        self.middle = nnx.List([ResidualBlock(c, c, dtype=dtype), AttentionBlock(c, dtype=dtype),
-                                ResidualBlock(c, c, dtype=dtype)])
+        self.middle = nnx.List(
+            [ResidualBlock(c, c, dtype=dtype), AttentionBlock(c, dtype=dtype), ResidualBlock(c, c, dtype=dtype)]
+        )
         self.head_norm = RMSNorm(c, dtype=dtype)
         self.head_conv = CausalConv3d(c, 2 * cfg.z_dim, dtype=dtype)
 
@@ -355,8 +399,9 @@ class Decoder3d(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, dtype=jnp.float32):
         c = cfg.mid_dim
         self.conv1 = CausalConv3d(cfg.z_dim, c, dtype=dtype)
-        self.middle = nnx.List([ResidualBlock(c, c, dtype=dtype), AttentionBlock(c, dtype=dtype),
-                                ResidualBlock(c, c, dtype=dtype)])
+        self.middle = nnx.List(
+            [ResidualBlock(c, c, dtype=dtype), AttentionBlock(c, dtype=dtype), ResidualBlock(c, c, dtype=dtype)]
+        )
         self.upsamples = nnx.List([_make_layer(s, dtype) for s in cfg.decoder_plan()])
         self.head_norm = RMSNorm(cfg.decoder_out_dim, dtype=dtype)
         self.head_conv = CausalConv3d(cfg.decoder_out_dim, 3, dtype=dtype)
