@@ -40,7 +40,7 @@ def tiny_cfg():
 @pytest.fixture(scope="session")
 def tiny_wan():
     """The fixture's generator_ema state dict with Wan names (numpy)."""
-    from checkpoints_convert import load_wan_state_dict
+    from fkv_jax.convert import load_wan_state_dict
 
     return load_wan_state_dict(CHECKPOINT_PT)
 
@@ -48,7 +48,7 @@ def tiny_wan():
 @pytest.fixture(scope="session")
 def tiny_model(tiny_cfg, tiny_wan):
     """(graphdef, params) of the reference tiny model."""
-    from checkpoints_convert.wan_keymap import to_flax_params
+    from fkv_jax.convert.wan_keymap import to_flax_params
     from fkv_jax.model.build import abstract_model
 
     graphdef, params = nnx.split(abstract_model(tiny_cfg), nnx.Param)

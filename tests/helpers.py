@@ -23,8 +23,8 @@ def load_tiny(path, num_layers):
     """(cfg, graphdef, params) of a tiny fixture model stored at ``path`` (.pt or .safetensors, Wan names)."""
     import dataclasses
 
-    from checkpoints_convert import load_wan_state_dict
-    from checkpoints_convert.wan_keymap import to_flax_params
+    from fkv_jax.convert import load_wan_state_dict
+    from fkv_jax.convert.wan_keymap import to_flax_params
     from fkv_jax.config import model_preset
     from fkv_jax.model.build import abstract_model
 

@@ -22,9 +22,9 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
-from checkpoints_convert import ConvertError, convert, layouts, load_wan_state_dict, plan
-from checkpoints_convert.__main__ import main
-from checkpoints_convert.wan_keymap import expected_shapes, to_flax_params
+from fkv_jax.convert import ConvertError, convert, layouts, load_wan_state_dict, plan
+from fkv_jax.convert.__main__ import main
+from fkv_jax.convert.wan_keymap import expected_shapes, to_flax_params
 from fkv_jax.checkpoint import load_params, load_transformer
 from fkv_jax.config import model_preset
 from fkv_jax.model.embeddings import timestep_sinusoid_np
@@ -160,7 +160,7 @@ def test_safetensors_does_not_need_torch(tmp_path, ema):
     src = write_safetensors(tmp_path / "model.safetensors", ema)
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
-        "from checkpoints_convert import convert\n"
+        "from fkv_jax.convert import convert\n"
         f"convert({str(src)!r}, {str(tmp_path / 'out')!r}, num_heads=2, text_len=16)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)

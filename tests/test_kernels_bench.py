@@ -1,9 +1,12 @@
 """``python -m fkv_jax.bench.attention``: clean exit without an accelerator, CPU smoke mode, chip table."""
 
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
 from fkv_jax.bench import attention as bench
+
+pytestmark = pytest.mark.kernels
 
 
 def test_without_accelerator_says_so_and_exits_zero(capsys):

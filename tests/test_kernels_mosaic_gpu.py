@@ -20,6 +20,8 @@ from fkv_jax.kernels.mosaic_gpu_interpret import interpret_params
 from fkv_jax.kernels.testing import random_problem, relative_error
 from fkv_jax.kernels.hlo_check import large_ops_outside_kernels
 
+pytestmark = pytest.mark.kernels
+
 REF = jax.jit(selection_attention)
 
 CASES = {  # T = 80 is not a multiple of the 64-row tiles: shifted last tiles, masked overlap

@@ -16,6 +16,8 @@ from fkv_jax.attention.selection import Selection
 from fkv_jax.kernels import pallas_tpu_attention
 from fkv_jax.kernels.testing import random_problem, relative_error
 
+pytestmark = pytest.mark.kernels
+
 REF = jax.jit(selection_attention)
 
 INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")

@@ -30,6 +30,8 @@ from fkv_jax.kernels.testing import random_problem, relative_error  # noqa: E402
 from fkv_jax.kernels.triton_interpret import triton_interpret_attention  # noqa: E402
 from fkv_jax.kernels.triton_interpret import interpret_attention  # noqa: E402
 
+pytestmark = pytest.mark.kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 REF = jax.jit(selection_attention)
 

@@ -25,6 +25,8 @@ from flax import nnx
 import fkv_jax
 from fkv_jax.parallel import ShardedSampler, make_mesh
 
+pytestmark = pytest.mark.subprocess
+
 cfg = dataclasses.replace(fkv_jax.model_preset("tiny"), num_heads=4)  # head_dim 32; model=4 needs 4 heads
 graphdef, params = nnx.split(fkv_jax.init_model(cfg, seed=0), nnx.Param)
 sampler_cfg = fkv_jax.sampler_preset("self_forcing")  # global (full) cache

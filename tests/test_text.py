@@ -15,8 +15,8 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
-from checkpoints_convert import ConvertError
-from checkpoints_convert.__main__ import main as convert_main
+from fkv_jax.convert import ConvertError
+from fkv_jax.convert.__main__ import main as convert_main
 from helpers import rel_err
 from fkv_jax.checkpoint import CheckpointError
 from fkv_jax.text import (
@@ -126,7 +126,7 @@ def test_hugging_face_layout_converts_to_the_same_params(tmp_path, encoder_dir):
 
 def test_converter_errors(tmp_path):
     with pytest.raises(ConvertError, match="num_heads=8"):
-        from checkpoints_convert.components import convert_any
+        from fkv_jax.convert.components import convert_any
 
         convert_any(PTH, tmp_path / "a", num_heads=8)
     with pytest.raises(ConvertError, match="UMT5 text encoder checkpoint, not a VAE"):

@@ -16,6 +16,8 @@ from fkv_jax.kernels.triton_aot import (
 )
 from fkv_jax.kernels.triton_kernel import TritonBlocks
 
+pytestmark = pytest.mark.kernels
+
 WAN_1_3B = dict(batch=1, heads=12, head_dim=128, frame_tokens=1560, chunk_frames=3, slots=21)
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from checkpoints_convert import ConvertError
-from checkpoints_convert.__main__ import main as convert_main
+from fkv_jax.convert import ConvertError
+from fkv_jax.convert.__main__ import main as convert_main
 from helpers import rel_err
 from fkv_jax.checkpoint import CheckpointError, load_transformer
 from fkv_jax.decode import main as decode_main
@@ -158,7 +158,7 @@ def test_wrong_kind_and_damaged_checkpoints(tmp_path, vae_dir):
     del wan["decoder.upsamples.4.shortcut.weight"]
     wan["decoder.head.2.bias"] = np.zeros(5, np.float32)
     save_file(wan, str(tmp_path / "bad.safetensors"))
-    from checkpoints_convert.components import convert_any
+    from fkv_jax.convert.components import convert_any
 
     with pytest.raises(ConvertError, match=r"1 missing, 0 unexpected, 1 wrong shape(.|\n)*upsamples\.4\.shortcut"):
         convert_any(tmp_path / "bad.safetensors", tmp_path / "b")

@@ -14,7 +14,6 @@ from fkv_jax.attention.backends import (
     BackendError,
     get_backend,
     problem_of,
-    register_backend,
     resolve_backend,
 )
 from fkv_jax.attention.reference import chunk_attention, dense_attention, selection_attention
@@ -52,7 +51,6 @@ __all__ = [
     "from_slot_mask",
     "get_backend",
     "pack_mask",
-    "register_backend",
     "resolve_backend",
     "selection_attention",
     "to_slot_mask",

@@ -34,8 +34,8 @@ Mosaic GPU / TPU interpreters), slowly, for checking a model without the hardwar
 real target still apply, except pallas_tpu's (8, 128) block rules, which only the TPU compiler enforces.
 ``auto`` on a CPU always resolves to ``xla``.
 
-Names registered with :func:`register_backend` (e.g. the ``shard_map`` wrappers of
-:mod:`fkv_jax.parallel.attention`) resolve to themselves; they were built from a checked backend.
+Nothing is registered at run time: a custom or wrapped attention (e.g. :func:`fkv_jax.parallel.attention.sharded`)
+is passed as a value, ``Sampler(attention=fn)``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import dataclasses
 import functools
 import importlib
 import os
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -59,7 +59,6 @@ BACKEND_TABLE: dict[str, str] = {
 
 INTERPRET_ENV = "FKV_INTERPRET"
 HOPPER_KINDS = ("H100", "H200", "H800", "GH200")
-_EXTRA: dict[str, Callable] = {}  # names added by register_backend
 
 
 class BackendError(ValueError):
@@ -148,21 +147,12 @@ def _load(ref: str) -> Callable:
 
 
 def names() -> list[str]:
-    """Every backend name: the table's, then registered ones."""
-    return [*BACKEND_TABLE, *_EXTRA]
-
-
-def register_backend(name: str, fn: Callable) -> None:
-    """Add a backend under a new name (not one of the table's)."""
-    if name in BACKEND_TABLE:
-        raise BackendError(f"attention backend {name!r} is built in and cannot be replaced")
-    _EXTRA[name] = fn
+    """Every backend name."""
+    return list(BACKEND_TABLE)
 
 
 def get_backend(name: str) -> Callable:
     """The function of backend ``name`` as it is (no platform or shape checks; see :func:`resolve_backend`)."""
-    if name in _EXTRA:
-        return _EXTRA[name]
     if name not in BACKEND_TABLE:
         raise BackendError(f"unknown attention backend {name!r}; valid: {', '.join(names())}")
     return _load(BACKEND_TABLE[name])
@@ -362,8 +352,6 @@ def resolve_backend(
     Raises:
       BackendError: one line naming the value and what is allowed or missing.
     """
-    if name in _EXTRA:
-        return name, _EXTRA[name]
     if name not in BACKEND_TABLE:
         raise BackendError(f"unknown attention backend {name!r}; valid: {', '.join(names())}")
     t = current_target(platform, device_kind, compute_capability)
@@ -402,28 +390,22 @@ def auto_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel):
     return fn(q, k_chunk, v_chunk, k_cache, v_cache, sel)
 
 
-class _Backends(MutableMapping):
-    """``fkv_jax.attention.BACKENDS``: name -> function, loaded on first access; assignment registers."""
+class _Backends(Mapping):
+    """``fkv_jax.attention.BACKENDS``: name -> function, loaded on first access (read-only)."""
 
     def __getitem__(self, name: str) -> Callable:
         if name not in self:
             raise KeyError(name)
         return get_backend(name)
 
-    def __setitem__(self, name: str, fn: Callable) -> None:
-        register_backend(name, fn)
-
-    def __delitem__(self, name: str) -> None:
-        del _EXTRA[name]
-
     def __contains__(self, name) -> bool:
-        return name in BACKEND_TABLE or name in _EXTRA
+        return name in BACKEND_TABLE
 
     def __iter__(self) -> Iterator[str]:
         return iter(names())
 
     def __len__(self) -> int:
-        return len(BACKEND_TABLE) + len(_EXTRA)
+        return len(BACKEND_TABLE)
 
     def __repr__(self) -> str:
         return f"BACKENDS({', '.join(names())})"
@@ -448,7 +430,6 @@ __all__ = [
     "mosaic_gpu_available",
     "names",
     "problem_of",
-    "register_backend",
     "resolve_backend",
     "target",
     "target_compute_capability",

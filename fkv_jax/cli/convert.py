@@ -6,8 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from checkpoints_convert.components import KINDS, convert_any, convert_model_dir
-from checkpoints_convert.errors import ConvertError
+from fkv_jax.convert.components import KINDS, convert_any, convert_model_dir
+from fkv_jax.convert.errors import ConvertError
 from fkv_jax.cli import Parser, UsageError, run_cli
 from fkv_jax.cli import common as C
 

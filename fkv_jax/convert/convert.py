@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints_convert import layouts
-from checkpoints_convert.errors import ConvertError
-from checkpoints_convert.lora import Lora, merge_lora, read_lora
-from checkpoints_convert.plan import Plan, plan
-from checkpoints_convert.readers import Source, open_checkpoint
-from checkpoints_convert.wan_keymap import to_flax_params
+from fkv_jax.convert import layouts
+from fkv_jax.convert.errors import ConvertError
+from fkv_jax.convert.lora import Lora, merge_lora, read_lora
+from fkv_jax.convert.plan import Plan, plan
+from fkv_jax.convert.readers import Source, open_checkpoint
+from fkv_jax.convert.wan_keymap import to_flax_params
 from fkv_jax.checkpoint import DTYPES, CheckpointError, check_output_dir, save_transformer
 
 # (container, layout) -> source kind recorded in config.json

@@ -11,9 +11,9 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 
-from checkpoints_convert import layouts
-from checkpoints_convert.errors import ConvertError
-from checkpoints_convert.wan_keymap import BLOCK_KEY, expected_shapes
+from fkv_jax.convert import layouts
+from fkv_jax.convert.errors import ConvertError
+from fkv_jax.convert.wan_keymap import BLOCK_KEY, expected_shapes
 from fkv_jax.config import ModelConfig, list_presets, model_preset
 
 DEFAULT_HEAD_DIM = 128  # Wan2.1: num_heads = dim // 128 unless told otherwise

@@ -3,7 +3,7 @@
 :func:`open_checkpoint` returns a :class:`Source`: the stored tensor names with their shapes (cheap: no
 tensor data is read for safetensors) and a function that reads one tensor as numpy with floating point
 upcast to float32 (bf16/fp16 included). Names are returned as stored; unwrapping prefixes and mapping
-diffusers names is the job of :mod:`checkpoints_convert.layouts`.
+diffusers names is the job of :mod:`fkv_jax.convert.layouts`.
 
 PyTorch is imported only for ``.pt`` files; safetensors are read with the numpy framework (bf16 via
 ml_dtypes), so converting a safetensors checkpoint does not need torch.
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
-from checkpoints_convert.errors import ConvertError
+from fkv_jax.convert.errors import ConvertError
 
 PT_SUFFIXES = (".pt", ".pth", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from checkpoints_convert.errors import ConvertError
+from fkv_jax.convert.errors import ConvertError
 
 # Path segments added by wrappers; dropped wherever they occur (no Wan or diffusers module has these names).
 WRAPPER_SEGMENTS = frozenset(

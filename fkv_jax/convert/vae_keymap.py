@@ -17,8 +17,8 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 
-from checkpoints_convert.errors import ConvertError
-from checkpoints_convert.wan_keymap import IDENTITY, Transform
+from fkv_jax.convert.errors import ConvertError
+from fkv_jax.convert.wan_keymap import IDENTITY, Transform
 from fkv_jax.vae.model import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, VAEConfig
 
 CONV3D = Transform("conv3d", lambda a: a.transpose(2, 3, 4, 1, 0))

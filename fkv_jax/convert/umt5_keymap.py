@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from checkpoints_convert.errors import ConvertError
-from checkpoints_convert.wan_keymap import IDENTITY, LINEAR, Transform
+from fkv_jax.convert.errors import ConvertError
+from fkv_jax.convert.wan_keymap import IDENTITY, LINEAR, Transform
 from fkv_jax.text.umt5 import UMT5Config
 
 TOP_LEVEL: dict[str, tuple[str, Transform]] = {

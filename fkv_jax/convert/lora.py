@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoints_convert import layouts, wan_keymap
-from checkpoints_convert.errors import ConvertError
-from checkpoints_convert.readers import select_state_dict, torch_load
+from fkv_jax.convert import layouts, wan_keymap
+from fkv_jax.convert.errors import ConvertError
+from fkv_jax.convert.readers import select_state_dict, torch_load
 
 PREFERRED_KEYS = ("generator_lora",)
 PEFT_SEGMENTS = ("base_model",)  # PEFT's wrapper, dropped on top of the usual wrapper segments

@@ -23,11 +23,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints_convert import layouts, umt5_keymap, vae_keymap
-from checkpoints_convert.convert import PROGRESS_MIN_TENSORS, convert
-from checkpoints_convert.errors import ConvertError
-from checkpoints_convert.plan import _fmt, _listing, plan
-from checkpoints_convert.readers import Source, open_checkpoint, resolve_dir
+from fkv_jax.convert import layouts, umt5_keymap, vae_keymap
+from fkv_jax.convert.convert import PROGRESS_MIN_TENSORS, convert
+from fkv_jax.convert.errors import ConvertError
+from fkv_jax.convert.plan import _fmt, _listing, plan
+from fkv_jax.convert.readers import Source, open_checkpoint, resolve_dir
 from fkv_jax.checkpoint import DTYPES, CheckpointError, _flatten, check_output_dir, swap_into_place
 
 KINDS = ("transformer", "vae", "umt5")
