@@ -23,7 +23,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from fkv_jax.convert import ConvertError, convert, layouts, load_wan_state_dict, plan
-from fkv_jax.convert.__main__ import main
+from checkpoints_convert.__main__ import main
 from fkv_jax.convert.wan_keymap import expected_shapes, to_flax_params
 from fkv_jax.checkpoint import load_params, load_transformer
 from fkv_jax.config import model_preset

@@ -21,7 +21,7 @@ def converted(tmp_path_factory, tiny_wan):
     """The fixture converted twice: from the Self Forcing .pt and from a plain-Wan-names .safetensors."""
     from safetensors.numpy import save_file
 
-    from fkv_jax.convert.__main__ import main as convert_main
+    from checkpoints_convert.__main__ import main as convert_main
 
     root = tmp_path_factory.mktemp("ckpt")
     st = root / "model.safetensors"

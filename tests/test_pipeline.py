@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fkv_jax.convert.__main__ import main as convert_main
+from checkpoints_convert.__main__ import main as convert_main
 from helpers import CHECKPOINT_PT
 from fkv_jax.config import sampler_preset
 from fkv_jax.decode import main as decode_main

@@ -10,7 +10,7 @@ P = DATA / "policies"
 
 
 def convert(src, out):
-    from fkv_jax.convert.__main__ import main as convert_main
+    from checkpoints_convert.__main__ import main as convert_main
 
     assert convert_main(["--input", str(src), "--output", str(out), "--num-heads", "2", "--text-len", "16"]) == 0
     return out

@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from fkv_jax.convert import ConvertError
-from fkv_jax.convert.__main__ import main as convert_main
+from checkpoints_convert.__main__ import main as convert_main
 from helpers import rel_err
 from fkv_jax.checkpoint import CheckpointError
 from fkv_jax.text import (

@@ -17,7 +17,7 @@ import torch
 from safetensors.numpy import save_file
 
 from fkv_jax.convert import ConvertError
-from fkv_jax.convert.__main__ import main as convert_main
+from checkpoints_convert.__main__ import main as convert_main
 from helpers import rel_err
 from fkv_jax.checkpoint import CheckpointError, load_transformer
 from fkv_jax.decode import main as decode_main
