@@ -18,14 +18,14 @@ from fkv_jax.parallel import param_spec, parse_mesh_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.subprocess
+
 SCRIPT = """
 import json
 import dataclasses, jax, numpy as np
 from flax import nnx
 import fkv_jax
 from fkv_jax.parallel import ShardedSampler, make_mesh
-
-pytestmark = pytest.mark.subprocess
 
 cfg = dataclasses.replace(fkv_jax.model_preset("tiny"), num_heads=4)  # head_dim 32; model=4 needs 4 heads
 graphdef, params = nnx.split(fkv_jax.init_model(cfg, seed=0), nnx.Param)
