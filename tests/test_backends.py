@@ -203,6 +203,7 @@ def test_attend_checks_at_trace_time():
     np.testing.assert_array_equal(out, jax.jit(selection_attention)(*args, sel))
 
 
+@pytest.mark.slow
 def test_no_import_cycle_and_no_kernel_imported_by_attention():
     code = (
         "import sys, fkv_jax.attention as a; assert 'fkv_jax.kernels' not in sys.modules; "

@@ -13,6 +13,8 @@ import pytest
 
 from fkv_jax.cli.main import main as fkv
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True)
 def in_tmp(monkeypatch, tmp_path):

@@ -156,6 +156,7 @@ def test_safetensors_bf16_input_and_bf16_output(tmp_path, ema):
     assert_tree_equal(state, to_flax_params(rounded, TINY, ml_dtypes.bfloat16))
 
 
+@pytest.mark.slow
 def test_safetensors_does_not_need_torch(tmp_path, ema):
     src = write_safetensors(tmp_path / "model.safetensors", ema)
     code = (
@@ -221,6 +222,7 @@ def test_lora_merge_matches_hand_merge(tmp_path, ema, lora_sd):
     assert_tree_equal(half, to_flax_params(hand_merge(ema, lora_sd, 0.5), TINY))
 
 
+@pytest.mark.slow
 def test_lora_merged_forward_matches_longlive(tmp_path):
     case = np.load(DATA / "caseC_lora.npz")
     out = convert(PT, tmp_path / "out", lora=LORA, **TINY_OPTS)
@@ -274,6 +276,7 @@ def test_cli_main_converts_and_refuses_to_clobber(tmp_path, capsys, raw):
     assert (keep / "notes.txt").read_text() == "not a checkpoint"
 
 
+@pytest.mark.slow
 def test_cli_help_subprocess():
     r = subprocess.run(
         [sys.executable, "-m", "checkpoints_convert", "--help"], capture_output=True, text=True, timeout=120

@@ -1,8 +1,11 @@
 """The evaluation CLI end to end on a tiny setting (a toy-architecture model with untrained weights)."""
 
+import pytest
 import json
 
 from fkv_jax.eval.__main__ import main
+
+pytestmark = pytest.mark.slow
 
 
 def test_eval_cli_tiny(random_toy_weights, tmp_path, capsys):

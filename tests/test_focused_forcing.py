@@ -34,6 +34,7 @@ def our_slot_frames(chunk: int) -> np.ndarray:
     return np.concatenate([np.arange(15), np.arange(3 * chunk - 3, 3 * chunk)])
 
 
+@pytest.mark.slow
 def test_matches_authors_code(ff):
     policy = make_policy(
         "focused_forcing",
@@ -64,6 +65,7 @@ def test_matches_authors_code(ff):
     assert not outs[5].select_aux["selected"].any()
 
 
+@pytest.mark.slow
 def test_no_pruning_matches_and_equals_window_without_rerotation(ff):
     ref = ff[3]
     _, a = run(ff, FocusedForcing(min_budget=21, max_budget=21, pooled_tokens=2))
@@ -84,6 +86,7 @@ def test_bad_options():
         make_policy("focused_forcing", {"min_budget": "x"})
 
 
+@pytest.mark.slow
 def test_longlive_variant_budgets_own_frame_and_full_budget_equivalence():
     import dataclasses
 

@@ -22,6 +22,7 @@ def fkv():
 run = run_reference_rollout
 
 
+@pytest.mark.slow
 def test_matches_official_code(fkv):
     policy = make_policy("forcing_kv", head_table=P / "forcingkv_heads_tiny.json", num_layers=4, num_heads=2)
     assert policy.ar_start == 2 and policy.sink_size == 1 and policy.num_frame_patch == 6
@@ -39,6 +40,7 @@ def test_matches_official_code(fkv):
     assert res.state["layers"]["mem_k"].shape == (4, 1, 24, 2, 64)
 
 
+@pytest.mark.slow
 def test_all_static_equals_sink_plus_anchor_window(fkv):
     """Every head static (no segment buffer is read) == a plain sink 1 + 1-frame window."""
     _, a = run(fkv, ForcingKV(head_table=HeadTable.all_static(4, 2)))
@@ -46,6 +48,7 @@ def test_all_static_equals_sink_plus_anchor_window(fkv):
     np.testing.assert_array_equal(a.latents, b.latents)
 
 
+@pytest.mark.slow
 def test_selection_per_head_on_a_hand_built_cache(fkv):
     """Grouped layer: static heads read sink + last frame; dynamic heads also the memory tokens."""
     from fkv_jax.cache.kv_cache import CacheGeometry, init_cache, write

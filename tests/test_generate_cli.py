@@ -45,6 +45,7 @@ def write_replay(ref, case, folder):
     return ctx, noise
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["pt", "safetensors"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_cli_replays_upstream_rollouts(converted, ref, tmp_path, case, source):
@@ -73,6 +74,7 @@ def test_cli_replays_upstream_rollouts(converted, ref, tmp_path, case, source):
     assert rel_err(lat, ref[f"{case}/final_latents"]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_acceptance_commands_as_a_user_types_them(ref, tmp_path):
     """The issue's 'done when' commands, as subprocesses: converter then generator, window 9 + sink 3."""
     ckpt = tmp_path / "DIR"
@@ -122,6 +124,7 @@ def test_acceptance_commands_as_a_user_types_them(ref, tmp_path):
     assert rel_err(np.load(out), ref["rolling_w9/final_latents"]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_random_preset_model_runs(tmp_path):
     out = tmp_path / "lat.npy"
     base = ["--model-preset", "tiny", "--frames", "6", "--no-progress"]
@@ -136,6 +139,7 @@ def test_random_preset_model_runs(tmp_path):
     assert not np.allclose(np.load(out3), lat)
 
 
+@pytest.mark.slow
 def test_prompts_file_is_a_batch(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\n\ntwo\n")
@@ -159,6 +163,7 @@ def test_prompts_file_is_a_batch(tmp_path):
     assert np.load(out).shape[0] == 2
 
 
+@pytest.mark.slow
 def test_toy_model_writes_one_mp4_per_prompt(random_toy_weights, tmp_path):
     """--toy-weights DIR (an export of `toyworld.train`): prompts through the toy text encoder, pixel mp4s."""
     from fkv_jax.toyworld.video import to_uint8
@@ -199,6 +204,7 @@ def test_toy_model_writes_one_mp4_per_prompt(random_toy_weights, tmp_path):
     assert np.abs(video.astype(np.float32) - to_uint8(np.clip(lat[0], -1, 1))).mean() > 20
 
 
+@pytest.mark.slow
 def test_default_command_makes_a_sprite_video_with_the_shipped_model(tmp_path, capsys):
     """`python -m fkv_jax.generate` as the quickstart runs it: the shipped toy model, the default prompt."""
     from fkv_jax.toyworld.analysis import colour_report
@@ -267,6 +273,7 @@ def test_bad_replay_files(converted, ref, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_mesh_flag_runs_sharded_and_matches(tmp_path):
     """--mesh on 2 forced CPU devices gives the single-device numbers (subprocess: XLA_FLAGS before jax)."""
     import os

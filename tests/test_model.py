@@ -1,5 +1,6 @@
 """The causal Wan DiT against the upstream reference (case C: one call, no history)."""
 
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,7 @@ def _case_c(graphdef, params, cfg, ref):
     return model, model(jnp.asarray(ref["caseC_x"]), jnp.asarray(tsin), ckv, rope, jnp.arange(3, dtype=jnp.int32))
 
 
+@pytest.mark.slow
 def test_case_c_flow_and_layer0_cache(tiny_model, tiny_cfg, ref):
     graphdef, params = tiny_model
     _, (flow, k, v) = _case_c(graphdef, params, tiny_cfg, ref)

@@ -25,6 +25,8 @@ from fkv_jax.generate import main as generate_main
 from fkv_jax.pipeline import PipelineError, read_schedule_file
 from fkv_jax.video import read_video
 
+pytestmark = pytest.mark.slow
+
 DATA = Path(__file__).parent / "data"
 # LongLive-style rolling cache (window 9 = sink 3 + 3 + chunk 3), the geometry tests/test_recache.py compiles
 SMALL = ["--latent-size", "4x6", "--preset", "longlive", "--local-attn-size", "9", "--sink-size", "3", "--no-progress"]

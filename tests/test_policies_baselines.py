@@ -459,6 +459,7 @@ def tiny():
     return cfg, graphdef, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NEW)
 def test_rollout_compiles_once(tiny, name):
     cfg, graphdef, params = tiny

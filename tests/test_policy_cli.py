@@ -25,6 +25,7 @@ def replay_files(tmp_path, npz, blocks):
     return ref, ["--text-embeddings", str(tmp_path / "ctx.npy"), "--noise-file", str(tmp_path / "noise.npz")]
 
 
+@pytest.mark.slow
 def test_forcing_kv_cli_replay(tmp_path):
     ckpt = convert(P / "forcing_kv_tiny.safetensors", tmp_path / "ckpt")
     ref, files = replay_files(tmp_path, P / "forcing_kv_tiny.npz", 7)
@@ -51,6 +52,7 @@ def test_forcing_kv_cli_replay(tmp_path):
     assert rel_err(np.load(out), ref["latents_forcingkv"]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_focused_forcing_cli_replay(tmp_path):
     ckpt = convert(P / "focused_forcing_tiny.pt", tmp_path / "ckpt")
     ref, files = replay_files(tmp_path, P / "focused_forcing_tiny.npz", 11)

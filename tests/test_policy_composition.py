@@ -1,5 +1,6 @@
 """A user-written policy, composed from the library's parts in a file of its own (the README example)."""
 
+import pytest
 import dataclasses
 
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ class SinkDiverseTopK(Policy):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_user_policy_runs_in_the_sampler_and_honours_budgets():
     from flax import nnx
 

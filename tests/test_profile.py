@@ -1,5 +1,6 @@
 """Head profilers on a synthetic model whose attention patterns are planted, so the answer is known."""
 
+import pytest
 import json
 
 import jax.numpy as jnp
@@ -61,6 +62,7 @@ def test_profiler_recovers_planted_static_and_dynamic_heads(tmp_path):
     np.testing.assert_array_equal(back.dynamic, table.dynamic)
 
 
+@pytest.mark.slow
 def test_importance_is_zero_for_a_head_that_cannot_matter(tmp_path):
     cfg = fkv_jax.model_preset("tiny")
     graphdef, params = nnx.split(fkv_jax.init_model(cfg, seed=1), nnx.Param)
@@ -86,6 +88,7 @@ def test_importance_is_zero_for_a_head_that_cannot_matter(tmp_path):
     np.testing.assert_allclose(load_importance(tmp_path / "imp.json", 2, 2), scores)
 
 
+@pytest.mark.slow
 def test_profile_cli(tmp_path, capsys):
     from fkv_jax.profile import main
 
@@ -102,6 +105,7 @@ def test_profile_cli(tmp_path, capsys):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 def test_profile_cli_on_the_toy_model(random_toy_weights, tmp_path, capsys):
     """The toy-world model (here its architecture with untrained weights), calibrated on toy prompts."""
     from fkv_jax.profile import main

@@ -94,6 +94,7 @@ def run_with_switch(tiny, s, switch, global_sink):
     return lat, seen, jax.tree.map(np.asarray, pre)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("global_sink", [True, False])
 def test_cache_after_switch_equals_a_fresh_recache(tiny, rolling, global_sink):
     s = rolling  # window 9: n = 9 frames re-run from rs = 3

@@ -44,6 +44,7 @@ def run_case(tiny_model, tiny_cfg, ref, case):
     return sampler, res, np.concatenate(flows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_parity_with_upstream(tiny_model, tiny_cfg, ref, case):
     sampler, res, flows = run_case(tiny_model, tiny_cfg, ref, case)
@@ -135,6 +136,7 @@ def test_retrace_guard_fires_on_a_new_geometry(tiny_model, tiny_cfg, ref):
         )
 
 
+@pytest.mark.slow
 def test_batch_is_independent_and_window_covering_all_equals_global(tiny_model, tiny_cfg, ref):
     graphdef, params = tiny_model
     rng = np.random.default_rng(0)
@@ -171,6 +173,7 @@ def test_history_changes_the_output(tiny_model, tiny_cfg, ref):
     assert rel_err(outs["rolling"][:, 6:], outs["global"][:, 6:]) > 1e-3
 
 
+@pytest.mark.slow
 def test_other_geometry_compiles_once_and_is_finite():
     """A different head count / head dim / frame size / chunk length runs through the same code."""
     cfg = dataclasses.replace(fkv_jax.model_preset("tiny"), num_heads=4, dim=96, ffn_dim=128, latent_hw=(6, 10))
@@ -198,6 +201,7 @@ def test_length_errors(tiny_model, tiny_cfg):
         rolling.check_length(1026)
 
 
+@pytest.mark.slow
 def test_window_relative_rope(tiny_model, tiny_cfg):
     """Without a sink, window-relative RoPE only shifts every position by the same amount: same video.
     With a sink it changes the sink's distance; and it lifts the 1024-frame limit of absolute RoPE."""
@@ -333,6 +337,7 @@ def test_x0_prediction_reads_the_output_as_clean_frames(tiny_model, tiny_cfg, re
         dataclasses.replace(base, prediction="eps")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["forcing_kv", "h2o"])
 def test_bfloat16_cache_reaches_policy_memories(tiny_model, tiny_cfg, ref, name):
     """cache_dtype bfloat16: the cache and the policy's K/V memory are bfloat16, and stay so (one compilation)."""
@@ -358,6 +363,7 @@ def test_bfloat16_cache_reaches_policy_memories(tiny_model, tiny_cfg, ref, name)
     assert mem.dtype == jnp.bfloat16 and mem.size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["global", "rolling"])
 def test_bfloat16_model_end_to_end_stays_near_the_float32_reference(tiny_model, tiny_cfg, ref, case):
     """A bf16 model computes in bf16 with a bf16 cache (the default: the compute dtype) and policy memories,

@@ -54,6 +54,7 @@ def test_encode_token_ids_matches_upstream(encoder_dir, fixture):
     assert np.all(out[0, 13:] == 0) and np.abs(out[0, :13]).min() > 0
 
 
+@pytest.mark.slow
 def test_encoder_all_positions_and_layers(encoder_dir, fixture):
     """Unzeroed output (padded queries too), each layer's output and position bias, against upstream."""
     cfg, model = load_text_encoder(encoder_dir)

@@ -102,6 +102,7 @@ def test_bounce_occlusion_and_pillar():
 # ---- text -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tokenizer_and_text_encoder():
     ids, lens = tokenize(["a red circle and a blue square", "a green cross with a pillar"], 16)
     assert ids.shape == (2, 16) and list(lens) == [7, 6]
@@ -138,6 +139,7 @@ def test_teacher_forcing_mask_rules():
     assert m.diagonal().all()
 
 
+@pytest.mark.slow
 def test_teacher_forcing_attention_equals_masked_dense():
     f, c, t = 9, 3, 4
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 2 * f * t, 2, 8)) for i in range(3))
@@ -164,6 +166,7 @@ TINY = ModelConfig(
 )
 
 
+@pytest.mark.slow
 def test_training_forward_is_block_causal():
     """Changing the frames of a later block changes nothing in the flow of earlier blocks."""
     from fkv_jax.model.rope import make_rope_tables
@@ -189,6 +192,7 @@ def test_training_forward_is_block_causal():
     assert not np.allclose(changed[:, 3:], base[:, 3:])
 
 
+@pytest.mark.slow
 def test_training_reduces_loss_and_resumes_exactly(tmp_path):
     from fkv_jax.toyworld.train import TrainConfig, load_run_params, train
 
@@ -219,6 +223,7 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
 # ---- the shipped model -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_shipped_weights_generate_the_prompted_sprites():
     """The shipped model (the embedded default of `generate`) draws what its prompts name, and moves it."""
     from fkv_jax.toyworld.analysis import motion_report
@@ -258,6 +263,7 @@ def test_shipped_weights_generate_the_prompted_sprites():
     assert not np.allclose(swapped[0], frames[0], atol=0.1)
 
 
+@pytest.mark.slow
 def test_toy_model_object_keeps_its_samplers_and_matches_generate_video(random_toy_weights):
     """ToyModel owns its graph, params and samplers (no module-level caches): the second video reuses the
     compiled step, and the one-call helper gives the same numbers."""

@@ -120,6 +120,7 @@ def _diffusers_names(wan: dict[str, np.ndarray], nrb: int = 2) -> dict[str, np.n
     return out
 
 
+@pytest.mark.slow
 def test_diffusers_layout_converts_to_the_same_params(tmp_path, vae_dir):
     wan = {k: v.numpy() for k, v in torch.load(PTH, weights_only=True).items()}
     d = _diffusers_names(wan)
@@ -165,6 +166,7 @@ def test_wrong_kind_and_damaged_checkpoints(tmp_path, vae_dir):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_decode_cli(tmp_path, vae_dir, fx):
     lat = np.concatenate([latents(fx), 0.5 * latents(fx)]).astype(np.float32)
     np.save(tmp_path / "lat.npy", lat)
