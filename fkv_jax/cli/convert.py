@@ -142,31 +142,10 @@ def run_args(args) -> None:
             raise ConvertError("--wan-dir needs --generator PATH (the causal transformer, e.g. self_forcing_dmd.pt)")
         if args.kind is not None:
             raise ConvertError("--kind applies to --input, not to --wan-dir")
-        convert_model_dir(
-            args.wan_dir,
-            args.generator,
-            args.output,
-            key=args.key,
-            num_heads=args.num_heads,
-            text_len=args.text_len,
-            dtype=args.dtype,
-            lora=args.lora,
-            lora_alpha=args.lora_alpha,
-            preset=args.preset,
-            overwrite=args.overwrite,
-            progress=progress,
-            log=print,
-        )
-        return
-    if args.generator is not None:
-        raise ConvertError("--generator goes with --wan-dir; for one checkpoint use --input")
-    convert_any(
-        args.input,
-        args.output,
-        kind=args.kind,
+    common = dict(
+        key=args.key,
         num_heads=args.num_heads,
         text_len=args.text_len,
-        key=args.key,
         dtype=args.dtype,
         lora=args.lora,
         lora_alpha=args.lora_alpha,
@@ -175,6 +154,12 @@ def run_args(args) -> None:
         progress=progress,
         log=print,
     )
+    if args.wan_dir is not None:
+        convert_model_dir(args.wan_dir, args.generator, args.output, **common)
+        return
+    if args.generator is not None:
+        raise ConvertError("--generator goes with --wan-dir; for one checkpoint use --input")
+    convert_any(args.input, args.output, kind=args.kind, **common)
 
 
 def main(argv: list[str] | None = None, prog: str = "fkv convert") -> int:
