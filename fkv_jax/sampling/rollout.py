@@ -193,13 +193,15 @@ class Sampler:
                 out_shardings=(outputs, sh.cache, sh.state),
             )
             self._context_kv = jax.jit(context_kv, out_shardings=(sh.context, sh.context))
+            # the cache allocated in place, sharded (one jitted allocator, built once)
+            self._init_sharded_cache = jax.jit(lambda: init_cache(self.geom, self.cache_dtype), out_shardings=sh.cache)
 
     # ---- pieces ---------------------------------------------------------------------------------------
     def init_cache(self):
         """An empty cache, committed to the default device (so the first chunk compiles the same executable as
         every later one, whose cache comes back committed from the step)."""
-        if self.shardings is not None:  # allocated in place, sharded
-            return jax.jit(lambda: init_cache(self.geom, self.cache_dtype), out_shardings=self.shardings.cache)()
+        if self.shardings is not None:
+            return self._init_sharded_cache()
         return jax.device_put(init_cache(self.geom, self.cache_dtype), jax.devices()[0])
 
     def init_state(self):
