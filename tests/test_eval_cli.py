@@ -101,3 +101,26 @@ def test_toy_samples_bench_runs(random_toy_weights, capsys):
     real = next(ln for ln in out.splitlines() if ln.startswith("| real episodes"))
     assert float(real.split("|")[2]) > 0.3  # the simulator's own frames show their prompted colours
     assert "| model, sampler default |" in out and "| model, sampler renoise8 |" in out
+
+
+def test_eval_cli_memory_family(random_toy_weights, tmp_path, capsys):
+    """The memory family with a short window: the report carries the reappearance and tracking metrics with
+    bootstrap intervals, and the window length reaches the policy (its resident KV is smaller)."""
+    out = tmp_path / "mem"
+    args = ["--weights", str(random_toy_weights), "--family", "memory", "--policies", "window", "--window", "3"]
+    args += ["--frames", "36", "--context-frames", "3", "--episodes", "2", "--output-dir", str(out), "--no-plots"]
+    assert main(args) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["family"] == "memory"
+    rows = report["policies"]
+    assert rows["window"]["kv_mib"] < rows["full"]["kv_mib"] / 6  # 3 of 36 frames
+    for key in ("reappear_identity", "reappear_position_px", "track_24_px"):
+        assert key in rows["full"] and key in rows["full"]["ci95"]
+    assert "95 % bootstrap CI over 2 episode(s)" in (out / "eval.md").read_text()
+
+
+def test_eval_cli_window_needs_the_window_policy(random_toy_weights, tmp_path, capsys):
+    args = ["--weights", str(random_toy_weights), "--window", "6", "--policies", "sink_window"]
+    assert main(args + ["--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --window") and not (tmp_path / "o").exists()

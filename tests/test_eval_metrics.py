@@ -1,6 +1,7 @@
 """Metrics on constructed cases: a perfect rollout scores perfectly, a shifted one scores the shift."""
 
 import numpy as np
+import pytest
 
 from fkv_jax.eval.metrics import (
     chunk_discontinuity,
@@ -63,3 +64,43 @@ def test_identity_after_occlusion_on_truth_and_on_a_colour_swap():
     assert identity_after_occlusion(ep.frames, ep) > 0.6  # bounded by the shape classifier's accuracy
     blank = np.full_like(ep.frames, -1.0)
     assert identity_after_occlusion(blank, ep) == 0.0
+
+
+def test_memory_family_hides_a_sprite_longer_than_a_short_window():
+    from fkv_jax.toyworld.world import hidden_runs, make_memory_episode
+
+    for seed in range(4):
+        ep = make_memory_episode(seed, 48, context_frames=6, min_hidden=8)
+        runs = [r for r in hidden_runs(ep.visible) if r[0] == 1 and r[2] >= 8]
+        assert runs, ep.prompt
+        _, s, n = runs[0]
+        assert s > 6 and s + n < 48
+        assert (ep.visible_frac[:s, 1] >= 0.9).any() and (ep.visible_frac[s + n :, 1] >= 0.9).any()
+        assert ep.scene.pillar is None and len(ep.scene.sprites) == 2
+    assert make_memory_episode(3, 48).prompt == make_memory_episode(3, 48).prompt  # deterministic
+    with pytest.raises(ValueError, match="hides at most"):
+        make_memory_episode(0, 48, min_hidden=20)
+
+
+def test_reappearance_and_tracking_on_truth_and_on_a_wrong_identity():
+    from fkv_jax.eval.metrics import reappearance, tracking_error
+    from fkv_jax.toyworld.world import make_memory_episode
+
+    ep = make_memory_episode(1, 48, context_frames=6)
+    f = ep.frames
+    truth = reappearance(f, ep, start=6, min_hidden=8)
+    assert truth["identity"] >= 2 / 3 and truth["position_px"] < 1.0
+    tr = tracking_error(f, ep, 6)
+    assert tr["track_24_px"] < 1.0 and np.isnan(tr["track_48_px"])  # 6 + 48 > 48 frames
+    blank = np.full_like(f, -1.0)
+    gone = reappearance(blank, ep, start=6, min_hidden=8)
+    assert gone["identity"] == 0.0 and gone["position_px"] > 40
+    assert tracking_error(blank, ep, 6)["track_24_px"] > 40
+
+
+def test_mean_ci_brackets_the_mean():
+    from fkv_jax.eval.metrics import mean_ci
+
+    m, lo, hi = mean_ci([1.0, 2.0, 3.0, 4.0, float("nan")])
+    assert m == 2.5 and lo < m < hi and 1.0 <= lo and hi <= 4.0
+    assert np.isnan(mean_ci([5.0])[1]) and np.isnan(mean_ci([])[0])

@@ -4,6 +4,8 @@ fkv_jax/eval/harness.py).
     fkv eval                                    # 2 episodes x 120 frames, the seed policies
     fkv eval --policies sink_window forcing_kv focused_forcing h2o --episodes 4
     fkv eval --vbench-dir vbench_videos         # also keep the mp4s, named as VBench expects
+    fkv eval --family memory --policies window --window 6 --context-frames 6 --frames 48 --episodes 16
+                                                # does history matter? full against a 6-frame window
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ KV MiB = resident cache + policy memories; PSNR / SSIM vs full = agreement with 
 pos err px = sprite position error against the simulator's truth (lower is better); colour / shape = share
 of frames showing the prompted colours / shapes; identity = sprites keep their colour after an occlusion;
 chunk disc = jump between consecutive chunks; worst GT degr. = worst relative loss of a truth metric vs
-full (positive = worse)."""
+full (positive = worse). Second table: the truth metrics with 95 % bootstrap intervals over episodes;
+track_H_px = position error over the first H generated frames; reappear_* = identity and position error in
+the first 3 fully visible frames after a sprite was hidden >= 8 frames (the memory family's test)."""
 
 
 def build_parser(prog: str = "fkv eval") -> Parser:
@@ -37,6 +41,18 @@ def build_parser(prog: str = "fkv eval") -> Parser:
     p.add_argument("--episodes", type=int, default=2, help="simulated scenes (prompt + truth) per policy")
     A.add_sampler_args(p, only={"frames", "seed"}, frames_default=120)
     p.add_argument("--context-frames", type=int, default=3, help="true frames given as clean context (default 3)")
+    p.add_argument(
+        "--family",
+        choices=("random", "memory"),
+        default="random",
+        help="episodes: random scenes, or the memory family where a sprite hides in the wrap-around gap for "
+        ">= 8 frames and must come back with its identity and velocity (default: random)",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        help="frames the `window` policy keeps (default 15, the training clip; e.g. 6 for the memory family)",
+    )
     p.add_argument(
         "--toy-weights",
         "--weights",
@@ -68,6 +84,10 @@ def _check(args) -> None:
         raise UsageError(
             f"--frames ({args.frames}) and --context-frames ({args.context_frames}) must be positive multiples of 3"
         )
+    if args.window is not None:
+        C.check_at_least("--window", args.window, 1)
+        if "window" not in args.policies:
+            raise UsageError("--window sets the `window` policy's length; add window to --policies")
     unknown = [p for p in args.policies if p not in POLICIES]
     if unknown:
         raise UsageError(f"unknown policy {unknown[0]!r}; available: {', '.join(sorted(POLICIES))}")
@@ -120,6 +140,8 @@ def run(args) -> int:
             weights=None if args.weights is None else str(args.weights),
             plots=not args.no_plots,
             vbench_dir=args.vbench_dir,
+            family=args.family,
+            window=args.window,
             log=lambda m: print(m, file=sys.stderr),
         )
     except (ValueError, FileNotFoundError) as e:

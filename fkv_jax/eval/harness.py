@@ -34,6 +34,21 @@ from fkv_jax.sampling.rollout import Sampler, rollout
 # Forcing-KV on the toy model: 16 tokens per frame split in 4 row segments, 4 of 12 kept (one frame's worth).
 # `window` is the toy sampler's own cache (15 frames, the training clip length): the quality reference whose
 # attention distances all lie inside training, where `full` (every frame, global) goes beyond it.
+# The memory family (toyworld.world.make_memory_episode): a sprite hides in the wrap-around gap for at least
+# this many frames, longer than `window` keeps with --window 6.
+MEMORY_MIN_HIDDEN = 8
+FAMILIES = ("random", "memory")
+# Ground-truth metrics: lower is better for the *_px ones, higher for the others.
+GT_KEYS = (
+    "position_error_px",
+    "colour_shown",
+    "shape_right",
+    "identity_after_occlusion",
+    "track_24_px",
+    "track_48_px",
+    "reappear_identity",
+    "reappear_position_px",
+)
 TOY_POLICY_OPTIONS = {
     "forcing_kv": {"num_frame_patch": "4"},
     "focused_forcing": {},
@@ -49,6 +64,7 @@ class PolicyResult:
     kv_bytes: int = 0
     peak_rss_mib: float = 0.0
     metrics: dict = dataclasses.field(default_factory=dict)
+    ci: dict = dataclasses.field(default_factory=dict)  # metric -> (low, high), 95 % bootstrap over episodes
 
 
 def _kv_bytes(cache, state) -> int:
@@ -74,6 +90,7 @@ def _rollout(sampler, params, ctx, noise, init, seed):
 
 def quality(frames: np.ndarray, ref: np.ndarray, ep, start: int) -> dict:
     pa = M.prompt_alignment(frames, ep, start)
+    back = M.reappearance(frames, ep, start, min_hidden=MEMORY_MIN_HIDDEN)
     return {
         "psnr_vs_full": M.psnr(frames[start:], ref[start:]),
         "ssim_vs_full": M.ssim(frames[start:], ref[start:]),
@@ -83,10 +100,15 @@ def quality(frames: np.ndarray, ref: np.ndarray, ep, start: int) -> dict:
         "extra_colour_px": pa["extra_colour_pixels"],
         "identity_after_occlusion": M.identity_after_occlusion(frames, ep, start),
         "chunk_discontinuity": M.chunk_discontinuity(frames[start:]),
+        **M.tracking_error(frames, ep, start),
+        "reappear_identity": back["identity"],
+        "reappear_position_px": back["position_px"],
     }
 
 
-def build_toy_policies(names, cfg, graphdef, params, sampler_cfg, enc, *, profile_frames=24, seed=0, log=print):
+def build_toy_policies(
+    names, cfg, graphdef, params, sampler_cfg, enc, *, profile_frames=24, seed=0, log=print, window=None
+):
     """Policies for the toy model; Forcing-KV's head table and Focused Forcing's head importance are profiled
     on the toy model itself (reported in the result)."""
     from fkv_jax.policies.calibration import head_importance, profile_static_dynamic
@@ -107,6 +129,8 @@ def build_toy_policies(names, cfg, graphdef, params, sampler_cfg, enc, *, profil
     out, profiles = {}, {}
     for name in names:
         opts = dict(TOY_POLICY_OPTIONS.get(name, {}))
+        if name == "window" and window is not None:
+            opts["local_attn_size"] = str(window)
         if name == "forcing_kv":
             table, scores = profile_static_dynamic(make_sampler, params, calib, progress=False)
             st, dy = table.counts()
@@ -134,11 +158,15 @@ def evaluate(
     weights: str | None = None,
     plots: bool = True,
     vbench_dir: Path | None = None,
+    family: str = "random",
+    window: int | None = None,
     log=print,
 ) -> dict:
     from fkv_jax.toyworld.model import load_toy_model, save_video, toy_context, toy_sampler_config
-    from fkv_jax.toyworld.world import make_episode
+    from fkv_jax.toyworld.world import make_episode, make_memory_episode
 
+    if family not in FAMILIES:
+        raise ValueError(f"unknown episode family {family!r}; one of {', '.join(FAMILIES)}")
     cfg, model, enc = load_toy_model(weights)
     graphdef, params = nnx.split(model, nnx.Param)
     sc = toy_sampler_config(weights)
@@ -148,12 +176,14 @@ def evaluate(
             f"--frames ({frames}) and --context-frames ({context_frames}) must be multiples of {c}, "
             f"with 0 < context < frames"
         )
+    if family == "memory":  # fail before any profiling if the length cannot hold a memory episode
+        make_memory_episode(seed, frames, context_frames=context_frames, min_hidden=MEMORY_MIN_HIDDEN)
     log(
         f"toy model {cfg.name}: {cfg.num_layers} layers, {cfg.num_heads} heads, {cfg.tokens_per_frame()} tokens/frame;"
         f" {episodes} episode(s) x {frames} frames, {context_frames} true context frames; policies: {policies}"
     )
     pols, profiles = build_toy_policies(
-        [p for p in policies if p != "full"], cfg, graphdef, params, sc, enc, seed=seed, log=log
+        [p for p in policies if p != "full"], cfg, graphdef, params, sc, enc, seed=seed, log=log, window=window
     )
     pols = {"full": make_policy("full"), **pols}
     results = {name: PolicyResult(name) for name in pols}
@@ -166,7 +196,10 @@ def evaluate(
     }
     examples = {}
     for e in range(episodes):
-        ep = make_episode(seed + e, frames)
+        if family == "memory":
+            ep = make_memory_episode(seed + e, frames, context_frames=context_frames, min_hidden=MEMORY_MIN_HIDDEN)
+        else:
+            ep = make_episode(seed + e, frames)
         ctx = toy_context([ep.prompt], enc, cfg)
         init = np.asarray(ep.frames[None, :context_frames], np.float32)
         noise = np.random.default_rng((seed, e)).standard_normal((1, frames, cfg.in_dim, *cfg.latent_hw), np.float32)
@@ -194,13 +227,10 @@ def evaluate(
         r.e2e_fps = n / (s + enc_secs[name]) if s > 0 else float("nan")
         r.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         keys = per_episode[name][0].keys()
-        r.metrics = {
-            k: float(np.nanmean([m[k] for m in per_episode[name]]))
-            if not all(math.isnan(m[k]) for m in per_episode[name])
-            else float("nan")
-            for k in keys
-        }
+        r.metrics = {k: M.mean_ci([m[k] for m in per_episode[name]])[0] for k in keys}
+        r.ci = {k: M.mean_ci([m[k] for m in per_episode[name]])[1:] for k in GT_KEYS}
     report = _report(results, profiles, frames, episodes, context_frames)
+    report["family"] = family
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     (out_dir / "eval.md").write_text(_markdown(report))
@@ -212,7 +242,6 @@ def evaluate(
 def _report(results, profiles, frames, episodes, context_frames) -> dict:
     full = results["full"]
     rows = {}
-    gt_keys = ("position_error_px", "colour_shown", "shape_right", "identity_after_occlusion")
     for name, r in results.items():
         row = {
             "denoise_fps": r.denoise_fps,
@@ -221,13 +250,14 @@ def _report(results, profiles, frames, episodes, context_frames) -> dict:
             "kv_mib": r.kv_bytes / 2**20,
             "peak_rss_mib": r.peak_rss_mib,
             **r.metrics,
+            "ci95": r.ci,
         }
         # relative degradation of each ground-truth metric vs full (positive = worse)
         deg = {}
-        for k in gt_keys:
+        for k in GT_KEYS:
             a, b = r.metrics.get(k, float("nan")), full.metrics.get(k, float("nan"))
             if not (math.isnan(a) or math.isnan(b)) and b != 0:
-                deg[k] = (a - b) / abs(b) if k == "position_error_px" else (b - a) / abs(b)
+                deg[k] = (a - b) / abs(b) if k.endswith("_px") else (b - a) / abs(b)
         row["worst_gt_degradation"] = max(deg.values()) if deg else float("nan")
         rows[name] = row
     return {
@@ -257,8 +287,8 @@ def _markdown(report) -> str:
         ("worst_gt_degradation", "worst GT degr.", "+.1%"),
     ]
     lines = [
-        f"# Toy-world policy evaluation ({report['episodes']} episode(s) x {report['frames']} frames, "
-        f"{report['context_frames']} true context frames)",
+        f"# Toy-world policy evaluation ({report['episodes']} {report.get('family', 'random')} episode(s) x "
+        f"{report['frames']} frames, {report['context_frames']} true context frames)",
         "",
         "| policy | " + " | ".join(c[1] for c in cols) + " |",
         "|---" * (len(cols) + 1) + "|",
@@ -269,6 +299,25 @@ def _markdown(report) -> str:
             v = row.get(k, float("nan"))
             vals.append("n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt))
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    n = report["episodes"]
+    lines += [
+        "",
+        f"Ground-truth metrics, mean [95 % bootstrap CI over {n} episode(s)] (track_H = position error over the "
+        "first H generated frames; reappear = the first 3 fully visible frames after a sprite was hidden "
+        f">= {MEMORY_MIN_HIDDEN} frames):",
+        "",
+        "| policy | " + " | ".join(GT_KEYS) + " |",
+        "|---" * (len(GT_KEYS) + 1) + "|",
+    ]
+    for name, row in report["policies"].items():
+        cells = []
+        for k in GT_KEYS:
+            v, (lo, hi) = row.get(k, float("nan")), row.get("ci95", {}).get(k, (float("nan"), float("nan")))
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                cells.append("n/a")
+            else:
+                cells.append(f"{v:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if not math.isnan(lo) else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if report["profiles"].get("forcing_kv_heads"):
         h = report["profiles"]["forcing_kv_heads"]
         lines += ["", f"Forcing-KV profiler on the toy model: {h['static']} static, {h['dynamic']} dynamic heads."]

@@ -48,16 +48,16 @@ def _fully_visible(ep: Episode, thresh: float = 0.9) -> np.ndarray:
     return ep.visible_frac >= thresh  # [T, N]
 
 
-def position_error(frames: np.ndarray, ep: Episode, start: int = 0) -> float:
+def position_error(frames: np.ndarray, ep: Episode, start: int = 0, stop: int | None = None) -> float:
     """Mean distance (pixels) between each sprite's true centre and the centroid of its colour in the frame,
-    over frames >= start where the sprite is fully visible. A sprite whose colour is missing counts the
-    frame diagonal (the worst error)."""
+    over frames in [start, stop) where the sprite is fully visible. A sprite whose colour is missing counts
+    the frame diagonal (the worst error)."""
     cents = colour_centroids(frames)  # [T, K, 2]
     vis = _fully_visible(ep)
     diag = float(np.hypot(*frames.shape[-2:]))
     errs = []
     for n, cid in enumerate(ep.colour_ids):
-        for t in range(start, len(frames)):
+        for t in range(start, len(frames) if stop is None else min(stop, len(frames))):
             if vis[t, n]:
                 c = cents[t, cid]
                 errs.append(diag if np.isnan(c).any() else float(np.hypot(*(c - ep.positions[t, n]))))
@@ -122,3 +122,55 @@ def identity_after_occlusion(frames: np.ndarray, ep: Episode, start: int = 0) ->
                     m = lab[t] == 2 + cid
                     hits.append(bool(m.sum() >= 4 and classify_shape(m) == SHAPES[sid]))
     return float(np.mean(hits)) if hits else float("nan")
+
+
+def tracking_error(frames: np.ndarray, ep: Episode, start: int, horizons=(24, 48)) -> dict:
+    """Position error (:func:`position_error`) over the first ``h`` generated frames after ``start`` true
+    context frames, for each horizon h: ``{"track_24_px": ..., "track_48_px": ...}`` (NaN past the video)."""
+    return {
+        f"track_{h}_px": position_error(frames, ep, start, start + h) if start + h <= len(frames) else float("nan")
+        for h in horizons
+    }
+
+
+def reappearance(frames: np.ndarray, ep: Episode, start: int = 0, min_hidden: int = 2, settle: int = 3) -> dict:
+    """After each hidden run of >= ``min_hidden`` frames that ends at a frame >= start: over the first
+    ``settle`` frames in which the sprite is fully visible again, the share showing its colour with its shape
+    (``identity``) and the mean distance of that colour's centroid from the true centre (``position_px``; a
+    missing colour counts the frame diagonal). NaN when the episode has no such reappearance."""
+    from fkv_jax.toyworld.world import hidden_runs
+
+    lab = palette_labels(frames)
+    cents = colour_centroids(frames)
+    full = _fully_visible(ep)
+    diag = float(np.hypot(*frames.shape[-2:]))
+    ids, errs = [], []
+    for n, s, length in hidden_runs(ep.visible):
+        end = s + length
+        if length < min_hidden or end < start:
+            continue
+        back = [t for t in range(end, len(frames)) if full[t, n]][:settle]
+        cid, sid = ep.colour_ids[n], ep.shape_ids[n]
+        for t in back:
+            m = lab[t] == 2 + cid
+            ids.append(bool(m.sum() >= 4 and classify_shape(m) == SHAPES[sid]))
+            c = cents[t, cid]
+            errs.append(diag if np.isnan(c).any() else float(np.hypot(*(c - ep.positions[t, n]))))
+    return {
+        "identity": float(np.mean(ids)) if ids else float("nan"),
+        "position_px": float(np.mean(errs)) if errs else float("nan"),
+    }
+
+
+def mean_ci(values, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of the finite values and a percentile-bootstrap confidence interval: (mean, low, high).
+    One value gives (v, nan, nan); none gives nans."""
+    v = np.asarray([x for x in values if np.isfinite(x)], np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    if v.size == 1:
+        return float(v[0]), float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, v.size, (resamples, v.size))
+    means = v[idx].mean(1)
+    a = (1 - level) / 2
+    return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))

@@ -253,3 +253,86 @@ def make_batch(
     """``batch`` random episodes: frames float32 [B, T, 3, H, W] and their prompts."""
     eps = [simulate(sample_scene(rng, cfg), num_frames, cfg) for _ in range(batch)]
     return np.stack([e.frames for e in eps]), [e.prompt for e in eps]
+
+
+# ---- the memory family: episodes where history decides ----------------------------------------------------
+
+
+def hidden_runs(visible: np.ndarray) -> list[tuple[int, int, int]]:
+    """Runs of frames in which a sprite is hidden: ``(sprite, first frame, length)`` from bool [T, N]."""
+    runs = []
+    for n in range(visible.shape[1]):
+        t = 0
+        while t < visible.shape[0]:
+            if not visible[t, n]:
+                s = t
+                while t < visible.shape[0] and not visible[t, n]:
+                    t += 1
+                runs.append((n, s, t - s))
+            t += 1
+    return runs
+
+
+def memory_scene(rng: np.random.Generator, cfg: WorldConfig, *, enter_at: float, speed: float) -> Scene:
+    """Two sprites, no pillar; the front one (index 1) is fully in view, moves slowly and horizontally towards
+    the nearer edge and is fully in the gap from about frame ``enter_at`` on. It stays hidden for
+    ``(gap - 2 * radius) / speed`` frames (10 at the world's slowest speed 0.8), then comes back from the
+    other side with the same shape, colour and velocity. The other sprite is an ordinary random one."""
+    base = sample_scene(rng, cfg, num_sprites=2, pillar=False)
+    s = base.sprites[1]
+    direction = float(rng.choice([-1, 1]))
+    # centre x at which the sprite has just left the view entirely (its whole extent in the gap)
+    gone = cfg.size + cfg.radius if direction > 0 else -cfg.radius
+    x = (gone - direction * speed * enter_at) % cfg.ring
+    target = Sprite(s.shape, s.colour, x, s.y, direction * speed, s.vy)
+    return Scene((base.sprites[0], target), None)
+
+
+def make_memory_episode(
+    seed: int,
+    num_frames: int,
+    *,
+    context_frames: int = 3,
+    min_hidden: int = 8,
+    cfg: WorldConfig = WorldConfig(),
+) -> Episode:
+    """An episode of the memory family: after ``context_frames`` true frames, the front sprite (sprite 1) is
+    seen in view, hides in the wrap-around gap for at least ``min_hidden`` consecutive frames and comes back
+    fully visible before the end. A policy that keeps fewer than ``min_hidden`` recent frames has no frame
+    that shows the sprite when it reappears: only history tells its identity and its velocity.
+
+    Deterministic from the seed (rejection sampling over ``(seed, attempt)``)."""
+    longest = (cfg.gap - 2 * cfg.radius) / cfg.speed_x[0]
+    if min_hidden > longest - 1:
+        raise ValueError(
+            f"min_hidden={min_hidden}: a sprite hides at most about {longest:.0f} frames in this world "
+            f"(gap {cfg.gap} px, sprite {2 * cfg.radius:.0f} px, slowest speed {cfg.speed_x[0]} px/frame)"
+        )
+    top = min(cfg.speed_x[1], (cfg.gap - 2 * cfg.radius) / (min_hidden + 1))
+    # true context, then the sprite leaves the view (2r / speed frames), hides ((gap - 2r) / speed), comes
+    # fully back (2r / speed) and is seen for a frame before the end
+    need = int(np.ceil(context_frames + 4 + (cfg.gap + 2 * cfg.radius) / top))
+    if num_frames < need:
+        raise ValueError(
+            f"num_frames={num_frames}: the memory family needs at least {need} frames "
+            f"({context_frames} context frames, min_hidden {min_hidden})"
+        )
+    for attempt in range(1000):
+        rng = np.random.default_rng((seed, attempt))
+        slowest = max(cfg.speed_x[0], (cfg.gap + 2 * cfg.radius) / (num_frames - context_frames - 4))
+        speed = float(rng.uniform(slowest, top))
+        earliest = context_frames + 1 + 2 * cfg.radius / speed
+        latest = num_frames - 2 - cfg.gap / speed
+        if latest < earliest:
+            continue
+        enter = float(rng.uniform(earliest, latest))
+        ep = simulate(memory_scene(rng, cfg, enter_at=enter, speed=speed), num_frames, cfg)
+        full = ep.visible_frac >= 0.9
+        for n, start, length in hidden_runs(ep.visible):
+            if n != 1 or length < min_hidden or start < context_frames + 1 or start + length >= num_frames:
+                continue
+            seen_before = full[:start, n].any()
+            back = full[start + length :, n].any()
+            if seen_before and back:
+                return ep
+    raise RuntimeError(f"no memory episode found for seed {seed} ({num_frames} frames, min_hidden {min_hidden})")
