@@ -39,6 +39,7 @@ KIND_NAMES = {
     FORMAT: "transformer",
     "fkv_jax.vae": "VAE",
     "fkv_jax.text_encoder": "text encoder (UMT5)",
+    "fkv_jax.taehv": "TAEHV preview decoder",
     "fkv_jax.model_dir": "model folder (transformer/, vae/, text_encoder/, tokenizer/: use --model-dir)",
 }
 CONFIG_FILE = "config.json"
@@ -255,7 +256,7 @@ def restore_checkpoint_params(path: str | Path, expected: Mapping, stored_dtype:
         bad = sorted(k for k, m in stored.items() if jnp.dtype(m.dtype).name != stored_dtype)
         if bad:
             raise CheckpointError(f"{path}: params {bad[:5]} are not stored as {stored_dtype} as config.json says")
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, DTYPES[stored_dtype], sharding=sharding), expected
         )

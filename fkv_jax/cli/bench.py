@@ -12,6 +12,7 @@ BENCHES = {
     "long_rollout": "constant memory over long rolling videos",
     "policies": "KV selection policies: speed and resident KV",
     "toy_samples": "toy model samples against real episodes (docs/toyworld.md tables)",
+    "decoders": "TAEHV preview decoder against the Wan2.1 VAE decode",
 }
 
 

@@ -38,6 +38,10 @@ Input formats (--input):
   A whole model folder: --wan-dir WAN2.1_DOWNLOAD --generator GEN.pt --output DIR writes DIR/transformer,
       DIR/vae, DIR/text_encoder and DIR/tokenizer (a copy of google/umt5-xxl), what
       `fkv generate --model-dir DIR "a prompt"` reads.
+  TAEHV, the tiny preview decoder (madebyollin/taehv: taew2_1.pth or .safetensors): --taehv PATH converts its
+      decoder (the encoder's tensors are skipped) to DIR/config.json + DIR/params/ (fkv_jax.vae.TAEHV.load).
+      When --output is a model folder made by --wan-dir, it goes to DIR/taehv/ inside it; with --wan-dir
+      and --generator it is added to the folder being built.
 
 Sizes (dim, ffn_dim, layers, text_dim, freq_dim, in/out channels, patch) are read from tensor shapes;
 the head count and text length cannot be: they come from --num-heads/--text-len, --preset or a config.json
@@ -53,6 +57,8 @@ examples:
   fkv convert --input Wan2.1-T2V-1.3B-Diffusers/transformer --output ckpt/wan --preset wan2.1-t2v-1.3b
   fkv convert --input Wan2.1-T2V-1.3B/Wan2.1_VAE.pth --output ckpt/vae
   fkv convert --wan-dir Wan2.1-T2V-1.3B --generator self_forcing_dmd.pt --output models/self_forcing
+  fkv convert --taehv taew2_1.pth --output models/self_forcing        # adds models/self_forcing/taehv
+  fkv convert --taehv taew2_1.pth --output ckpt/taehv                 # a TAEHV directory on its own
 
 exit codes: 0 success, 2 bad input or options (one 'error: ...' message on stderr)
 """
@@ -74,7 +80,15 @@ def build_parser(prog: str = "fkv convert") -> Parser:
         "--generator", metavar="PATH", help="with --wan-dir: the causal transformer (e.g. self_forcing_dmd.pt)"
     )
     ap.add_argument(
-        "--output", required=True, metavar="DIR", help="output checkpoint directory (must not exist, or be empty)"
+        "--taehv",
+        metavar="PATH",
+        help="TAEHV preview decoder (taew2_1.pth / .safetensors): alone, into a model folder, or with --wan-dir",
+    )
+    ap.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="output checkpoint directory (must not exist, or be empty; for --taehv it may be a model folder)",
     )
     ap.add_argument(
         "--num-heads", type=int, metavar="N", help="attention heads (default: config.json, preset, else dim // 128)"
@@ -118,6 +132,7 @@ def check_args(args) -> None:
         ("--wan-dir", args.wan_dir),
         ("--generator", args.generator),
         ("--lora", args.lora),
+        ("--taehv", args.taehv),
     ):
         if value is not None and not os.path.exists(value):
             raise UsageError(f"{flag} not found: {value}")
@@ -133,6 +148,9 @@ def run_args(args) -> None:
     """Dispatch parsed arguments: a whole model folder (--wan-dir), a VAE / text encoder, or a transformer."""
     check_args(args)
     progress = not getattr(args, "no_progress", False)
+    if args.taehv is not None:
+        _run_taehv(args, progress)
+        return
     if (args.input is None) == (args.wan_dir is None):
         raise ConvertError(
             "give either --input PATH (one checkpoint) or --wan-dir DIR --generator PATH (a model folder)"
@@ -160,6 +178,52 @@ def run_args(args) -> None:
     if args.generator is not None:
         raise ConvertError("--generator goes with --wan-dir; for one checkpoint use --input")
     convert_any(args.input, args.output, kind=args.kind, **common)
+
+
+def _run_taehv(args, progress: bool) -> None:
+    """--taehv: the TAEHV decoder alone (into --output, or --output/taehv of a model folder), or beside --wan-dir."""
+    from fkv_jax.convert.taehv import convert_taehv, open_taehv
+
+    if args.input is not None:
+        raise ConvertError("--taehv and --input convert different files: run `fkv convert` once for each")
+    if args.kind is not None:
+        raise ConvertError("--kind applies to --input, not to --taehv")
+    if args.wan_dir is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--generator", args.generator),
+                ("--num-heads", args.num_heads),
+                ("--text-len", args.text_len),
+                ("--lora", args.lora),
+                ("--lora-alpha", args.lora_alpha),
+                ("--preset", args.preset),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConvertError(f"{', '.join(given)} do not apply to --taehv (they describe a transformer)")
+        convert_taehv(args.taehv, args.output, key=args.key, dtype=args.dtype, overwrite=args.overwrite, log=print)
+        return
+    if args.generator is None:
+        raise ConvertError("--wan-dir needs --generator PATH (the causal transformer, e.g. self_forcing_dmd.pt)")
+    open_taehv(args.taehv)  # checked (shapes only) before the model folder is built
+    convert_model_dir(
+        args.wan_dir,
+        args.generator,
+        args.output,
+        key=args.key,
+        num_heads=args.num_heads,
+        text_len=args.text_len,
+        dtype=args.dtype,
+        lora=args.lora,
+        lora_alpha=args.lora_alpha,
+        preset=args.preset,
+        overwrite=args.overwrite,
+        progress=progress,
+        log=print,
+    )
+    convert_taehv(args.taehv, args.output, dtype=args.dtype, log=print)
 
 
 def main(argv: list[str] | None = None, prog: str = "fkv convert") -> int:

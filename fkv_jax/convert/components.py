@@ -28,6 +28,7 @@ from fkv_jax.convert.convert import PROGRESS_MIN_TENSORS, convert
 from fkv_jax.convert.errors import ConvertError
 from fkv_jax.convert.plan import _fmt, _listing, plan
 from fkv_jax.convert.readers import Source, open_checkpoint, resolve_dir
+from fkv_jax.convert.taehv import is_taehv
 from fkv_jax.checkpoint import DTYPES, CheckpointError, _flatten, check_output_dir, swap_into_place
 
 KINDS = ("transformer", "vae", "umt5")
@@ -44,6 +45,8 @@ def detect_kind(names) -> str:
     stripped = [layouts.strip_wrappers(n) for n in names]
     if umt5_keymap.is_umt5(stripped):
         return "umt5"
+    if is_taehv(stripped):  # also has encoder.* / decoder.* names: before the VAE test
+        return "taehv"
     if vae_keymap.is_vae(stripped):
         return "vae"
     return "transformer"
@@ -242,7 +245,7 @@ def convert_component(
     return out
 
 
-_KIND_TEXT = {"transformer": "transformer (DiT)", "vae": "VAE", "umt5": "UMT5 text encoder"}
+_KIND_TEXT = {"transformer": "transformer (DiT)", "vae": "VAE", "umt5": "UMT5 text encoder", "taehv": "TAEHV decoder"}
 
 
 def convert_any(input: str | Path, output: str | Path, *, kind: str | None = None, **kw) -> Path:
@@ -255,6 +258,8 @@ def convert_any(input: str | Path, output: str | Path, *, kind: str | None = Non
         except CheckpointError as e:
             raise ConvertError(str(e)) from None
         kind = detect_kind(_open(input, None, kw.get("key")).shapes)
+    if kind == "taehv":
+        raise ConvertError(f"{input} is a TAEHV decoder checkpoint: convert it with --taehv {input} --output DIR")
     if kind == "transformer":
         return convert(input, output, **kw)
     bad = [f"--{k.replace('_', '-')}" for k in ("lora", "lora_alpha", "preset") if kw.get(k) is not None]
