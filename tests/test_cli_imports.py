@@ -17,6 +17,7 @@ ENTRY_POINTS = {
     "fkv_jax.eval.__main__",
     "checkpoints_convert.__main__",
     "fkv_jax.aot",
+    "fkv_jax.serve.__main__",
 }
 
 

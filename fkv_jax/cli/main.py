@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "eval": ("fkv_jax.cli.eval", "compare KV selection policies with the full cache on the toy world"),
     "bench": ("fkv_jax.cli.bench", "benchmarks: attention, rollout, long_rollout, policies, toy_samples"),
     "aot": ("fkv_jax.cli.aot", "compile the chunk step ahead of time for a TPU / GPU target from this host"),
+    "serve": ("fkv_jax.cli.serve", "serve a web page that streams videos chunk by chunk, with live prompt switching"),
 }
 
 USAGE = (
