@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import re
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
+# decoders of the latents: the Wan2.1 VAE (DIR/vae/), or the TAEHV preview decoder (optional DIR/taehv/)
+DECODERS = ("wan", "taehv")
 
 
 class PipelineError(ValueError):
@@ -52,16 +54,27 @@ class ModelDir:
     vae_cfg: Any  # fkv_jax.vae.VAEConfig
     text_cfg: Any  # fkv_jax.text.UMT5Config
     tokenizer_file: Path
+    taehv_cfg: Any = None  # fkv_jax.vae.TAEHVConfig of the optional DIR/taehv/ preview decoder, or None
 
     def path(self, component: str) -> Path:
         return self.root / component
+
+    def require_decoder(self, decoder: str) -> None:
+        """A :class:`PipelineError` unless the folder holds ``decoder`` (one of :data:`DECODERS`)."""
+        if decoder not in DECODERS:
+            raise PipelineError(f"--decoder {decoder!r}: one of {', '.join(DECODERS)}")
+        if decoder == "taehv" and self.taehv_cfg is None:
+            raise PipelineError(
+                f"--decoder taehv: {self.root}/taehv not found; add it with "
+                f"`fkv convert --taehv taew2_1.pth --output {self.root}`"
+            )
 
     @classmethod
     def check(cls, root: str | Path) -> "ModelDir":
         """Read only the config files (cheap); a :class:`PipelineError` names the first problem found."""
         from fkv_jax.checkpoint import CheckpointError, read_info
         from fkv_jax.text import TokenizerError, find_tokenizer_file, read_text_encoder_config
-        from fkv_jax.vae import read_vae_config
+        from fkv_jax.vae import read_taehv_config, read_vae_config
 
         root = Path(root)
         if not root.is_dir():
@@ -81,6 +94,7 @@ class ModelDir:
             vae_cfg = read_vae_config(root / "vae")
             text_cfg = read_text_encoder_config(root / "text_encoder")
             tok = find_tokenizer_file(root / "tokenizer")
+            taehv_cfg = read_taehv_config(root / "taehv") if (root / "taehv").is_dir() else None
         except (CheckpointError, TokenizerError) as e:
             raise PipelineError(str(e)) from None
         if text_cfg.dim != model_cfg.text_dim:
@@ -89,7 +103,11 @@ class ModelDir:
             )
         if vae_cfg.z_dim != model_cfg.out_dim:
             raise PipelineError(f"the VAE's z_dim {vae_cfg.z_dim} is not the transformer's out_dim {model_cfg.out_dim}")
-        return cls(root, model_cfg, info.dtype, vae_cfg, text_cfg, tok)
+        if taehv_cfg is not None and taehv_cfg.z_dim != model_cfg.out_dim:
+            raise PipelineError(
+                f"the TAEHV decoder's z_dim {taehv_cfg.z_dim} is not the transformer's out_dim {model_cfg.out_dim}"
+            )
+        return cls(root, model_cfg, info.dtype, vae_cfg, text_cfg, tok, taehv_cfg)
 
 
 # ---- prompts and schedules ---------------------------------------------------------------------------------
@@ -183,11 +201,6 @@ def read_schedule_file(path: str | Path):
     return _segments_to_schedule(data, f"--schedule {path}")
 
 
-def slug(text: str, max_len: int = 48) -> str:
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return s[:max_len].rstrip("-") or "video"
-
-
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One video: its prompt schedule, its seed and where it goes."""
@@ -220,10 +233,18 @@ class TextToVideo:
         log: Callable[[str], None] | None = None,
         dtype: str | None = None,
         cache_dtype: str | None = None,
+        rope_mode: str = "absolute",
+        mesh=None,
+        decoder: str = "wan",
     ):
+        """``mesh``: a ``(data, model)`` device mesh (:func:`fkv_jax.parallel.make_mesh`; on several processes
+        the global one): videos of a batch on ``data``, heads on ``model``; each process then decodes and writes
+        only the videos it holds. ``rope_mode``: see :class:`~fkv_jax.sampling.rollout.Sampler`."""
         from fkv_jax.config import sampler_preset
 
         self.dir = model_dir if isinstance(model_dir, ModelDir) else ModelDir.check(model_dir)
+        self.dir.require_decoder(decoder)
+        self.decoder = decoder
         self.sampler_cfg = sampler_cfg if sampler_cfg is not None else sampler_preset("self_forcing")
         self.num_frames, self.batch_size, self.cache_frames = num_frames, batch_size, cache_frames
         self.latent_hw = tuple(latent_hw or self.dir.model_cfg.latent_hw)
@@ -232,6 +253,7 @@ class TextToVideo:
         # compute dtype: the stored one unless overridden (weights cast at load); the cache follows it by default
         self.dtype, self.cache_dtype = dtype or self.dir.model_dtype, cache_dtype
         self.log = log or (lambda s: print(s, file=sys.stderr))
+        self.rope_mode, self.mesh = rope_mode, mesh
         self._params = None
         self._vae = None
         self.sampler = self._build_sampler()
@@ -250,19 +272,23 @@ class TextToVideo:
         if self.dtype not in DTYPES:
             raise PipelineError(f"--dtype {self.dtype} is not one of {', '.join(DTYPES)}")
         graphdef = nnx.split(abstract_model(self.dir.model_cfg, DTYPES[self.dtype]), nnx.Param)[0]
+        kw = dict(
+            batch=self.batch_size,
+            latent_hw=self.latent_hw,
+            num_frames=self.num_frames,
+            cache_frames=self.cache_frames,
+            policy=self.policy,
+            attention_backend=self.backend,
+            cache_dtype=self.cache_dtype,
+            rope_mode=self.rope_mode,
+        )
         try:
-            sampler = Sampler(
-                graphdef,
-                self.dir.model_cfg,
-                self.sampler_cfg,
-                batch=self.batch_size,
-                latent_hw=self.latent_hw,
-                num_frames=self.num_frames,
-                cache_frames=self.cache_frames,
-                policy=self.policy,
-                attention_backend=self.backend,
-                cache_dtype=self.cache_dtype,
-            )
+            if self.mesh is not None:
+                from fkv_jax.parallel import ShardedSampler
+
+                sampler = ShardedSampler(graphdef, self.dir.model_cfg, self.sampler_cfg, mesh=self.mesh, **kw)
+            else:
+                sampler = Sampler(graphdef, self.dir.model_cfg, self.sampler_cfg, **kw)
             sampler.check_length(self.num_frames)
         except ValueError as e:
             raise PipelineError(str(e)) from None
@@ -313,14 +339,19 @@ class TextToVideo:
             assert graphdef == self.sampler._graphdef, (
                 "the loaded model's graph is not the one the sampler was built on"
             )
+            if self.mesh is not None:
+                self._params = self.sampler.shard_params(self._params)
             self.log(f"model:  {self.dir.path('transformer')} loaded in {time.perf_counter() - t0:.1f} s")
         return self._params
 
     def vae(self):
+        """The decoder of the latents (``decoder``): the Wan2.1 VAE or TAEHV, loaded once; both have
+        ``.stream()``."""
         if self._vae is None:
-            from fkv_jax.vae import VAE
+            from fkv_jax.vae import TAEHV, VAE
 
-            self._vae = VAE.load(self.dir.path("vae"))
+            load = TAEHV.load if self.decoder == "taehv" else VAE.load
+            self._vae = load(self.dir.path("taehv" if self.decoder == "taehv" else "vae"))
         return self._vae
 
     # -- videos -------------------------------------------------------------------------------------------
@@ -339,10 +370,29 @@ class TextToVideo:
             if len({j.schedule.switch_frames for j in jobs[start : start + self.batch_size]}) > 1:
                 raise PipelineError("videos generated together must share their switch frames; use --batch-size 1")
 
-    def run(self, jobs: Sequence[Job], *, save_latents: str | Path | None = None) -> list[Path]:
-        """Generate every job (in batches of ``batch_size``); returns the mp4 paths written."""
+    def run(
+        self,
+        jobs: Sequence[Job],
+        *,
+        save_latents: str | Path | None = None,
+        rt=None,
+        manifest: Path | None = None,
+        entries: Sequence[dict] = (),
+        out_dir: Path | None = None,
+        policy_name: str | None = None,
+        atomic: bool = False,
+    ) -> list[Path]:
+        """Generate every job (in batches of ``batch_size``); returns the mp4 paths.
+
+        ``rt`` (:class:`fkv_jax.distributed.Runtime`): on several processes each writes the videos of the batch
+        rows it holds. ``manifest``: JSON lines of finished videos, rewritten by process 0 after every batch
+        (:mod:`fkv_jax.jobs`; ``entries`` are kept in it). ``atomic``: write each mp4 under a temporary name and
+        rename it when complete (batch jobs); otherwise an interrupted video stays playable at its name."""
+        from fkv_jax import jobs as J
+        from fkv_jax.distributed import Runtime
         from fkv_jax.video import check_output_folder
 
+        rt = rt or Runtime()
         self.check_jobs(jobs)
         for job in jobs:
             check_output_folder(job.path.parent)
@@ -361,29 +411,63 @@ class TextToVideo:
             stages.update(1)
             vae = self.vae()
             stages.update(1)
-        all_lat = []
-        for start in range(0, len(jobs), self.batch_size):
-            group = list(jobs[start : start + self.batch_size])
-            lat = self._run_batch(group, emb, params, vae, first=start, total=len(jobs))
-            all_lat.append(lat[: len(group)])
-        latents = np.concatenate(all_lat)
-        if save_latents is not None:
+        videos = [J.Video(i, j.schedule.prompts[0], j.seed, j.path, j) for i, j in enumerate(jobs)]
+
+        def batch(k, group, n_real):
+            return self._run_batch(
+                group,
+                n_real,
+                emb,
+                params,
+                vae,
+                first=k * self.batch_size,
+                total=len(jobs),
+                want=save_latents,
+                rt=rt,
+                atomic=atomic,
+            )
+
+        _, extras = J.run(
+            videos,
+            self.batch_size,
+            batch,
+            rt=rt,
+            out_dir=Path(out_dir) if out_dir is not None else jobs[0].path.parent,
+            manifest=manifest,
+            entries=entries,
+            policy=policy_name,
+            log=self.log,
+        )
+        if save_latents is not None and rt.is_main:
             from fkv_jax.video import save_npy_atomic
 
+            latents = np.concatenate(extras)
             save_npy_atomic(Path(save_latents), latents)
             self.log(f"latents: {save_latents} {list(latents.shape)} (model space, before the VAE's de-normalisation)")
         return [job.path for job in jobs]
 
-    def _run_batch(self, group: list[Job], emb, params, vae, *, first: int, total: int) -> np.ndarray:
+    def _rows(self) -> list[int]:
+        """Batch rows this process decodes and writes (all of them on one process)."""
+        from fkv_jax.distributed import owned_rows
+
+        if self.sampler.shardings is None:
+            return list(range(self.batch_size))
+        return owned_rows(self.sampler.shardings.chunk, self.batch_size)
+
+    def _run_batch(self, vids, n_real: int, emb, params, vae, *, first: int, total: int, want, rt, atomic: bool):
+        """One batch (``vids``: :class:`fkv_jax.jobs.Video`, padded to the batch size; rows below ``n_real`` are
+        real). Returns (videos this process wrote, the batch's global latents on process 0 when ``want``)."""
         from tqdm.auto import tqdm
 
+        from fkv_jax.distributed import gather_rows, host_local
+        from fkv_jax.jobs import partial_path
         from fkv_jax.sampling.rollout import rollout
         from fkv_jax.video import VideoWriter
 
         sampler = self.sampler
-        b, cfg, c = self.batch_size, self.dir.model_cfg, self.sampler_cfg.frames_per_block
+        padded = [v.item for v in vids]
+        cfg, c = self.dir.model_cfg, self.sampler_cfg.frames_per_block
         n = sampler.schedule.num_steps
-        padded = group + [group[-1]] * (b - len(group))  # a short last batch reuses the compiled batch size
         switch = padded[0].schedule.switch_frames  # shared by the batch (checked in run)
         segments = len(switch) + 1
         contexts = [self._context(emb, [j.schedule.prompts[s] for j in padded]) for s in range(segments)]
@@ -401,20 +485,25 @@ class TextToVideo:
                 axis=1,
             )
 
-        writers = [VideoWriter(j.path, fps=self.fps) for j in group]
-        decoder = vae.stream()
+        rows = self._rows()  # decoded here; the real ones are written
+        mine = [r for r in rows if r < n_real]
+        writers = {r: VideoWriter(partial_path(vids[r].path) if atomic else vids[r].path, fps=self.fps) for r in mine}
+        decoder = vae.stream() if rows else None
         nblk = self.num_frames // c
-        label = f"video {first + 1}" + (f"-{first + len(group)}" if len(group) > 1 else "") + f"/{total}"
-        bar = tqdm(total=nblk, desc=label, unit="chunk", disable=None if self.progress else True, dynamic_ncols=True)
+        label = f"video {first + 1}" + (f"-{first + n_real}" if n_real > 1 else "") + f"/{total}"
+        show = self.progress and rt.is_main
+        bar = tqdm(total=nblk, desc=label, unit="chunk", disable=None if show else True, dynamic_ncols=True)
         t0, frames = time.perf_counter(), 0
         completed = False
 
         def on_chunk(blk, res):
             nonlocal frames
-            video = decoder(res.x0)  # [B, T', H, W, 3] in [-1, 1]
-            for w, v in zip(writers, video):
-                w.write(v)
-            frames += video.shape[1]
+            if decoder is not None:
+                video = decoder(host_local(res.x0)[rows])  # [rows, T', H, W, 3] in [-1, 1]
+                for r, v in zip(rows, video):
+                    if r in writers:
+                        writers[r].write(v)
+                frames += video.shape[1]
             bar.update(1)
             bar.set_postfix(frames=frames, fps=f"{frames / (time.perf_counter() - t0):.2f}")
 
@@ -436,16 +525,23 @@ class TextToVideo:
             completed = True
         finally:
             bar.close()
-            for w in writers:
+            for w in writers.values():
                 w.close()
             dt = time.perf_counter() - t0
-            for w in writers:
+            for r, w in writers.items():
+                if completed and atomic:
+                    os.replace(w.path, vids[r].path)
                 state = "wrote" if completed else "interrupted; kept"
                 self.log(
-                    f"{state} {w.path} ({w.frames_written} frames, {w.frames_written / self.fps:.1f} s of video) "
-                    f"in {dt:.1f} s"
+                    f"{state} {vids[r].path if completed else w.path} ({w.frames_written} frames, "
+                    f"{w.frames_written / self.fps:.1f} s of video) in {dt:.1f} s"
                 )
-        return lat
+        written = [vids[r] for r in mine]
+        if not want:
+            return written, None
+        if sampler.shardings is not None:
+            lat = gather_rows(lat, sampler.shardings.chunk)
+        return written, (lat[:n_real] if rt.is_main else None)
 
     def generate(
         self,

@@ -123,7 +123,7 @@ CORPUS = [
     # text to video
     ("generate --model-dir {in}/missing cat", "does not exist"),
     ("generate --model-dir {in}/dir cat", "lacks"),
-    ("generate --batch-size 2 cat", "need(s) --model-dir"),
+    ("generate --switch-frames 3 cat", "need(s) --model-dir"),
     # decode
     ("decode --vae {in}/dir --latents {in}/x.npy --output {in}/o.mp4 --fps 0", "--fps must be positive"),
     ("decode --vae {in}/dir --latents {in}/x.npy --output {in}/o.avi", "must end in .mp4 or .npy"),

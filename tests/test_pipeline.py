@@ -115,6 +115,29 @@ def test_prompt_to_mp4_and_the_decode_cli(model_dir, tmp_path):
     assert np.abs(ref - got).mean() < 8 and np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.98
 
 
+def test_taehv_decoder(model_dir, tmp_path, capsys):
+    """--decoder taehv decodes with the folder's taehv/ part (a small random TAEHV here): the same frame count
+    and size as the Wan VAE; without taehv/ it is one error line naming the convert command."""
+    from flax import nnx
+
+    from fkv_jax.vae import TAEHVConfig, TAEHVDecoder, save_taehv
+
+    args = ["a cat", "--frames", "6", *SMALL, "--decoder", "taehv"]
+    assert generate_main(["--model-dir", str(model_dir), *args, "--output-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "taehv not found" in err[0] and "fkv convert --taehv" in err[0]
+    assert not (tmp_path / "x").exists()
+    d = _copy(model_dir, tmp_path)
+    cfg = TAEHVConfig(channels=(16, 8, 8, 8), blocks_per_level=1)
+    params = nnx.to_pure_dict(nnx.state(TAEHVDecoder(cfg), nnx.Param))
+    save_taehv(d / "taehv", cfg, params, "float32", {"note": "random, for the test"})
+    out = tmp_path / "videos"
+    assert generate_main(["--model-dir", str(d), *args, "--output-dir", str(out)]) == 0
+    (mp4,) = out.glob("*.mp4")
+    frames, _ = read_video(mp4)
+    assert frames.shape == (1 + 4 * 5, 32, 48, 3)
+
+
 def test_prompt_file_batches_and_seeds(model_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\n\na blue dog on the sky\na ball\n")
@@ -229,6 +252,8 @@ def _copy(model_dir, tmp_path):
         "switch_without_prompts",
         "schedule_mismatch",
         "no_model_dir",
+        "rope_mode",
+        "mesh",
     ],
 )
 def test_bad_input_is_one_error_line_before_any_work(model_dir, tmp_path, monkeypatch, capsys, case):
@@ -262,8 +287,12 @@ def test_bad_input_is_one_error_line_before_any_work(model_dir, tmp_path, monkey
     elif case == "schedule_mismatch":
         (tmp_path / "s.json").write_text(json.dumps({"prompts": ["a", "b", "c"], "switch_frames": [3]}))
         args[2:3], want = ["--schedule", str(tmp_path / "s.json")], "3 prompts need 2 switch_frames"
+    elif case == "rope_mode":  # honoured: the Sampler refuses window-relative RoPE on a global cache
+        args, want = args[:5] + ["--latent-size", "4x6", "--rope-mode", "window_relative"], "needs a rolling cache"
+    elif case == "mesh":  # honoured: checked against this machine's devices
+        args, want = args + ["--mesh", "data=3"], "--mesh"
     else:
-        args, want = ["--batch-size", "2", "a cat"], "need(s) --model-dir"
+        args, want = ["--no-global-sink", "a cat"], "need(s) --model-dir"
     assert generate_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
@@ -290,3 +319,20 @@ def test_schedule_files(tmp_path):
         (tmp_path / "bad.yaml").write_text(text)
         with pytest.raises(PipelineError, match=msg):
             read_schedule_file(tmp_path / "bad.yaml")
+
+
+def test_job_mode_on_a_mesh_resumes(model_dir, tmp_path, capsys):
+    """--mesh and --resume with --model-dir: fixed names, a manifest, and a rerun that has nothing left to do."""
+    out = tmp_path / "o"
+    (tmp_path / "p.txt").write_text("a red cat\na dog\n")
+    argv = ["--model-dir", str(model_dir), "--prompts", str(tmp_path / "p.txt"), "--frames", "3", *SMALL]
+    argv += ["--output-dir", str(out), "--mesh", "data=1", "--batch-size", "2", "--resume"]
+    assert generate_main(argv) == 0
+    names = ["000_a-red-cat_seed0_longlive.mp4", "001_a-dog_seed0_longlive.mp4"]
+    assert sorted(p.name for p in out.glob("*.mp4")) == names  # renamed into place: no partial file left
+    entries = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [e["file"] for e in entries] == names and entries[0]["prompt"] == "a red cat"
+    assert all(read_video(out / n)[0].shape[0] > 0 for n in names)
+    capsys.readouterr()
+    assert generate_main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().err

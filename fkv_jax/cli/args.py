@@ -228,7 +228,62 @@ def add_backend_args(p: argparse.ArgumentParser, only=None) -> None:
         "distributed",
         "--distributed",
         action="store_true",
-        help="multi-host: call jax.distributed.initialize() first (then --mesh spans every host)",
+        help="multi-process: join JAX's distributed runtime with its cluster auto-detection (SLURM, Open MPI, "
+        "Cloud TPU); --mesh then spans every process's devices (default mesh: data over all devices)",
+    )
+    if only is None or "coordinator" in only:
+        add_cluster_args(p)
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    """Explicit multi-process flags (docs/cluster.md): one process per host (or per set of devices)."""
+    g = p.add_argument_group("several processes (docs/cluster.md)")
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="address of process 0, which serves the runtime's coordinator there (with --num-processes, --process-id)",
+    )
+    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes of the run")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
+    g.add_argument(
+        "--local-processes",
+        type=int,
+        metavar="N",
+        help="run N processes of this command on this machine over loopback and wait for them (one command "
+        "for a local multi-process run; on a CPU give each process K devices with "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=K)",
+    )
+    g.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a process silent for this long is declared dead; the others name it and exit with code 1 (default 30)",
+    )
+
+
+def add_job_args(p: argparse.ArgumentParser) -> None:
+    """Batch jobs (fkv_jax/jobs.py): fixed batches, a manifest, resumable reruns."""
+    g = p.add_argument_group("batch jobs (mp4 outputs: the toy model and --model-dir)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        help="videos generated together (default: the toy model min(videos, 8), --model-dir 1; rounded up to a "
+        "multiple of the mesh's data axis)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="job mode: fixed file names (no -2 suffix) and skip every video the manifest lists as complete "
+        "with its file present; rerun the same command after a crash or pre-emption to finish the rest",
+    )
+    g.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="FILE.jsonl",
+        help="JSON lines, one per finished video (prompt, seed, policy, file, timings), rewritten atomically "
+        "by process 0 after every batch (default: OUTPUT_DIR/manifest.jsonl with --resume or several "
+        "processes; none for a plain run)",
     )
 
 
@@ -248,7 +303,8 @@ def add_output_args(
         default=output_dir_default,
         help=output_dir_help
         or "folder of the mp4 files (named <index>_<prompt>_seed<S>[_<policy>][_<preset>].mp4; "
-        "an existing file is never overwritten: a -2, -3, ... suffix is added) and, without "
+        "an existing file is never overwritten: a -2, -3, ... suffix is added; --resume keeps the names fixed) "
+        "and, without "
         "--save-latents, of other models' latents (default: ./outputs)",
     )
     _add(

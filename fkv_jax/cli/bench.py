@@ -13,6 +13,7 @@ BENCHES = {
     "policies": "KV selection policies: speed and resident KV",
     "toy_samples": "toy model samples against real episodes (docs/toyworld.md tables)",
     "decoders": "TAEHV preview decoder against the Wan2.1 VAE decode",
+    "multihost": "data-parallel scaling over 1/2/4 local processes",
 }
 
 

@@ -610,3 +610,70 @@ def print_estimate(
             f"matmul rate; an estimate, not a measurement). Smaller: --frames, --latent-size, --model-preset tiny."
         )
     return secs
+
+
+# ---- several processes ---------------------------------------------------------------------------------------
+
+
+def cluster_spec(args):
+    """The :class:`~fkv_jax.distributed.ClusterSpec` of --distributed / --coordinator ... (None: one process),
+    checked without touching the network."""
+    from fkv_jax.distributed import ClusterSpec
+
+    explicit = [getattr(args, k, None) for k in ("coordinator", "num_processes", "process_id")]
+    local = getattr(args, "local_processes", None)
+    if local is not None:
+        if local < 1:
+            raise UsageError(f"--local-processes must be >= 1, got {local}")
+        if args.distributed or any(v is not None for v in explicit):
+            raise UsageError(
+                "--local-processes starts the processes itself; drop --distributed / --coordinator / "
+                "--num-processes / --process-id"
+            )
+    if not args.distributed and all(v is None for v in explicit):
+        if getattr(args, "peer_timeout", 30.0) < 1:
+            raise UsageError(f"--peer-timeout must be >= 1 second, got {args.peer_timeout:g}")
+        return None
+    spec = ClusterSpec(*explicit, auto=args.distributed, peer_timeout=args.peer_timeout)
+    try:
+        spec.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return spec
+
+
+def data_axis(mesh_spec: str | None) -> int:
+    """Size of the data axis of --mesh on this run's devices (1 without a mesh)."""
+    if not mesh_spec:
+        return 1
+    import jax
+
+    from fkv_jax.parallel.mesh import parse_mesh_spec
+
+    try:
+        return parse_mesh_spec(mesh_spec, jax.device_count())["data"]
+    except ValueError as e:
+        raise UsageError(f"--mesh: {e}") from None
+
+
+def manifest_path(args, rt) -> Path | None:
+    """--manifest, or OUTPUT_DIR/manifest.jsonl for a --resume job or a run of several processes; a plain
+    single-process run keeps none. Checked (writable, .jsonl) here."""
+    from fkv_jax.jobs import MANIFEST_NAME
+
+    path = args.manifest or (args.output_dir / MANIFEST_NAME if args.resume or rt.multi else None)
+    if path is not None:
+        check_output_file(path, "--manifest", (".jsonl",))
+    return path
+
+
+def job_entries(manifest: Path | None, rt) -> list[dict]:
+    """The manifest's entries, read by process 0 (the others get [])."""
+    from fkv_jax.jobs import ManifestError, read_manifest
+
+    if manifest is None or not rt.is_main:
+        return []
+    try:
+        return read_manifest(manifest)
+    except ManifestError as e:
+        raise UsageError(str(e)) from None

@@ -11,8 +11,9 @@ from fkv_jax.cli import common as C
 
 def jobs_from_args(args, out_dir: Path, tags: str = "") -> list:
     """One job per prompt (or schedule) and seed; file names ``<index>_<prompt>_seed<S><tags>.mp4``, never an
-    existing file (a ``-2``, ``-3`` suffix is added)."""
-    from fkv_jax.pipeline import Job, PipelineError, read_schedule_file, slug
+    existing file (a ``-2``, ``-3`` suffix is added), except with --resume (the names as they are)."""
+    from fkv_jax import jobs as J
+    from fkv_jax.pipeline import Job, PipelineError, read_schedule_file
     from fkv_jax.sampling.recache import PromptSchedule
 
     prompt = C.prompt_of(args)
@@ -45,23 +46,30 @@ def jobs_from_args(args, out_dir: Path, tags: str = "") -> list:
             schedules = [PromptSchedule((prompt.strip(),))]
     except PipelineError as e:
         raise UsageError(str(e)) from None
-    taken: set[Path] = set()
-    return [
-        Job(s, seed, C.unique_path(out_dir / f"{i:03d}_{slug(s.prompts[0])}_seed{seed}{tags}.mp4", taken))
-        for i, s in enumerate(schedules)
-        for seed in seeds
-    ]
+    videos = J.plan(
+        schedules,
+        seeds,
+        out_dir,
+        prompt_of=lambda s: s.prompts[0],
+        tags=tags,
+        resume=getattr(args, "resume", False),
+    )
+    return [Job(v.item, v.seed, v.path) for v in videos]
 
 
-def run_model_dir(args) -> Path:
-    """Check everything, then generate; returns the output folder."""
+def run_model_dir(args, rt=None) -> Path:
+    """Check everything, then generate; returns the output folder. ``rt``: the distributed runtime joined by
+    the caller (:func:`fkv_jax.distributed.session`; default: one process)."""
+    from fkv_jax import jobs as J
+    from fkv_jax.distributed import Runtime
     from fkv_jax.pipeline import ModelDir, PipelineError, TextToVideo
     from fkv_jax.video import VideoError
 
+    rt = rt or Runtime()
     if args.model_dir is None:
         used = [
             f"--{f.replace('_', '-')}"
-            for f in ("batch_size", "switch_frames", "schedule", "no_global_sink")
+            for f in ("switch_frames", "schedule", "no_global_sink")
             if getattr(args, f, None) not in (None, False)
         ]
         raise UsageError(f"{', '.join(used)} need(s) --model-dir DIR")
@@ -73,7 +81,6 @@ def run_model_dir(args) -> Path:
             ("--noise-file", args.noise_file),
             ("--model-preset", args.model_preset),
             ("--toy-weights", args.toy_weights),
-            ("--mesh", args.mesh),
         )
         if v is not None
     ]
@@ -88,6 +95,7 @@ def run_model_dir(args) -> Path:
     C.check_output_dir(args.output_dir, "--output-dir")
     if args.save_latents is not None:
         C.check_output_file(args.save_latents, "--save-latents", (".npy",))
+    manifest = C.manifest_path(args, rt)
     try:
         model_dir = ModelDir.check(args.model_dir)
     except PipelineError as e:
@@ -105,36 +113,73 @@ def run_model_dir(args) -> Path:
     C.check_backend(
         args.attention_backend, model_dir.model_cfg, latent_hw, dtype, args.cache_dtype, sampler_cfg.frames_per_block
     )
+    mesh_spec = args.mesh or ("data=-1" if rt.multi else None)  # several processes: videos over every device
+    data = C.data_axis(mesh_spec)
+    batch = 1 if args.batch_size is None else min(args.batch_size, len(jobs))
+    batch = -(-batch // data) * data  # a multiple of the data axis
+    mesh = None
+    if mesh_spec:
+        from fkv_jax.parallel import make_mesh
+
+        mesh = make_mesh(mesh_spec)
     try:
         t2v = TextToVideo(
             model_dir,
             sampler_cfg,
             num_frames=frames,
             latent_hw=latent_hw,
-            batch_size=1 if args.batch_size is None else min(args.batch_size, len(jobs)),
+            mesh=mesh,
+            rope_mode=args.rope_mode,
+            batch_size=batch,
             cache_frames=args.cache_frames,
             policy=policy,
             attention_backend=args.attention_backend,
             global_sink=not args.no_global_sink,
             fps=args.fps or 16,
-            progress=not args.no_progress,
+            progress=not args.no_progress and rt.is_main,
+            log=None if rt.is_main else (lambda s: None),  # several processes: process 0 speaks for all
             dtype=args.dtype,
             cache_dtype=args.cache_dtype,
+            decoder=args.decoder or "wan",
         )
         for j in jobs:
             j.schedule.check_length(t2v.num_frames)
         t2v.check_jobs(jobs)
     except (PipelineError, VideoError, ValueError) as e:
         raise UsageError(str(e)) from None
+    # which videos are left: process 0 reads the manifest, every process gets its answer
+    entries = C.job_entries(manifest, rt)
+    videos = [J.Video(i, j.schedule.prompts[0], j.seed, j.path) for i, j in enumerate(jobs)]
+    left = [v.index for v in (J.todo(videos, entries, args.output_dir) if args.resume else videos)]
+    left = rt.broadcast_json("todo", left if rt.is_main else None)
+    log = (lambda s: print(s, file=sys.stderr)) if rt.is_main else (lambda s: None)
+    if args.resume and len(left) < len(jobs):
+        log(f"resume: {len(jobs) - len(left)} of {len(jobs)} video(s) already complete in {manifest}")
+    jobs = [jobs[i] for i in left]
+    if not jobs:
+        log(f"nothing to do: every video is complete ({manifest})")
+        return args.output_dir
     C.enable_compilation_cache()
     m, v, (h, w) = model_dir.model_cfg, model_dir.vae_cfg, t2v.latent_hw
-    print(
+    where = f"; mesh {mesh_spec}" if mesh_spec else ""
+    if rt.multi:
+        where = f"; {rt.num_processes} processes{where}"
+    log(
         f"model:  {model_dir.root} ({m.name}: dim {m.dim}, {m.num_layers} layers); {len(jobs)} video(s) of "
         f"{t2v.num_frames} latent frames ({v.num_video_frames(t2v.num_frames)} video frames at "
-        f"{v.spatial_factor * h}x{v.spatial_factor * w}) -> {args.output_dir}",
-        file=sys.stderr,
+        f"{v.spatial_factor * h}x{v.spatial_factor * w}), batch {t2v.batch_size}{where} -> {args.output_dir}"
     )
-    C.print_estimate(m, t2v.sampler, frames, t2v.batch_size)
+    if rt.is_main:
+        C.print_estimate(m, t2v.sampler, frames, t2v.batch_size)
     C.make_dir(args.output_dir, "--output-dir")
-    t2v.run(jobs, save_latents=args.save_latents)
+    t2v.run(
+        jobs,
+        save_latents=args.save_latents,
+        rt=rt,
+        manifest=manifest,
+        entries=entries,
+        out_dir=args.output_dir,
+        policy_name=args.policy,
+        atomic=args.resume,
+    )
     return args.output_dir

@@ -4,8 +4,9 @@
     sampler = ShardedSampler(graphdef, cfg, sampler_cfg, mesh=mesh, batch=2, latent_hw=..., num_frames=...)
     latents = sampler.generate(params, context, noise)  # same numbers as Sampler, sharded
 
-Multi-host: call ``jax.distributed.initialize()`` first on every host, then build the same mesh over
-``jax.devices()`` (all hosts' devices); see docs/kernels.md.
+Several processes (hosts): join the runtime first on every process (:func:`fkv_jax.distributed.session`, or
+``jax.distributed.initialize()``), then build the same mesh over ``jax.devices()`` (every process's devices);
+see docs/cluster.md.
 """
 
 from fkv_jax.parallel.attention import sharded, sharded_attention

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -90,8 +91,21 @@ class ShardedSampler(Sampler):
         self.cache_sharding = self.shardings.cache
 
     def shard_params(self, params):
-        """Place params on the mesh (a no-op for params already placed this way)."""
-        return jax.device_put(params, param_shardings(params, self.mesh))
+        """Place params on the mesh (a no-op for params already placed this way).
+
+        On several processes every process holds the whole params (each loaded them) and contributes its own
+        devices' shards from its host copy: no array moves between hosts."""
+        shardings = param_shardings(params, self.mesh)
+        if jax.process_count() == 1:
+            return jax.device_put(params, shardings)
+
+        def place(x, sharding):
+            if isinstance(x, jax.Array) and x.sharding == sharding:
+                return x
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+        return jax.tree.map(place, params, shardings)
 
     def generate(self, params, context, noise, **kwargs):
         """:meth:`Sampler.generate` with params placed on the mesh first."""

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from fkv_jax.attention.backends import auto_attention, resolve_backend
 from fkv_jax.cache.kv_cache import CacheGeometry, init_cache, visible_slots, write
 from fkv_jax.config import ModelConfig, SamplerConfig
+from fkv_jax.distributed import host_local
 from fkv_jax.model.build import model_dtype
 from fkv_jax.model.embeddings import timestep_sinusoid_np
 from fkv_jax.model.rope import make_rope_tables, rotate_temporal
@@ -359,7 +360,7 @@ def rollout(
             jnp.asarray(eps, jnp.float32),
             jnp.int32(start),
         )
-        out[:, start : start + c] = np.asarray(res.x0)
+        out[:, start : start + c] = host_local(res.x0)  # this process's rows (all of them on one process)
         if on_chunk is not None:
             on_chunk(blk, res)
         done = (blk + 1 - first) * c

@@ -122,7 +122,7 @@ class VAE:
         """
         # committed (like the caches the steps return), whether the latents come from numpy or from the sampler:
         # one executable per step either way
-        z = jax.device_put(jnp.transpose(self._check_latents(latents), (0, 1, 3, 4, 2)), jax.devices()[0])
+        z = jax.device_put(jnp.transpose(self._check_latents(latents), (0, 1, 3, 4, 2)), jax.local_devices()[0])
         caches = [None] * z.shape[0] if cache is None else list(cache)
         if len(caches) != z.shape[0]:
             raise ValueError(f"the cache holds {len(caches)} videos, the latents {z.shape[0]}")
