@@ -101,6 +101,24 @@ def test_interpreter_inside_jit_and_through_attend(monkeypatch):
     np.testing.assert_array_equal(np.asarray(via_attend, np.float32), np.asarray(out, np.float32))
 
 
+@pytest.mark.kernels
+def test_interpreter_reads_a_layer_of_the_stacked_cache():
+    """The sampler hands the whole [L, B, H, N, T, D] cache and a (traced) layer index: the kernel reads that
+    layer in place and gives what it gives on the layer's own cache."""
+    name = "bf16 queries, float32 cache (cast per tile)"
+    (q, kc, vc, kn, vn), sel = _problem(name)
+    ks, vs = jnp.stack([kn * 0.5, kn, kn * 2.0]), jnp.stack([vn * 2.0, vn, vn * 0.5])  # [L=3, B, H, N, T, D]
+    fn = jax.jit(lambda layer, *a: triton_interpret_attention(*a, layer=layer))
+    for layer in (1, 2):
+        got = fn(jnp.int32(layer), q, kc, vc, ks, vs, sel)
+        want = REF(q, kc, vc, ks[layer], vs[layer], sel)
+        assert relative_error(got, want) <= 1e-2
+    assert relative_error(fn(jnp.int32(2), q, kc, vc, ks, vs, sel), REF(q, kc, vc, kn, vn, sel)) > 0.05
+    assert getattr(triton_interpret_attention, "reads_stacked_cache", False)
+    with pytest.raises(ValueError, match="needs layer="):
+        triton_interpret_attention(q, kc, vc, ks, vs, sel)
+
+
 LOWER_SCRIPT = """
 import json, sys
 try:
@@ -153,6 +171,60 @@ def test_lowers_for_cuda_through_jax_triton(tmp_path):
     ptx = [p.read_text() for p in tmp_path.rglob("*.ptx")]
     assert len(ptx) == 3 and all(".target sm_90a" in p and ".entry selection_attention_kernel" in p for p in ptx)
     assert all("wgmma" in p for p in ptx)  # Hopper tensor-core MMAs for the bf16 dots
+
+
+STACKED_SCRIPT = """
+import json, sys
+try:
+    import jax_triton  # noqa: F401
+    from fkv_jax.kernels.gpu_aot import cuda_pjrt_available
+    assert cuda_pjrt_available(), "jaxlib's CUDA PJRT plugin is not installed"
+except (ImportError, AssertionError) as e:
+    print(json.dumps({"skip": str(e).splitlines()[0]}))
+    sys.exit(0)
+import jax, jax.numpy as jnp
+from fkv_jax.attention.selection import Selection
+from fkv_jax.kernels.gpu_aot import compile_for_h200
+from fkv_jax.kernels.triton_jax import triton_attention
+s, dt = jax.ShapeDtypeStruct, jnp.bfloat16
+L, b, c, t, h, d, n, k = 2, 1, 3, 1560, 12, 128, 21, 8
+
+def sliced(q, kc, vc, K, V, frames):
+    def body(x, kv):
+        return triton_attention(x, kc, vc, kv[0], kv[1], Selection(frames=frames), compute_capability=90), None
+    return jax.lax.scan(body, q, (K, V))[0]
+
+def stacked(q, kc, vc, K, V, frames):
+    def body(x, layer):
+        return triton_attention(x, kc, vc, K, V, Selection(frames=frames), layer=layer, compute_capability=90), None
+    return jax.lax.scan(body, q, jnp.arange(L, dtype=jnp.int32))[0]
+
+args = [s((b, c * t, h, d), dt)] * 3 + [s((L, b, h, n, t, d), dt)] * 2 + [s((b, 1, h, k), jnp.int32)]
+out = {}
+for name, fn in (("sliced", sliced), ("stacked", stacked)):
+    r = compile_for_h200(fn, *args, min_elements=b * h * n * t * d // 2)
+    out[name] = [len(r["large_ops"]), r["memory"]["temp_size_in_bytes"], r["custom_calls"]]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.kernels
+def test_a_layer_of_the_stacked_cache_reaches_the_kernel_in_place_on_h200():
+    """Compiled for a deviceless H200 (jaxlib's CUDA plugin): a layer loop that slices cache[l] for the kernel
+    gets cache-sized copies; the sampler's call (whole stacked cache + layer index) gets none."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", STACKED_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    if "skip" in res:
+        pytest.skip(
+            f"{res['skip']}; pip install --no-deps jax-triton==0.3.1 jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2"
+        )
+    layer_bytes = 12 * 21 * 1560 * 128 * 2
+    assert res["sliced"][0] > 0 and res["sliced"][1] >= layer_bytes
+    assert res["stacked"][0] == 0 and res["stacked"][1] < layer_bytes // 4
+    assert res["stacked"][2] == ["triton_kernel_call"]
 
 
 @pytest.mark.kernels

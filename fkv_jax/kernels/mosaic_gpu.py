@@ -35,15 +35,18 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fkv_jax.attention.selection import Selection
 from fkv_jax.kernels.packing import chunk_frames, pack_indices, pack_memory
-from fkv_jax.kernels.shapes import Dims, attention_dims
+from fkv_jax.kernels.shapes import Dims, stacked_layer
 from fkv_jax.kernels.tiles import SRC_CACHE, SRC_CHUNK, SRC_MEMORY, tile_table
 
 _NEG = -1e30
 
 
-def _kernel(*refs, dims: Dims, sources: tuple[int, ...], block_q: int, block_k: int):
+def _kernel(*refs, dims: Dims, sources: tuple[int, ...], block_q: int, block_k: int, stacked: bool):
     n_src = len(sources)
-    q_ref, kv_refs, (table_ref, count_ref, o_ref) = refs[0], refs[1 : 1 + 2 * n_src], refs[1 + 2 * n_src :]
+    q_ref, kv_refs = refs[0], refs[1 : 1 + 2 * n_src]
+    rest = refs[1 + 2 * n_src :]  # table, count, (layer,) out
+    table_ref, count_ref, o_ref = rest[0], rest[1], rest[-1]
+    layer_ref = rest[2] if stacked else None
     src_refs = {s: (kv_refs[2 * i], kv_refs[2 * i + 1]) for i, s in enumerate(sources)}
     d, tq, t, dtype = dims.head_dim, dims.group_tokens, dims.frame_tokens, q_ref.dtype
     scale = 1.0 / math.sqrt(d)
@@ -62,9 +65,10 @@ def _kernel(*refs, dims: Dims, sources: tuple[int, ...], block_q: int, block_k: 
 
                 @pl.when(src == sid)
                 def _copy():
-                    if sid == SRC_CACHE:  # [B, H, N, T, D]: a tile never leaves its frame (T >= BK)
+                    if sid == SRC_CACHE:  # [(L,) B, H, N, T, D]: a tile never leaves its frame (T >= BK)
                         frame, off = lax.div(start, jnp.int32(t)), lax.rem(start, jnp.int32(t))
-                        k_box, v_box = (r.at[b, h, frame, pl.ds(off, block_k)] for r in (kr, vr))
+                        lead = (layer_ref[0], b) if stacked else (b,)
+                        k_box, v_box = (r.at[(*lead, h, frame, pl.ds(off, block_k))] for r in (kr, vr))
                     else:  # chunk / packed memory [B, rows, H, D]
                         k_box, v_box = (r.at[b, pl.ds(start, block_k), h] for r in (kr, vr))
                     plgpu.copy_gmem_to_smem(k_box, k_smem.at[slot], k_bar.at[slot])
@@ -139,7 +143,17 @@ def _kernel(*refs, dims: Dims, sources: tuple[int, ...], block_q: int, block_k: 
 
 
 def mosaic_gpu_attention(
-    q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, block_q: int = 64, block_k: int = 64, interpret=None
+    q,
+    k_chunk,
+    v_chunk,
+    k_cache,
+    v_cache,
+    sel: Selection,
+    *,
+    block_q: int = 64,
+    block_k: int = 64,
+    interpret=None,
+    layer=None,
 ) -> jax.Array:
     """Selection attention (same numbers as :func:`fkv_jax.attention.reference.selection_attention`).
 
@@ -148,10 +162,13 @@ def mosaic_gpu_attention(
         (read in place: each tile is one TMA box ``cache[b, h, slot, off:off + BK, :]``).
       block_q, block_k: query rows per CTA (64: one warpgroup's WGMMA) and key rows per tile (multiple of 64).
       interpret: None on a GPU; ``fkv_jax.kernels.mosaic_gpu_interpret.interpret_params()`` to run on CPU.
+      layer: with the layer-stacked cache ``k_cache, v_cache: [L, B, H, N, T, D]`` (what the sampler passes),
+        the layer to read (int32 scalar, may be traced): the TMA boxes are ``cache[layer, b, h, slot, ...]``,
+        so the layer loop never slices (copies) the cache.
     Returns:
       [B, C*T, H, D] in q's dtype; a (b, group, head) with no key at all gets zeros.
     """
-    dims = attention_dims(q, k_chunk, v_chunk, k_cache, v_cache, sel)
+    dims, layer_idx, stacked = stacked_layer(q, k_chunk, v_chunk, k_cache, v_cache, sel, layer)
     b, h, d = dims.batch, dims.heads, dims.head_dim
     n, t, qf = dims.slots, dims.frame_tokens, dims.groups
     if q.dtype not in (jnp.bfloat16, jnp.float16) or {k_chunk.dtype, v_chunk.dtype, k_cache.dtype, v_cache.dtype} != {
@@ -191,7 +208,9 @@ def mosaic_gpu_attention(
         frame_tokens=t,
         block_k=block_k,
     )
-    kernel = functools.partial(_kernel, dims=dims, sources=tuple(sources), block_q=block_q, block_k=block_k)
+    kernel = functools.partial(
+        _kernel, dims=dims, sources=tuple(sources), block_q=block_q, block_k=block_k, stacked=bool(stacked)
+    )
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -199,4 +218,7 @@ def mosaic_gpu_attention(
         grid_names=("q", "gh", "b"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
-    )(q, *operands, table, count)
+    )(q, *operands, table, count, *([layer_idx] if stacked else []))
+
+
+mosaic_gpu_attention.reads_stacked_cache = True  # the sampler hands it [L, B, H, N, T, D] + layer=

@@ -48,7 +48,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from fkv_jax.attention.selection import Selection
 from fkv_jax.kernels.packing import chunk_frames, pack_indices, pack_memory
-from fkv_jax.kernels.shapes import Dims, attention_dims
+from fkv_jax.kernels.shapes import Dims, stacked_layer
 
 _NEG = -1e30  # finite "minus infinity", as in the XLA reference
 
@@ -257,19 +257,7 @@ def pallas_tpu_attention(
       [B, C*T, H, D] in q's dtype. A (b, group, head) with no key at all (no chunk frame, slot or memory
       token) gets zeros; the reference's value there is an average over masked keys, i.e. undefined.
     """
-    if k_cache.ndim == 6:
-        if layer is None:
-            raise ValueError(f"a layer-stacked cache {k_cache.shape} ([L, B, H, N, T, D]) needs layer=")
-        if v_cache.shape != k_cache.shape:
-            raise ValueError(f"k_cache, v_cache must share a shape, got {k_cache.shape}, {v_cache.shape}")
-        layer_view = jax.ShapeDtypeStruct(k_cache.shape[1:], k_cache.dtype)
-        dims = attention_dims(q, k_chunk, v_chunk, layer_view, layer_view, sel)
-        layer_idx = jnp.clip(jnp.asarray(layer, jnp.int32), 0, k_cache.shape[0] - 1).reshape(1)
-    elif layer is not None:
-        raise ValueError(f"layer= goes with a layer-stacked cache [L, B, H, N, T, D], got {k_cache.shape}")
-    else:
-        dims = attention_dims(q, k_chunk, v_chunk, k_cache, v_cache, sel)
-        layer_idx = jnp.zeros((1,), jnp.int32)
+    dims, layer_idx, _ = stacked_layer(q, k_chunk, v_chunk, k_cache, v_cache, sel, layer)
     b, h, d, s = dims.batch, dims.heads, dims.head_dim, dims.tokens
     t, c, qf, k = dims.frame_tokens, dims.chunk_frames, dims.groups, dims.budget
     plan = make_plan(dims, block_q, block_m)

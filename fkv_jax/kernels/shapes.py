@@ -67,3 +67,26 @@ def attention_dims(
     return Dims(
         batch=b, heads=h, head_dim=d, tokens=s, slots=n, frame_tokens=t, chunk_frames=c, groups=qf, budget=k, memory=m
     )
+
+
+def stacked_layer(q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, layer) -> tuple[Dims, jax.Array, int]:
+    """Sizes of a call whose cache may be layer-stacked, and the layer to read.
+
+    ``k_cache, v_cache``: one layer's ``[B, H, N, T, D]`` with ``layer=None``, or the whole stacked cache
+    ``[L, B, H, N, T, D]`` with ``layer`` (an int32 scalar, may be traced) so that a kernel reads
+    ``cache[layer, b, h, slot]`` where it lies: a per-layer slice handed to a custom call is a copy.
+    Returns (dims, layer index int32 [1] clipped to [0, L), L or 0 when not stacked).
+    """
+    import jax.numpy as jnp
+
+    if k_cache.ndim == 6:
+        if layer is None:
+            raise ValueError(f"a layer-stacked cache {k_cache.shape} ([L, B, H, N, T, D]) needs layer=")
+        if v_cache.shape != k_cache.shape:
+            raise ValueError(f"k_cache, v_cache must share a shape, got {k_cache.shape}, {v_cache.shape}")
+        view = jax.ShapeDtypeStruct(k_cache.shape[1:], k_cache.dtype)
+        dims = attention_dims(q, k_chunk, v_chunk, view, view, sel)
+        return dims, jnp.clip(jnp.asarray(layer, jnp.int32), 0, k_cache.shape[0] - 1).reshape(1), k_cache.shape[0]
+    if layer is not None:
+        raise ValueError(f"layer= goes with a layer-stacked cache [L, B, H, N, T, D], got {k_cache.shape}")
+    return attention_dims(q, k_chunk, v_chunk, k_cache, v_cache, sel), jnp.zeros((1,), jnp.int32), 0

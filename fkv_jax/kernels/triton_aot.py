@@ -30,7 +30,20 @@ SM90_MAX_SHARED = 232448  # bytes per block (227 KB, opt-in)
 SM90_MAX_REGISTERS = 255  # per thread
 
 _TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-_POINTERS = ("q_ptr", "kc_ptr", "vc_ptr", "km_ptr", "vm_ptr", "kn_ptr", "vn_ptr", "table_ptr", "count_ptr", "out_ptr")
+_POINTERS = (
+    "q_ptr",
+    "kc_ptr",
+    "vc_ptr",
+    "km_ptr",
+    "vm_ptr",
+    "kn_ptr",
+    "vn_ptr",
+    "table_ptr",
+    "count_ptr",
+    "layer_ptr",
+    "out_ptr",
+)
+_INT_POINTERS = ("table_ptr", "count_ptr", "layer_ptr")
 
 
 def ptxas_path(arch: int = 90) -> Path:
@@ -72,11 +85,13 @@ def launch_problem(
     budget: int | None = None,
     groups: int = 1,
     memory: int = 0,
+    layers: int = 30,
     dtype: str = "bfloat16",
     blocks: TritonBlocks = TritonBlocks(),
 ) -> tuple[Dims, dict]:
     """(Dims, constexpr parameters) of one call, as :func:`fkv_jax.kernels.triton_jax.prepare` computes them
-    (defaults: Wan2.1-1.3B at 480x832, 3-frame chunks, a 21-slot cache, every slot selectable)."""
+    (defaults: Wan2.1-1.3B at 480x832, 3-frame chunks, a 21-slot cache, every slot selectable, read from the
+    sampler's 30-layer stacked cache; ``layers=0``: one layer's cache)."""
     budget = slots if budget is None else budget
     tokens = chunk_frames * frame_tokens
     dims = Dims(
@@ -104,6 +119,7 @@ def launch_problem(
         np.dtype(_np_dtype(dtype)),
         blocks.block_q,
         blocks.block_k,
+        batch * heads * slots * frame_tokens * head_dim if layers and has_cache else 0,
     )
     return dims, params
 
@@ -165,7 +181,7 @@ def compile_for_sm90(
     signature = {}
     for arg in fn.arg_names:
         if arg in _POINTERS:
-            signature[arg] = "*i32" if arg in ("table_ptr", "count_ptr") else "*" + _TRITON_TYPES[elem[arg]]
+            signature[arg] = "*i32" if arg in _INT_POINTERS else "*" + _TRITON_TYPES[elem[arg]]
         else:
             signature[arg] = "constexpr"
     # XLA buffers are at least 16-byte aligned: the pointer specialisation jax-triton also applies

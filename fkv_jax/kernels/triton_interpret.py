@@ -93,7 +93,7 @@ def _device_calls_interpreted():
 
 def run_interpreted(operands, params: dict, grid_shape: tuple[int, int, int], out_dtype) -> np.ndarray:
     """Execute the kernel in Triton's interpreter on CPU (torch CPU tensors) on numpy operands (q, kc, vc,
-    km, vm, kn, vn, table, count, as :func:`fkv_jax.kernels.triton_jax.prepare` builds them).
+    km, vm, kn, vn, table, count, layer, as :func:`fkv_jax.kernels.triton_jax.prepare` builds them).
 
     The output buffer starts as NaN, so an element the kernel does not write stays NaN. Returns a numpy
     array [B, C*T, H, D] of ``out_dtype`` (bfloat16 as ``ml_dtypes.bfloat16``).
@@ -118,19 +118,21 @@ def run_interpreted(operands, params: dict, grid_shape: tuple[int, int, int], ou
 
 
 def interpret_attention(
-    q, k_chunk, v_chunk, k_cache, v_cache, sel, *, block_q: int = 16, block_k: int = 16
+    q, k_chunk, v_chunk, k_cache, v_cache, sel, *, block_q: int = 16, block_k: int = 16, layer=None
 ) -> np.ndarray:
     """Run :func:`selection_attention_kernel` in Triton's interpreter on CPU, eagerly (tests).
 
     Same arguments as :func:`~fkv_jax.kernels.triton_jax.triton_attention`; the XLA-side preparation
     (packing, tile table) is shared with it. Returns a numpy array [B, C*T, H, D] in q's dtype.
     """
-    dims, operands, params = prepare(q, k_chunk, v_chunk, k_cache, v_cache, sel, block_q=block_q, block_k=block_k)
+    dims, operands, params = prepare(
+        q, k_chunk, v_chunk, k_cache, v_cache, sel, block_q=block_q, block_k=block_k, layer=layer
+    )
     return run_interpreted([np.asarray(x) for x in operands], params, grid(dims, block_q), q.dtype)
 
 
 def triton_interpret_attention(
-    q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, block_q: int = 32, block_k: int = 32
+    q, k_chunk, v_chunk, k_cache, v_cache, sel: Selection, *, block_q: int = 32, block_k: int = 32, layer=None
 ) -> jax.Array:
     """The same kernel in Triton's interpreter on the host, as a ``jax.pure_callback`` (traceable, jittable;
     CPU only, slow: for checking a model with ``backend="triton"`` on a machine without a GPU).
@@ -139,7 +141,9 @@ def triton_interpret_attention(
     [B, C*T, H, D] in q's dtype.
     """
     TritonBlocks(block_q=block_q, block_k=block_k)
-    dims, operands, params = prepare(q, k_chunk, v_chunk, k_cache, v_cache, sel, block_q=block_q, block_k=block_k)
+    dims, operands, params = prepare(
+        q, k_chunk, v_chunk, k_cache, v_cache, sel, block_q=block_q, block_k=block_k, layer=layer
+    )
     shape = grid(dims, block_q)
 
     def host(*arrays):
@@ -147,5 +151,7 @@ def triton_interpret_attention(
 
     return jax.pure_callback(host, jax.ShapeDtypeStruct(q.shape, q.dtype), *operands)
 
+
+triton_interpret_attention.reads_stacked_cache = True  # like the GPU wrapper: [L, B, H, N, T, D] + layer=
 
 __all__ = ["interpret_attention", "run_interpreted", "triton_interpret_attention"]

@@ -10,7 +10,9 @@ Layouts read in place (no copy, no reshape of any operand outside the kernel):
 * q, k_chunk, v_chunk, out: ``[B, S, H, D]``: row r of head h at ``((b * S + r) * H + h) * D``;
 * packed memory ``[B, ROWS_M, H, D]`` (same strides);
 * the cache ``[B, H, N, T, D]`` (heads first): slot s, token t of (b, h) is row ``s * T + t`` of the
-  contiguous ``[N * T, D]`` plane at ``(b * H + h) * N * T * D``.
+  contiguous ``[N * T, D]`` plane at ``(b * H + h) * N * T * D``; with the whole layer-stacked cache
+  ``[L, B, H, N, T, D]`` and a layer index (an int32 operand, so one compiled kernel serves every layer), the
+  plane of layer l starts ``l * B * H * N * T * D`` further on: the sampler's layer loop never slices the cache.
 
 A cache whose dtype differs from q's (e.g. a float32 cache under bf16 queries) is cast per ``[BLOCK_K, D]``
 tile right after its load, to q's dtype (what the XLA reference does); the products accumulate in float32.
@@ -43,6 +45,7 @@ def selection_attention_kernel(
     vn_ptr,
     table_ptr,
     count_ptr,
+    layer_ptr,
     out_ptr,
     H: tl.constexpr,
     D: tl.constexpr,
@@ -52,14 +55,16 @@ def selection_attention_kernel(
     ROWS_M: tl.constexpr,
     ROWS_N: tl.constexpr,
     N_TILES: tl.constexpr,
+    LAYER_STRIDE: tl.constexpr,
     SCALE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """q, kc, vc, out: [B, S, H, D]; km, vm: [B, ROWS_M, H, D]; kn, vn: [B, H, ROWS_N = N * T, D] (the
-    cache [B, H, N, T, D]); table: int32 [B, QF, H, N_TILES, 4]; count: int32 [B, QF, H].
-    Grid: (cdiv(TQ, BLOCK_Q), QF * H, B)."""
+    cache [B, H, N, T, D]), or the layer-stacked cache [L, B, H, N * T, D] of which layer ``layer_ptr[0]`` is
+    read (LAYER_STRIDE = B * H * N * T * D elements; 0 for one layer's cache); table: int32
+    [B, QF, H, N_TILES, 4]; count: int32 [B, QF, H]; layer: int32 [1]. Grid: (cdiv(TQ, BLOCK_Q), QF * H, B)."""
     qt = tl.program_id(0)
     gh = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -76,6 +81,7 @@ def selection_attention_kernel(
     acc = tl.zeros([BLOCK_Q, D], tl.float32)
     tile0 = (b * QF + g) * H + h
     n = tl.load(count_ptr + tile0)
+    layer_base = tl.load(layer_ptr).to(tl.int64) * LAYER_STRIDE  # start of the layer read in a stacked cache
     krow = tl.arange(0, BLOCK_K)
     for i in range(0, n):
         entry = table_ptr + (tile0 * N_TILES + i) * 4
@@ -94,7 +100,7 @@ def selection_attention_kernel(
             k = tl.load(km_ptr + off, mask=key_ok[:, None], other=0.0).to(q.dtype)
             v = tl.load(vm_ptr + off, mask=key_ok[:, None], other=0.0).to(q.dtype)
         else:  # cache [B, H, N * T, D], in place; a tile of another dtype is cast here, never the cache
-            off = ((b * H + h) * ROWS_N + r)[:, None] * D + dcol[None, :]
+            off = layer_base + ((b * H + h) * ROWS_N + r)[:, None] * D + dcol[None, :]
             k = tl.load(kn_ptr + off, mask=key_ok[:, None], other=0.0).to(q.dtype)
             v = tl.load(vn_ptr + off, mask=key_ok[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # [BLOCK_Q, BLOCK_K] float32
@@ -134,7 +140,9 @@ def check_head_dim(d: int) -> None:
         raise ValueError(f"triton needs a power-of-two head_dim >= 16 (tl.dot, tl.arange), got head_dim={d}")
 
 
-def kernel_params(dims, mem_rows: int, cache_rows: int, n_tiles: int, dtype, block_q: int, block_k: int) -> dict:
+def kernel_params(
+    dims, mem_rows: int, cache_rows: int, n_tiles: int, dtype, block_q: int, block_k: int, layer_stride: int = 0
+) -> dict:
     """The constexpr arguments of :func:`selection_attention_kernel` for one call."""
     check_head_dim(dims.head_dim)
     TritonBlocks(block_q=block_q, block_k=block_k)
@@ -147,6 +155,7 @@ def kernel_params(dims, mem_rows: int, cache_rows: int, n_tiles: int, dtype, blo
         ROWS_M=mem_rows,
         ROWS_N=cache_rows,
         N_TILES=n_tiles,
+        LAYER_STRIDE=layer_stride,
         SCALE=1.0 / math.sqrt(dims.head_dim),
         BLOCK_Q=block_q,
         BLOCK_K=block_k,
