@@ -651,8 +651,11 @@ EPILOG = """\
 targets:
   tpu-v5e[:TOPO]  tpu-v5p[:TOPO]  tpu-v6e[:TOPO]   compile with libtpu for that TPU (default topologies
                    v5e:2x2, v5p:2x2x1, v6e:2x2; TOPO e.g. 2x4); one device unless --mesh
-  h100, h200       no GPU compile here: the program is compiled for tpu-v5p and the roofline and HBM
-                   check use the GPU's peaks (said so in the report)
+  h200             with jaxlib's CUDA plugin installed (pip install --no-deps jax-cuda12-plugin==0.10.2
+                   jax-cuda12-pjrt==0.10.2; no GPU or driver needed): compiled by XLA:GPU for a deviceless
+                   H200, backends xla, triton (also needs jax-triton), mosaic_gpu or auto (default auto)
+  h100, h200       without that plugin: the program is compiled for tpu-v5p and the roofline and HBM check
+                   use the GPU's peaks (said so in the report)
 
 example:
   python -m fkv_jax.aot --target tpu-v5e --model-preset wan2.1-t2v-1.3b --frames 21 --policy forcing_kv \\
@@ -706,7 +709,11 @@ def build_parser(prog: str = "python -m fkv_jax.aot") -> argparse.ArgumentParser
     g.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE", help="policy option (repeatable)")
     g.add_argument("--head-table", help="Forcing-KV head table (JSON file or packaged name, e.g. selfforcing)")
     g.add_argument("--head-importance", type=Path, help="Focused Forcing head importance JSON")
-    g.add_argument("--attention-backend", default="pallas_tpu", help="xla or pallas_tpu (default: pallas_tpu)")
+    g.add_argument(
+        "--attention-backend",
+        help="TPU: xla, pallas_tpu or auto (default pallas_tpu); H200 with the CUDA plugin: xla, triton, "
+        "mosaic_gpu or auto (default auto)",
+    )
     g = p.add_argument_group("devices and output")
     g.add_argument("--mesh", help="shard over the topology's devices, e.g. data=1,model=4 (default: one device)")
     g.add_argument("--batch", type=int, default=1, help="videos per chunk step (default 1)")
@@ -739,6 +746,12 @@ def parse_target(target: str) -> tuple[str, str, bool]:
     return name, f"{TPU_TARGETS[name]}:{topo}" if topo else CHIPS[name].topology, True
 
 
+def _cuda_plugin() -> bool:
+    from fkv_jax.kernels.gpu_aot import cuda_pjrt_available
+
+    return cuda_pjrt_available()
+
+
 def _dtype(name):
     import jax.numpy as jnp
 
@@ -750,6 +763,11 @@ def compile_chunk_step(args) -> dict:
     from fkv_jax.config import model_preset, sampler_preset
 
     chip_name, topology, native = parse_target(args.target)
+    gpu = chip_name == "h200" and _cuda_plugin()  # a real XLA:GPU compile for a deviceless H200
+    if gpu:
+        topology, native = "h200 (deviceless, jaxlib's CUDA plugin)", True
+    if args.attention_backend is None:
+        args.attention_backend = "auto" if gpu else "pallas_tpu"
     # -- model config and dtype
     if args.checkpoint is not None and args.model_preset is not None:
         raise UsageError("--checkpoint and --model-preset are two different models; give one")
@@ -801,11 +819,14 @@ def compile_chunk_step(args) -> dict:
 
     import fkv_jax.kernels  # noqa: F401  (registers the kernel backends)
 
-    if args.attention_backend not in ("xla", "pallas_tpu", "auto"):
+    allowed = ("xla", "triton", "mosaic_gpu", "auto") if gpu else ("xla", "pallas_tpu", "auto")
+    if args.attention_backend not in allowed:
         raise UsageError(
-            f"--attention-backend must be xla, pallas_tpu or auto for a TPU compile, got "
-            f"{args.attention_backend!r} (available backends: {', '.join(sorted(BACKENDS))})"
+            f"--attention-backend must be {', '.join(allowed[:-1])} or auto for a "
+            f"{'GPU' if gpu else 'TPU'} compile, got {args.attention_backend!r} (available backends: "
+            f"{', '.join(sorted(BACKENDS))})"
         )
+    gpu_target = dict(platform="cuda", device_kind="NVIDIA H200", compute_capability="9.0")
     try:  # a backend that cannot take these shapes / dtypes on a TPU: one error before any compile
         from fkv_jax.attention.backends import resolve_backend
     except ImportError:
@@ -815,7 +836,7 @@ def compile_chunk_step(args) -> dict:
         try:
             resolve_backend(
                 args.attention_backend,
-                platform="tpu",
+                **(gpu_target if gpu else {"platform": "tpu"}),
                 dtype=dtype,
                 cache_dtype=cache_dtype,
                 head_dim=cfg.head_dim,
@@ -845,19 +866,28 @@ def compile_chunk_step(args) -> dict:
             raise UsageError(f"--policy {args.policy}: {e}") from None
     elif args.policy_opt or args.head_table or args.head_importance:
         raise UsageError("--policy-opt, --head-table and --head-importance need --policy")
-    if not libtpu_available():
-        raise UsageError("libtpu is not installed: pip install -e '.[tpu]' (jax[tpu] at the pinned jax version)")
-    try:
-        devices = tpu_devices(topology)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-    try:  # resolve attention backends for the TPU, not for this CPU host
+    if gpu:
         from fkv_jax.attention.backends import target as backend_target
+        from fkv_jax.kernels.gpu_aot import h200_device
 
-        on_target = backend_target("tpu", device_kind=devices[0].device_kind)
-    except ImportError:
-        on_target = contextlib.nullcontext()
+        if args.mesh:
+            raise UsageError("--mesh: the deviceless H200 target has one device")
+        devices = [h200_device()]
+        on_target = backend_target(**gpu_target)
+    else:
+        if not libtpu_available():
+            raise UsageError("libtpu is not installed: pip install -e '.[tpu]' (jax[tpu] at the pinned jax version)")
+        try:
+            devices = tpu_devices(topology)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+        try:  # resolve attention backends for the TPU, not for this CPU host
+            from fkv_jax.attention.backends import target as backend_target
+
+            on_target = backend_target("tpu", device_kind=devices[0].device_kind)
+        except ImportError:
+            on_target = contextlib.nullcontext()
     with on_target:
         return _compile(
             args,
@@ -1016,6 +1046,13 @@ def _compile(
             f"{chip_name}: no GPU compile on this machine; FLOPs, bytes and HBM are from the XLA TPU "
             f"compile for {topology} (pallas_tpu / XLA TPU fusions), and the roofline uses "
             f"{chip_name}'s published peaks"
+        )
+    if devices[0].platform != "tpu" and cost.kernels and not cost.kernel_flops:
+        notes.append(
+            "the GPU kernels' custom calls declare no cost: their FLOPs are not counted and their bytes are "
+            "their whole operands (the stacked cache of every layer, on every call), so this roofline misstates "
+            "attention; memory, fit and the cache-copy count are exact. For FLOPs and bytes use a TPU target "
+            "(pallas_tpu declares its cost) or --attention-backend xla"
         )
     if mesh is not None:
         notes.append(

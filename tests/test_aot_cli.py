@@ -72,3 +72,21 @@ def test_gpu_targets_compile_for_tpu_and_say_so():
     assert parse_target("tpu-v5e:2x4") == ("tpu-v5e", "v5e:2x4", True)
     with pytest.raises(UsageError):
         parse_target("a100")
+
+
+@pytest.mark.kernels
+def test_h200_target_compiles_for_the_gpu_with_the_cuda_plugin(tmp_path):
+    """With jaxlib's CUDA plugin, --target h200 is a real XLA:GPU compile for a deviceless H200: the Triton
+    kernel reads the stacked cache in place (no cache-sized op) and the report says its cost is not declared."""
+    from fkv_jax.attention.backends import jax_triton_available
+    from fkv_jax.kernels.gpu_aot import INSTALL_HINT, cuda_pjrt_available
+
+    if not (cuda_pjrt_available() and jax_triton_available()):
+        pytest.skip(f"needs jaxlib's CUDA plugin and jax-triton ({INSTALL_HINT}; pip install --no-deps jax-triton)")
+    out = tmp_path / "r.json"
+    argv = ["--target", "h200", "--model-preset", "tiny", "--frames", "6", "--attention-backend", "triton"]
+    assert main([*argv, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["device_kind"] == "NVIDIA H200" and r["cache_copies"] == 0 and r["fits"]
+    assert r["kernel_calls_per_chunk"] > 0 and any("declare no cost" in n for n in r["notes"])
+    assert main([*argv[:-1], "pallas_tpu"]) == 2  # a TPU kernel for a GPU target: one error line
