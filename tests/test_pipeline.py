@@ -336,3 +336,50 @@ def test_job_mode_on_a_mesh_resumes(model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert generate_main(argv) == 0
     assert "nothing to do" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("decoder", ["wan", "taehv"])
+def test_serve_streams_a_model_folder(model_dir, tmp_path, decoder):
+    """`fkv serve --model-dir DIR [--decoder taehv]` without the web layer: the scheduler streams a 6-frame video
+    of the tiny model folder chunk by chunk through the chosen decoder (21 frames of 32x48, 9 then 12), switches
+    its prompt mid-stream with a KV re-cache, and saves the mp4."""
+    import queue
+
+    from flax import nnx
+
+    from fkv_jax.cli.serve_engine import Engine
+    from fkv_jax.serve.protocol import ServeConfig
+    from fkv_jax.serve.scheduler import Scheduler, Stream
+    from fkv_jax.vae import TAEHVConfig, TAEHVDecoder, save_taehv
+
+    d = _copy(model_dir, tmp_path)
+    if decoder == "taehv":
+        cfg = TAEHVConfig(channels=(16, 8, 8, 8), blocks_per_level=1)
+        save_taehv(d / "taehv", cfg, nnx.to_pure_dict(nnx.state(TAEHVDecoder(cfg), nnx.Param)), "float32", {})
+    eng = Engine(ServeConfig(model_dir=d, decoder=decoder, max_batch=1, max_frames=6, default_frames=6, fps=16))
+    eng.load()
+    sched = Scheduler(eng, gather_s=0.0, video_dir=tmp_path / "videos")
+    (tmp_path / "videos").mkdir()
+    sched.start()
+    inbox: queue.Queue = queue.Queue()
+
+    def send(m):  # called by the worker: a switch asked right after chunk 0 applies before chunk 1
+        if m["type"] == "chunk" and m["index"] == 0:
+            sched.switch(stream, "a dog")
+        inbox.put(m)
+
+    try:
+        stream = Stream(eng.validate({"prompt": "a cat", "frames": 6, "preset": "longlive"}), send)
+        sched.submit(stream)
+        msgs = []
+        while not msgs or msgs[-1]["type"] not in ("done", "error", "stopped"):
+            msgs.append(inbox.get(timeout=300))
+    finally:
+        sched.close()
+    assert msgs[-1]["type"] == "done", msgs[-1]
+    chunks = [m for m in msgs if m["type"] == "chunk"]
+    assert [len(m["frames"]) for m in chunks] == [9, 12]
+    (sw,) = [m for m in msgs if m["type"] == "switched"]
+    assert sw["frame"] == 3 and sw["recache"] is True
+    frames, meta = read_video(tmp_path / "videos" / msgs[-1]["video"].rsplit("/", 1)[1])
+    assert frames.shape[0] == 21 and frames.shape[1:3] == tuple(8 * x for x in eng.latent_hw)
