@@ -16,59 +16,18 @@ Focused Forcing seeded random head importance, since no profiled table exists fo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from fkv_jax.bench.common import median
 from fkv_jax.config import ModelConfig, model_preset, sampler_preset
 from fkv_jax.model.build import init_model
-from fkv_jax.policies import POLICIES, HeadTable, Policy, make_policy
+from fkv_jax.policies import POLICIES, HeadTable, make_policy
+from fkv_jax.policies.meter import KeyMeter
 from fkv_jax.sampling.rollout import Sampler
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class KeyCounter(Policy):
-    """Wraps a policy; reports the mean number of keys a query reads (history + memory + chunk) per call."""
-
-    inner: Policy = None
-    name = "key_counter"
-
-    def geometry(self, base, num_frames=None):
-        return self.inner.geometry(base, num_frames)
-
-    def init_state(self, geom):
-        return self.inner.init_state(geom)
-
-    def on_chunk_start(self, state, cache, start_frame):
-        return self.inner.on_chunk_start(state, cache, start_frame)
-
-    def on_write(self, call):
-        inner = None if call.clean_select is None else call.clean_select[0]
-        return self.inner.on_write(dataclasses.replace(call, clean_select=inner))
-
-    def post_attention(self, call, out):
-        return self.inner.post_attention(call, out)
-
-    @property
-    def needs_clean_queries(self):  # type: ignore[override]
-        return self.inner.needs_clean_queries
-
-    def select(self, call):
-        sel, aux = self.inner.select(call)
-        t, c = call.geom.tokens_per_frame, call.geom.frames_per_block
-        keys = (sel.frames >= 0).sum(-1).astype(jnp.float32) * t  # [B, G, H]
-        if sel.chunk_mask is not None:
-            keys = keys + sel.chunk_mask.sum(-1) * t
-        else:
-            keys = keys + c * t
-        if sel.mem_valid is not None:
-            keys = keys + sel.mem_valid.sum(-1)[:, None, :]
-        return sel, (aux, keys.mean())
 
 
 def linear_flops_per_token(cfg: ModelConfig, text_len: int) -> float:
@@ -80,7 +39,7 @@ def linear_flops_per_token(cfg: ModelConfig, text_len: int) -> float:
 
 def bench_policy(graphdef, params, cfg, policy, frames, timed, seed=0):
     sc = sampler_preset("self_forcing")
-    s = Sampler(graphdef, cfg, sc, batch=1, latent_hw=cfg.latent_hw, num_frames=frames, policy=KeyCounter(policy))
+    s = Sampler(graphdef, cfg, sc, batch=1, latent_hw=cfg.latent_hw, num_frames=frames, policy=KeyMeter(inner=policy))
     rng = np.random.default_rng(seed)
     ctx_kv = s.context_kv(params, rng.standard_normal((1, cfg.text_len, cfg.text_dim), np.float32))
     cache, state = s.init_cache(), s.init_state()
@@ -94,7 +53,7 @@ def bench_policy(graphdef, params, cfg, policy, frames, timed, seed=0):
         out, cache, state = s.chunk_step(params, cache, state, ctx_kv, x, eps, np.int32(blk * c))
         jax.block_until_ready((out.x0, cache["k"]))
         times.append(time.perf_counter() - t0)
-        keys.append(float(np.mean(np.asarray(out.select_aux[1]))))  # mean keys per query over calls, layers
+        keys.append(float(np.mean(np.asarray(out.select_aux[1]))))  # mean keys per query over calls, layers, heads
     mem = sum(int(x.nbytes) for x in jax.tree.leaves(state.get("layers", {})) if x.ndim >= 4)
     kv_bytes = int(cache["k"].nbytes + cache["v"].nbytes) + mem
     return {

@@ -2,9 +2,9 @@
 
 *Keys read per query*: for one attention call of one layer, the number of key tokens a query attends to (the
 selected cache slots' tokens, the allowed frames of its own chunk, and the policy's memory tokens), the count
-:mod:`fkv_jax.bench.policies` turns into FLOPs. :class:`KeyMeter` wraps a policy and reports it per (row, head)
-in the select aux, so the chunk step returns ``[n + 1 calls, L, B, H]``; the plain cache needs no wrapper: it
-reads every visible slot and the whole chunk, for every head.
+:mod:`fkv_jax.bench.policies` turns into FLOPs. :class:`~fkv_jax.policies.meter.KeyMeter` wraps a policy and
+reports it per (row, head) in the select aux, so the chunk step returns ``[n + 1 calls, L, B, H]``; the plain
+cache needs no wrapper: it reads every visible slot and the whole chunk, for every head.
 
 *Full*: what the plain cache of the same sampler settings would read at that point of the video (the visible
 window plus the chunk); the saving is ``1 - keys / full``.
@@ -12,54 +12,11 @@ window plus the chunk); the saving is ``1 - keys / full``.
 
 from __future__ import annotations
 
-import dataclasses
-
-import jax.numpy as jnp
 import numpy as np
 
-from fkv_jax.policies.base import Policy
+from fkv_jax.policies.meter import KeyMeter
 
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class KeyMeter(Policy):
-    """A policy, unchanged, whose select aux also carries the keys each (row, head) reads: ``(inner aux,
-    float32 [B, H])`` (mean over the query groups of the call)."""
-
-    inner: Policy = None
-    name = "key_meter"
-
-    @property
-    def supports_relative_rope(self):  # type: ignore[override]
-        return self.inner.supports_relative_rope
-
-    @property
-    def needs_clean_queries(self):  # type: ignore[override]
-        return self.inner.needs_clean_queries
-
-    def geometry(self, base, num_frames=None):
-        return self.inner.geometry(base, num_frames)
-
-    def init_state(self, geom):
-        return self.inner.init_state(geom)
-
-    def on_chunk_start(self, state, cache, start_frame):
-        return self.inner.on_chunk_start(state, cache, start_frame)
-
-    def on_write(self, call):
-        inner = None if call.clean_select is None else call.clean_select[0]
-        return self.inner.on_write(dataclasses.replace(call, clean_select=inner))
-
-    def post_attention(self, call, out):
-        return self.inner.post_attention(call, out)
-
-    def select(self, call):
-        sel, aux = self.inner.select(call)
-        t, c = call.geom.tokens_per_frame, call.geom.frames_per_block
-        keys = (sel.frames >= 0).sum(-1).astype(jnp.float32) * t  # [B, Qf, H]
-        keys = keys + (sel.chunk_mask.sum(-1) * t if sel.chunk_mask is not None else c * t)
-        if sel.mem_valid is not None:  # [B, H, M]
-            keys = keys + sel.mem_valid.sum(-1)[:, None, :]
-        return sel, (aux, keys.mean(axis=1))  # [B, H]
+__all__ = ["KeyMeter", "full_keys", "keys_per_head"]
 
 
 def keys_per_head(select_aux, num_layers: int, num_heads: int, batch: int) -> np.ndarray | None:
