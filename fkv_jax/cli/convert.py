@@ -160,7 +160,18 @@ def run_args(args) -> None:
             raise ConvertError("--wan-dir needs --generator PATH (the causal transformer, e.g. self_forcing_dmd.pt)")
         if args.kind is not None:
             raise ConvertError("--kind applies to --input, not to --wan-dir")
-    common = dict(
+    common = _transformer_options(args, progress)
+    if args.wan_dir is not None:
+        convert_model_dir(args.wan_dir, args.generator, args.output, **common)
+        return
+    if args.generator is not None:
+        raise ConvertError("--generator goes with --wan-dir; for one checkpoint use --input")
+    convert_any(args.input, args.output, kind=args.kind, **common)
+
+
+def _transformer_options(args, progress: bool) -> dict:
+    """The options of a transformer / model-folder conversion, as the command line gives them."""
+    return dict(
         key=args.key,
         num_heads=args.num_heads,
         text_len=args.text_len,
@@ -172,12 +183,6 @@ def run_args(args) -> None:
         progress=progress,
         log=print,
     )
-    if args.wan_dir is not None:
-        convert_model_dir(args.wan_dir, args.generator, args.output, **common)
-        return
-    if args.generator is not None:
-        raise ConvertError("--generator goes with --wan-dir; for one checkpoint use --input")
-    convert_any(args.input, args.output, kind=args.kind, **common)
 
 
 def _run_taehv(args, progress: bool) -> None:
@@ -208,21 +213,7 @@ def _run_taehv(args, progress: bool) -> None:
     if args.generator is None:
         raise ConvertError("--wan-dir needs --generator PATH (the causal transformer, e.g. self_forcing_dmd.pt)")
     open_taehv(args.taehv)  # checked (shapes only) before the model folder is built
-    convert_model_dir(
-        args.wan_dir,
-        args.generator,
-        args.output,
-        key=args.key,
-        num_heads=args.num_heads,
-        text_len=args.text_len,
-        dtype=args.dtype,
-        lora=args.lora,
-        lora_alpha=args.lora_alpha,
-        preset=args.preset,
-        overwrite=args.overwrite,
-        progress=progress,
-        log=print,
-    )
+    convert_model_dir(args.wan_dir, args.generator, args.output, **_transformer_options(args, progress))
     convert_taehv(args.taehv, args.output, dtype=args.dtype, log=print)
 
 
