@@ -100,6 +100,7 @@ def test_toy_samples_bench_runs(random_toy_weights, capsys):
     out = capsys.readouterr().out
     real = next(ln for ln in out.splitlines() if ln.startswith("| real episodes"))
     assert float(real.split("|")[2]) > 0.3  # the simulator's own frames show their prompted colours
+    assert "shape (blobs)" in out and real.count("|") == 8
     assert "| model, sampler default |" in out and "| model, sampler renoise8 |" in out
 
 
@@ -108,15 +109,25 @@ def test_eval_cli_memory_family(random_toy_weights, tmp_path, capsys):
     bootstrap intervals, and the window length reaches the policy (its resident KV is smaller)."""
     out = tmp_path / "mem"
     args = ["--weights", str(random_toy_weights), "--family", "memory", "--policies", "window", "--window", "3"]
-    args += ["--frames", "36", "--context-frames", "3", "--episodes", "2", "--output-dir", str(out), "--no-plots"]
+    args += ["--frames", "24", "--context-frames", "3", "--min-hidden", "4", "--episodes", "2"]
+    args += ["--output-dir", str(out), "--no-plots"]
     assert main(args) == 0
     report = json.loads((out / "eval.json").read_text())
-    assert report["family"] == "memory"
+    assert report["family"] == "memory" and report["min_hidden"] == 4 and report["window"] == 3
     rows = report["policies"]
-    assert rows["window"]["kv_mib"] < rows["full"]["kv_mib"] / 6  # 3 of 36 frames
+    assert rows["window"]["kv_mib"] < rows["full"]["kv_mib"] / 4  # 3 of 24 frames
     for key in ("reappear_identity", "reappear_position_px", "track_24_px"):
         assert key in rows["full"] and key in rows["full"]["ci95"]
-    assert "95 % bootstrap CI over 2 episode(s)" in (out / "eval.md").read_text()
+    md = (out / "eval.md").read_text()
+    assert "95 % bootstrap CI over 2 episode(s)" in md and "hidden >= 4 frames; `window` keeps 3 frames" in md
+
+
+def test_eval_cli_memory_family_too_short(random_toy_weights, tmp_path, capsys):
+    """A length that cannot hold a memory episode with that --min-hidden: one error line naming both."""
+    args = ["--weights", str(random_toy_weights), "--family", "memory", "--frames", "24", "--min-hidden", "8"]
+    assert main(args + ["--policies", "window", "--output-dir", str(tmp_path / "o"), "--no-plots"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "min_hidden 8" in err and "\n" not in err
 
 
 def test_eval_cli_window_needs_the_window_policy(random_toy_weights, tmp_path, capsys):

@@ -104,3 +104,22 @@ def test_mean_ci_brackets_the_mean():
     m, lo, hi = mean_ci([1.0, 2.0, 3.0, 4.0, float("nan")])
     assert m == 2.5 and lo < m < hi and 1.0 <= lo and hi <= 4.0
     assert np.isnan(mean_ci([5.0])[1]) and np.isnan(mean_ci([])[0])
+
+
+def test_shape_classifier_agrees_with_the_simulator_and_catches_a_wrong_shape():
+    """The template classifier on the simulator's own frames (text-only videos have no truth to compare): it
+    must read most judged blobs as their prompted shape, and a prompt naming other shapes must disagree."""
+    from fkv_jax.eval.metrics import prompt_sprites, shape_agreement
+
+    assert prompt_sprites("a red circle and a blue square with a pillar") == [("red", "circle"), ("blue", "square")]
+    agree = judged = wrong = 0
+    for i in range(6):
+        ep = make_episode(70_000 + i, 24)
+        a, j = shape_agreement(ep.frames, ep.prompt)
+        agree, judged = agree + a, judged + j
+        swap = {"circle": "cross", "cross": "circle", "square": "triangle", "triangle": "square"}
+        lie = " and ".join(f"a {c} {swap[s]}" for c, s in prompt_sprites(ep.prompt))
+        wrong += shape_agreement(ep.frames, lie)[0]
+    assert judged > 100
+    assert agree / judged >= 0.9, agree / judged  # the triangle's centroid is not its centre: aligned, ~0.95
+    assert wrong / judged <= 0.1, wrong / judged

@@ -5,7 +5,10 @@
 
 For held-out episodes (seeds 70000 + i) it prints, per sampler and for the simulator's own frames, the means of
 ``toyworld.analysis.colour_report`` (fraction of frames in which each prompted colour covers >= 4 pixels,
-prompted and other-colour pixels per frame) and ``motion_report`` (smooth, persist).
+prompted and other-colour pixels per frame), ``motion_report`` (smooth, persist) and
+``eval.metrics.shape_agreement`` (shape: the share of sprite blobs clear of the edges, >= 12 pixels, that a
+template classifier reads as the prompted shape; on the real episodes it is the classifier's own agreement
+with the simulator).
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ def _overrides(spec: dict) -> dict:
 
 
 def summarize(videos, prompts) -> dict:
+    from fkv_jax.eval.metrics import shape_agreement
     from fkv_jax.toyworld.analysis import colour_report, motion_report
 
-    rows = []
+    rows, agree, judged = [], 0, 0
     for prompt, video in zip(prompts, videos):
+        a, j = shape_agreement(video, prompt)
+        agree, judged = agree + a, judged + j
         cr, mr = colour_report(video, prompt), motion_report(video)
         rows.append(
             (
@@ -48,7 +54,10 @@ def summarize(videos, prompts) -> dict:
             )
         )
     r = np.asarray(rows, np.float64)
-    return dict(zip(("shown", "prompted_px", "other_px", "smooth", "persist"), np.nanmean(r, axis=0)))
+    out = dict(zip(("shown", "prompted_px", "other_px", "smooth", "persist"), np.nanmean(r, axis=0)))
+    out["shape"] = agree / judged if judged else float("nan")
+    out["shape_judged"] = judged
+    return out
 
 
 def main(argv=None) -> int:
@@ -69,13 +78,13 @@ def main(argv=None) -> int:
     eps = [make_episode(70_000 + i, a.frames) for i in range(a.episodes)]
     prompts = [e.prompt for e in eps]
     print(f"{a.episodes} held-out prompts x {a.frames} frames, noise seed {a.seed}")
-    print("| videos | shown | prompted px / frame | other colours px / frame | smooth | persist |")
-    print("|---|---|---|---|---|---|")
+    print("| videos | shown | prompted px / frame | other colours px / frame | smooth | persist | shape (blobs) |")
+    print("|---|---|---|---|---|---|---|")
 
     def row(name, s):
         print(
             f"| {name} | {s['shown']:.2f} | {s['prompted_px']:.1f} | {s['other_px']:.2f} | {s['smooth']:.2f} | "
-            f"{s['persist']:.2f} |",
+            f"{s['persist']:.2f} | {s['shape']:.2f} ({s['shape_judged']}) |",
             flush=True,
         )
 

@@ -27,7 +27,7 @@ of frames showing the prompted colours / shapes; identity = sprites keep their c
 chunk disc = jump between consecutive chunks; worst GT degr. = worst relative loss of a truth metric vs
 full (positive = worse). Second table: the truth metrics with 95 % bootstrap intervals over episodes;
 track_H_px = position error over the first H generated frames; reappear_* = identity and position error in
-the first 3 fully visible frames after a sprite was hidden >= 8 frames (the memory family's test)."""
+the first 3 fully visible frames after a sprite was hidden >= --min-hidden frames (the memory family's test)."""
 
 
 def build_parser(prog: str = "fkv eval") -> Parser:
@@ -46,12 +46,20 @@ def build_parser(prog: str = "fkv eval") -> Parser:
         choices=("random", "memory"),
         default="random",
         help="episodes: random scenes, or the memory family where a sprite hides in the wrap-around gap for "
-        ">= 8 frames and must come back with its identity and velocity (default: random)",
+        ">= --min-hidden frames and must come back with its identity and velocity (default: random)",
+    )
+    p.add_argument(
+        "--min-hidden",
+        type=int,
+        default=8,
+        help="memory family: the sprite stays hidden for at least this many frames, and the reappearance "
+        "metrics count hidden runs at least this long (default 8; more than --window keeps)",
     )
     p.add_argument(
         "--window",
         type=int,
-        help="frames the `window` policy keeps (default 15, the training clip; e.g. 6 for the memory family)",
+        help="frames the `window` policy keeps (default: the toy sampler's window, the weights' training clip; "
+        "e.g. 6 for the memory family)",
     )
     p.add_argument(
         "--toy-weights",
@@ -84,6 +92,7 @@ def _check(args) -> None:
         raise UsageError(
             f"--frames ({args.frames}) and --context-frames ({args.context_frames}) must be positive multiples of 3"
         )
+    C.check_at_least("--min-hidden", args.min_hidden, 1)
     if args.window is not None:
         C.check_at_least("--window", args.window, 1)
         if "window" not in args.policies:
@@ -142,6 +151,7 @@ def run(args) -> int:
             vbench_dir=args.vbench_dir,
             family=args.family,
             window=args.window,
+            min_hidden=args.min_hidden,
             log=lambda m: print(m, file=sys.stderr),
         )
     except (ValueError, FileNotFoundError) as e:

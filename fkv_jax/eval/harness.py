@@ -32,10 +32,11 @@ from fkv_jax.policies import make_policy
 from fkv_jax.sampling.rollout import Sampler, rollout
 
 # Forcing-KV on the toy model: 16 tokens per frame split in 4 row segments, 4 of 12 kept (one frame's worth).
-# `window` is the toy sampler's own cache (15 frames, the training clip length): the quality reference whose
-# attention distances all lie inside training, where `full` (every frame, global) goes beyond it.
+# `window` is the toy sampler's own cache (by default the weights' training clip length): the quality reference
+# whose attention distances all lie inside training, where `full` (every frame, global) goes beyond it once the
+# video is longer than the clip.
 # The memory family (toyworld.world.make_memory_episode): a sprite hides in the wrap-around gap for at least
-# this many frames, longer than `window` keeps with --window 6.
+# this many frames (default; --min-hidden), longer than `window` keeps with --window 6.
 MEMORY_MIN_HIDDEN = 8
 FAMILIES = ("random", "memory")
 # Ground-truth metrics: lower is better for the *_px ones, higher for the others.
@@ -52,7 +53,6 @@ GT_KEYS = (
 TOY_POLICY_OPTIONS = {
     "forcing_kv": {"num_frame_patch": "4"},
     "focused_forcing": {},
-    "window": {"local_attn_size": "15"},
 }
 
 
@@ -88,9 +88,9 @@ def _rollout(sampler, params, ctx, noise, init, seed):
     return np.clip(res.latents, -1, 1), secs, _kv_bytes(res.cache, res.state)
 
 
-def quality(frames: np.ndarray, ref: np.ndarray, ep, start: int) -> dict:
+def quality(frames: np.ndarray, ref: np.ndarray, ep, start: int, min_hidden: int = MEMORY_MIN_HIDDEN) -> dict:
     pa = M.prompt_alignment(frames, ep, start)
-    back = M.reappearance(frames, ep, start, min_hidden=MEMORY_MIN_HIDDEN)
+    back = M.reappearance(frames, ep, start, min_hidden=min_hidden)
     return {
         "psnr_vs_full": M.psnr(frames[start:], ref[start:]),
         "ssim_vs_full": M.ssim(frames[start:], ref[start:]),
@@ -129,8 +129,8 @@ def build_toy_policies(
     out, profiles = {}, {}
     for name in names:
         opts = dict(TOY_POLICY_OPTIONS.get(name, {}))
-        if name == "window" and window is not None:
-            opts["local_attn_size"] = str(window)
+        if name == "window":
+            opts["local_attn_size"] = str(window if window is not None else sampler_cfg.local_attn_size)
         if name == "forcing_kv":
             table, scores = profile_static_dynamic(make_sampler, params, calib, progress=False)
             st, dy = table.counts()
@@ -160,6 +160,7 @@ def evaluate(
     vbench_dir: Path | None = None,
     family: str = "random",
     window: int | None = None,
+    min_hidden: int = MEMORY_MIN_HIDDEN,
     log=print,
 ) -> dict:
     from fkv_jax.toyworld.model import load_toy_model, save_video, toy_context, toy_sampler_config
@@ -177,7 +178,7 @@ def evaluate(
             f"with 0 < context < frames"
         )
     if family == "memory":  # fail before any profiling if the length cannot hold a memory episode
-        make_memory_episode(seed, frames, context_frames=context_frames, min_hidden=MEMORY_MIN_HIDDEN)
+        make_memory_episode(seed, frames, context_frames=context_frames, min_hidden=min_hidden)
     log(
         f"toy model {cfg.name}: {cfg.num_layers} layers, {cfg.num_heads} heads, {cfg.tokens_per_frame()} tokens/frame;"
         f" {episodes} episode(s) x {frames} frames, {context_frames} true context frames; policies: {policies}"
@@ -197,7 +198,7 @@ def evaluate(
     examples = {}
     for e in range(episodes):
         if family == "memory":
-            ep = make_memory_episode(seed + e, frames, context_frames=context_frames, min_hidden=MEMORY_MIN_HIDDEN)
+            ep = make_memory_episode(seed + e, frames, context_frames=context_frames, min_hidden=min_hidden)
         else:
             ep = make_episode(seed + e, frames)
         ctx = toy_context([ep.prompt], enc, cfg)
@@ -217,7 +218,7 @@ def evaluate(
             save_video(target, video)
             enc_secs[name] += time.perf_counter() - t0
             results[name].kv_bytes = kv
-            per_episode[name].append(quality(video, ref, ep, context_frames))
+            per_episode[name].append(quality(video, ref, ep, context_frames, min_hidden))
             if e == 0:
                 examples[name] = video
         log(f"  episode {e + 1}/{episodes}: {ep.prompt!r}")
@@ -231,6 +232,8 @@ def evaluate(
         r.ci = {k: M.mean_ci([m[k] for m in per_episode[name]])[1:] for k in GT_KEYS}
     report = _report(results, profiles, frames, episodes, context_frames)
     report["family"] = family
+    report["min_hidden"] = min_hidden
+    report["window"] = int(window if window is not None else sc.local_attn_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     (out_dir / "eval.md").write_text(_markdown(report))
@@ -304,7 +307,8 @@ def _markdown(report) -> str:
         "",
         f"Ground-truth metrics, mean [95 % bootstrap CI over {n} episode(s)] (track_H = position error over the "
         "first H generated frames; reappear = the first 3 fully visible frames after a sprite was hidden "
-        f">= {MEMORY_MIN_HIDDEN} frames):",
+        f">= {report.get('min_hidden', MEMORY_MIN_HIDDEN)} frames; `window` keeps "
+        f"{report.get('window', 'n/a')} frames):",
         "",
         "| policy | " + " | ".join(GT_KEYS) + " |",
         "|---" * (len(GT_KEYS) + 1) + "|",

@@ -65,21 +65,51 @@ def position_error(frames: np.ndarray, ep: Episode, start: int = 0, stop: int | 
 
 
 def classify_shape(mask: np.ndarray, cfg: WorldConfig = WorldConfig()) -> str | None:
-    """The shape whose rendering (the world's own anti-aliased coverage > 0.5, centred on the blob's centroid,
-    best of a few sub-pixel offsets) overlaps a blob mask [H, W] best (IoU)."""
+    """The shape whose rendering (the world's own anti-aliased coverage > 0.5) overlaps a blob mask [H, W] best
+    (IoU). Each template is placed so that its centroid falls on the blob's (a triangle's centroid is not its
+    centre), then tried at a few sub-pixel offsets."""
     if mask.sum() < 4 or mask.shape != (cfg.size, cfg.size):
         return None
     yy, xx = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]] + 0.5
     cx, cy = (mask * xx).sum() / mask.sum(), (mask * yy).sum() / mask.sum()
     best, best_iou = None, -1.0
     for s in SHAPES:
+        cov = coverage(s, cx, cy, cfg)
+        w = cov.sum()
+        x0 = cx + (cx - (cov * xx).sum() / w) if w > 0 else cx  # shift the template's centroid onto the blob's
+        y0 = cy + (cy - (cov * yy).sum() / w) if w > 0 else cy
         for dx in (-0.5, 0.0, 0.5):
             for dy in (-0.5, 0.0, 0.5):
-                tmpl = coverage(s, cx + dx, cy + dy, cfg) > 0.5
+                tmpl = coverage(s, x0 + dx, y0 + dy, cfg) > 0.5
                 iou = (tmpl & mask).sum() / max((tmpl | mask).sum(), 1)
                 if iou > best_iou:
                     best, best_iou = s, iou
     return best
+
+
+def prompt_sprites(prompt: str) -> list[tuple[str, str]]:
+    """(colour, shape) pairs a prompt names, back to front: "a red circle and a blue square" ->
+    [("red", "circle"), ("blue", "square")]."""
+    from fkv_jax.toyworld.text import words
+
+    w = words(prompt)
+    return [(a, b) for a, b in zip(w, w[1:]) if a in COLOUR_NAMES and b in SHAPES]
+
+
+def shape_agreement(frames: np.ndarray, prompt: str, min_pixels: int = 12) -> tuple[int, int]:
+    """(agreeing, judged): over frames [T, 3, H, W] and the prompt's sprites, the (frame, sprite) pairs whose
+    colour forms a blob of >= ``min_pixels`` pixels clear of the left and right edges (a sprite cut by the
+    wrap-around is not judged) and whose :func:`classify_shape` is the prompted shape. Needs no ground truth,
+    so it applies to videos drawn from text alone; on the simulator's own frames it measures the classifier."""
+    lab = palette_labels(frames)  # [T, H, W]
+    agree = judged = 0
+    for colour, shape in prompt_sprites(prompt):
+        m = lab == 2 + COLOUR_NAMES.index(colour)  # [T, H, W]
+        for t in range(len(frames)):
+            if m[t].sum() >= min_pixels and not (m[t, :, 0].any() or m[t, :, -1].any()):
+                judged += 1
+                agree += classify_shape(m[t]) == shape
+    return agree, judged
 
 
 def prompt_alignment(frames: np.ndarray, ep: Episode, start: int = 0) -> dict:
