@@ -201,9 +201,11 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
     logs = [__import__("json").loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in logs] == [6, 12]
     assert logs[-1]["eval_loss"] < logs[0]["eval_loss"] and full["train_loss"] < 1.5
+    assert 0 < logs[0]["cpu_seconds"] < logs[1]["cpu_seconds"] <= full["cpu_seconds"]  # the budget is CPU time
     # interrupted after 6 steps, then resumed: the same parameters as the uninterrupted run
     train(tc, tmp_path / "b", progress=False, cfg=TINY, stop_after=6)
-    train(tc, tmp_path / "b", progress=False, cfg=TINY, resume=True)
+    resumed = train(tc, tmp_path / "b", progress=False, cfg=TINY, resume=True)
+    assert resumed["cpu_seconds"] > logs[0]["cpu_seconds"] * 0.5  # both stints counted
     (sa, pa), (sb, pb) = (load_run_params(tmp_path / d, which="params", cfg=TINY) for d in "ab")
     assert sa == sb == 12
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), pa, pb)
@@ -212,9 +214,12 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
     # the export: EMA weights stored as float16, loaded back as float32, with what the model predicts
     from fkv_jax.toyworld.model import load_params, weights_prediction
 
+    from fkv_jax.toyworld.model import toy_sampler_config
+
     cfg_w, tree = load_params(tmp_path / "w")
     _, ema = load_run_params(tmp_path / "a", cfg=TINY)
     assert cfg_w == TINY and weights_prediction(tmp_path / "w") == "x0"
+    assert toy_sampler_config(tmp_path / "w").local_attn_size == 6  # the rolling window is the training clip
     for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(tree), strict=True):
         assert y.dtype == np.float32 and y.shape == x.shape
         np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-4)

@@ -23,7 +23,13 @@ from fkv_jax.model.transformer import CausalWanModel
 from fkv_jax.sampling.noise import batch_noise
 from fkv_jax.sampling.rollout import Sampler, rollout
 from fkv_jax.toyworld.text import ToyTextEncoder, tokenize
-from fkv_jax.toyworld.weights import WEIGHTS_DIR, _abstract_text_encoder, load_params, weights_prediction
+from fkv_jax.toyworld.weights import (
+    WEIGHTS_DIR,
+    _abstract_text_encoder,
+    load_params,
+    weights_prediction,
+    weights_train_frames,
+)
 
 TOY_DIR = Path(__file__).resolve().parent
 
@@ -38,19 +44,24 @@ __all__ = [
     "toy_context",
     "toy_sampler_config",
     "weights_prediction",
+    "weights_train_frames",
 ]
 
 
 def toy_sampler_config(weights: str | Path | None = None, **overrides) -> SamplerConfig:
     """The toy model's default sampler (the ``toy`` sampler preset), with optional overrides.
 
-    ``prediction`` (what the model outputs, x0 or flow) comes from the weights' ``config.json`` (the
-    training config it was trained with), the shipped weights by default.
+    ``prediction`` (what the model outputs, x0 or flow) and the rolling window ``local_attn_size`` (the
+    training clip length, so every attention distance is one training saw) come from the weights'
+    ``config.json`` (the training config it was trained with), the shipped weights by default.
     """
     sc = sampler_preset("toy")
     pred = weights_prediction(weights)
     if pred is not None:
         sc = dataclasses.replace(sc, prediction=pred)
+    clip = weights_train_frames(weights)
+    if clip is not None and clip >= sc.frames_per_block:
+        sc = dataclasses.replace(sc, local_attn_size=clip)
     return dataclasses.replace(sc, **overrides) if overrides else sc
 
 

@@ -323,7 +323,7 @@ def train(
     state = {"params": params, "ema": jax.tree.map(jnp.copy, params), "opt": tx.init(params), "step": jnp.int32(0)}
     mgr = ocp.CheckpointManager(out / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     log_path = out / "log.jsonl"
-    wall_before = 0.0
+    wall_before = cpu_before = 0.0
     latest = mgr.latest_step()
     if latest is not None and not resume:
         raise SystemExit(f"{out} already has checkpoints (step {latest}); pass --resume or another --out")
@@ -339,6 +339,7 @@ def train(
                 f"--resume with a different training config: saved {saved_tc}, now {dataclasses.asdict(tc)}"
             )
         wall_before = float(r.meta["wall_seconds"])
+        cpu_before = float(r.meta.get("cpu_seconds", 0.0))
         if log_path.exists():  # drop log lines written after the checkpoint
             lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= latest]
             log_path.write_text("".join(ln + "\n" for ln in lines))
@@ -346,12 +347,10 @@ def train(
     ev_frames, ev_ids, ev_idx = eval_batch(tc, cfg)
 
     def save(step, wall):
+        meta = {"train": dataclasses.asdict(tc), "model": cfg.to_dict(), "wall_seconds": wall, "cpu_seconds": cpu()}
         mgr.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave({"train": dataclasses.asdict(tc), "model": cfg.to_dict(), "wall_seconds": wall}),
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             force=True,
         )
 
@@ -367,6 +366,11 @@ def train(
         mininterval=2.0,
     )
     t0 = time.perf_counter()
+    c0 = time.process_time()
+
+    def cpu():  # CPU seconds of this run (all threads, every stint of a resumed run)
+        return cpu_before + time.process_time() - c0
+
     window: list[float] = []
     last = {}
     with open(log_path, "a") as log:
@@ -384,6 +388,7 @@ def train(
                     "eval_loss": float(eval_loss(state["params"], ev_frames, ev_ids, ev_idx)),
                     "eval_loss_ema": float(eval_loss(state["ema"], ev_frames, ev_ids, ev_idx)),
                     "wall_seconds": wall_before + time.perf_counter() - t0,
+                    "cpu_seconds": cpu(),
                 }
                 log.write(json.dumps(last) + "\n")
                 log.flush()
@@ -399,7 +404,8 @@ def train(
     summary = {
         "steps": int(state["step"]),
         "wall_seconds": wall,
-        **{k: v for k, v in last.items() if k != "wall_seconds"},
+        "cpu_seconds": cpu(),
+        **{k: v for k, v in last.items() if k not in ("wall_seconds", "cpu_seconds")},
     }
     if export is not None and int(state["step"]) == tc.steps:
         export_weights(export, state["ema"], cfg, tc, {"summary": summary})
@@ -422,6 +428,13 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
     p.add_argument(
+        "--history-noise",
+        type=float,
+        default=TrainConfig.history_noise,
+        help="max std of the Gaussian noise added to the clean history frames (drawn per clip), so the rollout "
+        "tolerates its own imperfect frames",
+    )
+    p.add_argument(
         "--prediction",
         choices=("x0", "flow"),
         default=TrainConfig.prediction,
@@ -438,6 +451,7 @@ def main(argv=None):
         frames=a.frames,
         lr=a.lr,
         warmup=a.warmup,
+        history_noise=a.history_noise,
         prediction=a.prediction,
         init=str(Path(a.init).resolve()) if a.init else "",
     )

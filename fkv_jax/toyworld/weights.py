@@ -55,6 +55,15 @@ def weights_prediction(weights: str | Path | None = None) -> str | None:
     return json.loads(meta_file.read_text()).get("train", {}).get("prediction", "flow")
 
 
+def weights_train_frames(weights: str | Path | None = None) -> int | None:
+    """Frames per training clip of a toy weights directory (``train.frames`` in its config.json; None: unknown)."""
+    meta_file = Path(weights if weights is not None else WEIGHTS_DIR) / "config.json"
+    if not meta_file.is_file():
+        return None
+    frames = json.loads(meta_file.read_text()).get("train", {}).get("frames")
+    return int(frames) if frames else None
+
+
 def load_params(path: str | Path | None = None) -> tuple[ModelConfig, dict]:
     """(config, {"model": pure dict, "text": pure dict}) from an exported weights directory."""
     path = Path(path) if path is not None else WEIGHTS_DIR
