@@ -74,11 +74,13 @@ def test_backends_registered():
     assert {"xla", "pallas_tpu", "mosaic_gpu", "triton", "auto"} <= set(BACKENDS)
 
 
-def test_auto_on_cpu_is_the_reference():
+def test_auto_on_cpu_takes_cpu_ffi_or_the_reference():
+    from fkv_jax.kernels.cpu_ffi import unavailable_reason
+
     args, sel = random_problem(np.random.default_rng(1), b=1, c=2, t=4, h=2, d=8, n=3, k=2, qf=2, m=3)
-    assert choose_backend(args[0], args[3], sel) == "xla"
+    assert choose_backend(args[0], args[3], sel) == ("xla" if unavailable_reason() else "cpu_ffi")
     out = jax.jit(lambda *a: attend(*a, backend="auto"))(*args, sel)
-    assert relative_error(out, REF(*args, sel)) == 0.0
+    assert relative_error(out, REF(*args, sel)) <= 1e-5
 
 
 def test_auto_on_tpu_takes_the_kernel_when_the_layout_allows():

@@ -21,10 +21,15 @@ Platform rules (``platform`` / ``device_kind`` / ``compute_capability`` default 
               dtype; D % 64 == 0, T >= 64 and Tq >= 64 (one 64-row WGMMA tile).
 ``triton``    a CUDA or ROCm GPU with ``jax_triton`` importable; bf16, f16 or f32 q, any float cache
               (cast per tile in the kernel); D a power of two >= 16.
+``cpu_ffi``   an x86-64 CPU (AVX2 + FMA) with the C++ kernel that ``pip install -e .`` compiles
+              (``fkv_jax/kernels/_cpu_attention*.so``, :mod:`fkv_jax.kernels.cpu_ffi`, called through
+              ``jax.ffi``); float32 q, cache, chunk and memory tokens; D % 8 == 0. A missing or unloadable
+              library is one BackendError naming why.
 ``auto``      TPU -> ``pallas_tpu``; Hopper -> ``mosaic_gpu``; other CUDA/ROCm GPUs -> ``triton`` when
               jax_triton imports; otherwise, or when the chosen kernel cannot take the call (its dtype or
               shape rules above), the next in this order that can: mosaic_gpu -> triton -> xla,
-              pallas_tpu -> xla. CPU -> ``xla``.
+              pallas_tpu -> xla. CPU -> ``cpu_ffi`` when its library loads and the call is float32 with
+              D % 8 == 0, else ``xla``.
 ============  ==========================================================================================
 
 Interpreters on CPU: ``triton``, ``mosaic_gpu`` and ``pallas_tpu`` named explicitly on a CPU are refused
@@ -32,7 +37,7 @@ unless interpretation is asked for, with ``interpret=True`` or the environment v
 They then run in their interpreters (Triton's interpreter through ``jax.pure_callback``; Pallas'
 Mosaic GPU / TPU interpreters), slowly, for checking a model without the hardware; the shape rules of the
 real target still apply, except pallas_tpu's (8, 128) block rules, which only the TPU compiler enforces.
-``auto`` on a CPU always resolves to ``xla``.
+``auto`` on a CPU resolves to ``cpu_ffi`` or ``xla``, never to an interpreter.
 
 Nothing is registered at run time: a custom or wrapped attention (e.g. :func:`fkv_jax.parallel.attention.sharded`)
 is passed as a value, ``Sampler(attention=fn)``.
@@ -55,6 +60,7 @@ BACKEND_TABLE: dict[str, str] = {
     "mosaic_gpu": "fkv_jax.kernels.mosaic_gpu:mosaic_gpu_attention",
     "triton": "fkv_jax.kernels.triton_jax:triton_attention",
     "auto": "fkv_jax.attention.backends:auto_attention",
+    "cpu_ffi": "fkv_jax.kernels.cpu_ffi:cpu_ffi_attention",
 }
 
 INTERPRET_ENV = "FKV_INTERPRET"
@@ -186,6 +192,11 @@ def mosaic_gpu_available() -> bool:
     return _module_available("jax_cuda12_plugin") or _module_available("jax_cuda13_plugin")
 
 
+def cpu_ffi_unavailable() -> str | None:
+    """Why the compiled CPU kernel of ``cpu_ffi`` cannot run here (None when it can); loads it on first call."""
+    return _load("fkv_jax.kernels.cpu_ffi:unavailable_reason")()
+
+
 def _triton_interpreter_available() -> bool:
     return _module_available("triton") and _module_available("torch")
 
@@ -253,6 +264,12 @@ def _shape_problem(name: str, p: Problem, t: Target, interpret: bool) -> str | N
         if p.head_dim < 16 or p.head_dim & (p.head_dim - 1):
             return f"head_dim={p.head_dim} (needs a power of two >= 16)"
         return None
+    if name == "cpu_ffi":
+        if p.dtype != "float32" or p.cache_dtype != "float32":
+            return f"dtype {p.dtype} with cache {p.cache_dtype} (allowed: float32 with a float32 cache)"
+        if p.head_dim % 8:
+            return f"head_dim={p.head_dim} (needs head_dim % 8 == 0)"
+        return None
     return None
 
 
@@ -290,6 +307,10 @@ def _platform_problem(name: str, t: Target, interpret: bool) -> str | None:
         if not jax_triton_available():
             return "needs jax_triton (pip install jax-triton, with jaxlib's CUDA plugin), which does not import"
         return None
+    if name == "cpu_ffi":
+        if t.platform != "cpu":
+            return f"needs a CPU (it is an XLA:CPU custom call), this platform is {t.platform}"
+        return cpu_ffi_unavailable()
     return None
 
 
@@ -301,6 +322,8 @@ def choose(t: Target, p: Problem) -> str:
         order = (["mosaic_gpu"] if is_hopper(t) else []) + ["triton"]
     elif t.platform == "rocm":
         order = ["triton"]
+    elif t.platform == "cpu":
+        order = ["cpu_ffi"]  # measured faster than xla on CPU (docs/cpu_kernel.md); xla when it cannot run
     else:
         order = []
     for name in order:
@@ -384,10 +407,38 @@ def problem_of(q, k_cache, sel) -> dict:
     )
 
 
-def auto_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel):
-    """Selection attention on the backend ``auto`` resolves to for this call's shapes (at trace time)."""
+def _reads_stacked_cache(fn: Callable) -> bool:
+    while fn is not None:
+        if getattr(fn, "reads_stacked_cache", False):
+            return True
+        fn = getattr(fn, "func", None)
+    return False
+
+
+def auto_attention(q, k_chunk, v_chunk, k_cache, v_cache, sel, layer=None):
+    """Selection attention on the backend ``auto`` resolves to for this call's shapes (at trace time).
+
+    Like the kernels, it takes the layer-stacked cache ``[L, B, H, N, T, D]`` with ``layer`` (what the sampler
+    passes): a backend that reads the stacked cache in place gets it whole, the others ``cache[layer]``."""
+    if k_cache.ndim == 6:
+        if layer is None:
+            raise ValueError(f"a layer-stacked cache {k_cache.shape} ([L, B, H, N, T, D]) needs layer=")
+        import jax
+
+        view = jax.ShapeDtypeStruct(k_cache.shape[1:], k_cache.dtype)
+        _, fn = resolve_backend("auto", **problem_of(q, view, sel))
+        if _reads_stacked_cache(fn):
+            return fn(q, k_chunk, v_chunk, k_cache, v_cache, sel, layer=layer)
+        k_cache = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)
+        v_cache = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False)
+        return fn(q, k_chunk, v_chunk, k_cache, v_cache, sel)
+    if layer is not None:
+        raise ValueError(f"layer= goes with a layer-stacked cache [L, B, H, N, T, D], got {k_cache.shape}")
     _, fn = resolve_backend("auto", **problem_of(q, k_cache, sel))
     return fn(q, k_chunk, v_chunk, k_cache, v_cache, sel)
+
+
+auto_attention.reads_stacked_cache = True  # the sampler hands it [L, B, H, N, T, D] + layer=
 
 
 class _Backends(Mapping):
@@ -422,6 +473,7 @@ __all__ = [
     "Target",
     "auto_attention",
     "choose",
+    "cpu_ffi_unavailable",
     "current_target",
     "get_backend",
     "interpret_requested",

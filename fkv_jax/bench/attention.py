@@ -17,10 +17,11 @@ keys would cost if they were dense.
 ``--cpu-roofline`` times the xla backend at the "mini" shapes of the upstream comparison (1,170 queries = 3
 frames x 390 tokens, 8 heads x 64, float32; 0 / 9 / 18 cached frames = 1,170 / 4,680 / 8,190 keys) through
 both entry points (``chunk_attention`` with a slot mask; ``selection_attention``, i.e. ``attend(xla)``, with a
-Selection of one group or of one group per query frame), next to torch's fused CPU SDPA over the same keys
-when torch imports and a float32 matmul (the mini model's 4680x512x2048 MLP matmul), all interleaved in one
-process (median of ``--iters`` rounds), and reports the attention's FLOP/s (4 * queries * keys * D per head)
-against that matmul's.
+Selection of one group or of one group per query frame), and the ``cpu_ffi`` C++ kernel (when it is built)
+with the same two Selections, next to torch's fused CPU SDPA over the same keys when torch imports and a
+float32 matmul (the mini model's 4680x512x2048 MLP matmul), all interleaved in one process (median of
+``--iters`` rounds, wall and process CPU time), and reports each backend's FLOP/s (4 * queries * keys * D
+per head) against that matmul's.
 
 Nothing in this repository was measured on an accelerator; the numbers are for users who have one.
 """
@@ -221,13 +222,26 @@ def cpu_roofline(rounds: int, geometry: dict = MINI, caches=MINI_CACHES) -> list
         f"geometry: {sq} queries ({c} frames x {t} tokens), {h} heads x {d}; torch "
         f"{torch.__version__ + f' ({torch.get_num_threads()} threads)' if torch else 'not importable: no SDPA column'}"
     )
+    ffi_why = _cpu_ffi_problem(d, t)
+    if ffi_why:
+        print(f"cpu_ffi: not measured ({ffi_why})")
+    else:
+        from fkv_jax.kernels import cpu_ffi
+
+        print(f"cpu_ffi: {cpu_ffi.library_path().name} ({cpu_ffi.compiled_isa()})")
     rng = np.random.default_rng(0)
     rows = []
-    head = (
-        f"{'keys':>5} | {'torch SDPA':>10} | {'chunk_attention':>15} | {'attend Qf=1':>11} | {'attend Qf=3':>11} | "
-        f"{'best GFLOP/s':>12} | {'matmul GFLOP/s':>14} | {'% matmul wall/CPU':>17} | {'best/SDPA wall/CPU':>12}"
-    )
-    print(head)
+    names = {
+        "torch": "torch SDPA",
+        "chunk": "chunk_attention",
+        "sel1": "attend Qf=1",
+        "sel3": "attend Qf=3",
+        "ffi1": "cpu_ffi Qf=1",
+        "ffi3": "cpu_ffi Qf=3",
+        "matmul": "matmul",
+    }
+    head = " | ".join(f"{v:>15}" for v in names.values())
+    print(f"wall ms / CPU ms (median):\n{'keys':>5} | {head}")
     for used, n in caches:
 
         def rand(*shape):
@@ -247,15 +261,19 @@ def cpu_roofline(rounds: int, geometry: dict = MINI, caches=MINI_CACHES) -> list
             "sel1": lambda: jax.block_until_ready(f_sel(q, kc, vc, kn, vn, sel1)),
             "sel3": lambda: jax.block_until_ready(f_sel(q, kc, vc, kn, vn, sel3)),
         }
-        ref = np.asarray(dense_attention_np(q, kc, vc, kn, vn, used))
-        errs = {
-            name: rel_err(fn_out, ref)
-            for name, fn_out in (
-                ("chunk", f_chunk(q, kc, vc, kn, vn, slot_mask)),
-                ("sel1", f_sel(q, kc, vc, kn, vn, sel1)),
-                ("sel3", f_sel(q, kc, vc, kn, vn, sel3)),
-            )
+        outs = {
+            "chunk": f_chunk(q, kc, vc, kn, vn, slot_mask),
+            "sel1": f_sel(q, kc, vc, kn, vn, sel1),
+            "sel3": f_sel(q, kc, vc, kn, vn, sel3),
         }
+        if not ffi_why:
+            f_ffi = jax.jit(get_backend("cpu_ffi"))
+            cases["ffi1"] = lambda: jax.block_until_ready(f_ffi(q, kc, vc, kn, vn, sel1))
+            cases["ffi3"] = lambda: jax.block_until_ready(f_ffi(q, kc, vc, kn, vn, sel3))
+            outs["ffi1"] = f_ffi(q, kc, vc, kn, vn, sel1)
+            outs["ffi3"] = f_ffi(q, kc, vc, kn, vn, sel3)
+        ref = np.asarray(dense_attention_np(q, kc, vc, kn, vn, used))
+        errs = {name: rel_err(out, ref) for name, out in outs.items()}
         if torch is not None:
             tq = torch.from_numpy(np.array(q)).transpose(1, 2).contiguous()
             tk = torch.from_numpy(
@@ -276,29 +294,50 @@ def cpu_roofline(rounds: int, geometry: dict = MINI, caches=MINI_CACHES) -> list
         cpu = {k: c_ for k, (_, c_) in res.items()}
         keys = (used + c) * t
         flops = 4.0 * sq * keys * d * h
-        best = min(("chunk", "sel1", "sel3"), key=lambda k: sec[k])
-        best_cpu = min(("chunk", "sel1", "sel3"), key=lambda k: cpu[k])
         peak = mm_flops / sec["matmul"]
+        peak_cpu = mm_flops / cpu["matmul"]
         row = dict(
             keys=keys,
             **{f"{k}_ms": v * 1e3 for k, v in sec.items()},
             **{f"{k}_cpu_ms": v * 1e3 for k, v in cpu.items()},
-            best_gflops=flops / sec[best] / 1e9,
             matmul_gflops=peak / 1e9,
-            frac_matmul=flops / sec[best] / peak,
-            frac_matmul_cpu=(flops / cpu[best_cpu]) / (mm_flops / cpu["matmul"]),
             errs=errs,
         )
-        row["vs_torch"] = sec[best] / sec["torch"] if "torch" in sec else None
-        row["vs_torch_cpu"] = cpu[best_cpu] / cpu["torch"] if "torch" in cpu else None
+        groups = {"xla": ("chunk", "sel1", "sel3"), "cpu_ffi": ("ffi1", "ffi3")}
+        for label, group in groups.items():
+            group = [k for k in group if k in sec]
+            if not group:
+                continue
+            best = min(group, key=lambda k: sec[k])
+            best_cpu = min(group, key=lambda k: cpu[k])
+            row[label] = dict(
+                gflops=flops / sec[best] / 1e9,
+                frac_matmul=flops / sec[best] / peak,
+                frac_matmul_cpu=(flops / cpu[best_cpu]) / peak_cpu,
+                vs_torch=sec[best] / sec["torch"] if "torch" in sec else None,
+                vs_torch_cpu=cpu[best_cpu] / cpu["torch"] if "torch" in cpu else None,
+            )
+        # the fields of earlier versions: the best xla entry point
+        row.update({k: row["xla"][k] for k in ("frac_matmul", "frac_matmul_cpu", "vs_torch", "vs_torch_cpu")})
+        row["best_gflops"] = row["xla"]["gflops"]
         rows.append(row)
-        tcol = f"{sec['torch'] * 1e3:8.1f}ms" if "torch" in sec else f"{'n/a':>10}"
-        vs = f"{row['vs_torch']:5.2f} / {row['vs_torch_cpu']:4.2f}" if row["vs_torch"] else f"{'n/a':>12}"
-        print(
-            f"{keys:>5} | {tcol} | {sec['chunk'] * 1e3:13.1f}ms | {sec['sel1'] * 1e3:9.1f}ms | "
-            f"{sec['sel3'] * 1e3:9.1f}ms | {row['best_gflops']:12.1f} | {row['matmul_gflops']:14.1f} | "
-            f"{100 * row['frac_matmul']:5.1f}% / {100 * row['frac_matmul_cpu']:5.1f}% | {vs}"
-        )
+        cells = " | ".join(f"{sec[k] * 1e3:6.1f} / {cpu[k] * 1e3:6.1f}" if k in sec else f"{'n/a':>15}" for k in names)
+        print(f"{keys:>5} | {cells}")
+    print(
+        "per backend, its best entry point (FLOP/s vs the matmul's in the same rounds; time vs torch SDPA's):\n"
+        f"{'keys':>5} | {'backend':<8} | {'best GFLOP/s':>12} | {'matmul GFLOP/s':>14} | {'% matmul wall/CPU':>17} | "
+        f"{'best/SDPA wall/CPU':>18}"
+    )
+    for r in rows:
+        for label in ("xla", "cpu_ffi"):
+            if label not in r:
+                continue
+            x = r[label]
+            vs = f"{x['vs_torch']:5.2f} / {x['vs_torch_cpu']:4.2f}" if x["vs_torch"] is not None else "n/a"
+            print(
+                f"{r['keys']:>5} | {label:<8} | {x['gflops']:12.1f} | {r['matmul_gflops']:14.1f} | "
+                f"{100 * x['frac_matmul']:5.1f}% / {100 * x['frac_matmul_cpu']:5.1f}% | {vs:>18}"
+            )
     print(
         "relative errors vs a float64 softmax: "
         + "; ".join(f"{r['keys']} keys: " + ", ".join(f"{k} {v:.1e}" for k, v in r["errs"].items()) for r in rows)
@@ -310,6 +349,19 @@ def cpu_roofline(rounds: int, geometry: dict = MINI, caches=MINI_CACHES) -> list
         f"end {os.getloadavg()[0]:.1f}"
     )
     return rows
+
+
+def _cpu_ffi_problem(head_dim: int, tokens_per_frame: int) -> str | None:
+    """Why the cpu_ffi backend cannot be measured here (None when it can)."""
+    from fkv_jax.attention.backends import BackendError, resolve_backend
+
+    try:
+        resolve_backend(
+            "cpu_ffi", platform="cpu", dtype=jnp.float32, head_dim=head_dim, tokens_per_frame=tokens_per_frame
+        )
+    except BackendError as e:
+        return str(e)
+    return None
 
 
 def dense_attention_np(q, kc, vc, kn, vn, used: int) -> np.ndarray:
