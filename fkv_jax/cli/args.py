@@ -11,8 +11,9 @@ from pathlib import Path
 
 DTYPE_CHOICES = ("float32", "bfloat16")
 BACKEND_HELP = (
-    "attention backend: xla (reference, everywhere), auto (picks by platform), pallas_tpu (TPU), "
-    "mosaic_gpu (Hopper GPU), triton (CUDA/ROCm GPU with jax-triton) (default: xla)"
+    "attention backend: xla (reference, everywhere), auto (picks by platform), cpu_ffi (CPU: the C++ kernel "
+    "built by pip install, about 2x xla's attention speed), pallas_tpu (TPU), mosaic_gpu (Hopper GPU), triton "
+    "(CUDA/ROCm GPU with jax-triton) (default: xla)"
 )
 
 

@@ -1,6 +1,7 @@
 """``backend="auto"``: kept for callers of ``choose_backend``; the rules live in
 :mod:`fkv_jax.attention.backends` (TPU -> pallas_tpu, Hopper -> mosaic_gpu, other CUDA/ROCm GPUs -> triton
-when jax_triton imports, else xla; a call the chosen kernel cannot take falls back)."""
+when jax_triton imports, else xla; CPU -> cpu_ffi when its library is built, else xla; a call the chosen
+kernel cannot take falls back)."""
 
 from __future__ import annotations
 
