@@ -1,6 +1,9 @@
 """Focused Forcing against the authors' code's run (tests/data/policies/focused_forcing_tiny*)."""
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -75,6 +78,30 @@ def test_no_pruning_matches_and_equals_window_without_rerotation(ff):
     _, c = run(ff, SinkWindow(local_attn_size=21, sink_size=15))
     assert rel_err(c, ref["latents_self_forcing"]) <= 1e-4
     assert rel_err(b, c) <= 1e-5
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _BlindFocusedForcing(FocusedForcing):
+    """Focused Forcing whose calls see a cache of NaNs: what select reads from the cache would show."""
+
+    def select(self, call):
+        nan = jnp.full_like(call.cache_k, jnp.nan)
+        return super().select(dataclasses.replace(call, cache_k=nan, cache_v=nan))
+
+
+@pytest.mark.slow
+def test_calls_do_not_reread_the_cache_history(ff):
+    """The history's pooled keys are computed once per chunk (on_chunk_start), not by every call: a select
+    that sees a NaN cache picks the same frames with the same scores."""
+    kw = dict(importance=load_importance(P / "focused_forcing_dm_loss.json", 4, 2), pooled_tokens=2)
+    a, b = [], []
+    _, lat_a = run(ff, FocusedForcing(**kw), a)
+    _, lat_b = run(ff, _BlindFocusedForcing(**kw), b)
+    for chunk in range(6, 11):
+        np.testing.assert_array_equal(a[chunk].select_aux["selected"], b[chunk].select_aux["selected"])
+        np.testing.assert_array_equal(a[chunk].select_aux["attn_z"], b[chunk].select_aux["attn_z"])
+    assert np.isfinite(lat_b).all()
+    np.testing.assert_array_equal(lat_a, lat_b)
 
 
 def test_bad_options():

@@ -31,7 +31,7 @@ import numpy as np
 from fkv_jax.attention.selection import Selection, pack_mask
 from fkv_jax.policies.base import Call, Policy, dense_selection
 from fkv_jax.policies.retain import window_geometry
-from fkv_jax.policies.scores import key_diversity, pooled_attention_z, zscore_std
+from fkv_jax.policies.scores import attention_z, key_diversity, pooled_attention_z, pooled_keys, zscore_std
 from fkv_jax.model.rope import shift_temporal
 from fkv_jax.policies.budgets import importance_budgets
 
@@ -100,10 +100,18 @@ class FocusedForcing(Policy):
     # ---- state ------------------------------------------------------------------------------------
     def init_state(self, geom):
         hist = self.local_attn_size - geom.frames_per_block
+        lbh = (geom.num_layers, geom.batch, geom.num_heads)
         return {
-            "layers": {"div_z": jnp.zeros((geom.num_layers, geom.batch, geom.num_heads, hist), jnp.float32)},
+            "layers": {
+                "div_z": jnp.zeros((*lbh, hist), jnp.float32),
+                # the history frames' pooled keys (scores.pooled_keys), computed once per chunk: the history
+                # does not change within a chunk, so no call re-reads the cache to score it
+                "k_bar": jnp.zeros((*lbh, hist, geom.head_dim), jnp.float32),
+            },
             "hist_slots": jnp.zeros((hist,), jnp.int32),  # history slots in frame order (once the window is full)
             "sink_pos": jnp.zeros((), jnp.int32),  # RoPE position of the first sink key
+            # a size, not data: its length is the number of pooling groups, which on_chunk_start needs
+            "pool_groups": jnp.zeros((self._groups(geom),), jnp.int8),
         }
 
     def _active(self, start_frame, c):
@@ -123,8 +131,10 @@ class FocusedForcing(Policy):
         keys = cache["k"][:, :, :, order]  # [L, B, H, hist, T, D]
         div = jax.vmap(jax.vmap(lambda k: key_diversity(k.astype(jnp.float32), jnp.ones((hist,), bool))))(keys)
         div_z = zscore_std(div, axis=-1)  # [L, B, H, hist]
+        k_bar = pooled_keys(keys, state["pool_groups"].shape[0], self.pool_alpha)  # [L, B, H, hist, D]
         active = self._active(start_frame, c)
-        state = dict(state, hist_slots=order, layers={"div_z": jnp.where(active, div_z, state["layers"]["div_z"])})
+        layers = {"div_z": jnp.where(active, div_z, state["layers"]["div_z"]), "k_bar": k_bar}
+        state = dict(state, hist_slots=order, layers=layers)
         return state, cache
 
     # ---- every call -------------------------------------------------------------------------------
@@ -139,8 +149,8 @@ class FocusedForcing(Policy):
         extra = jnp.clip(budgets - (c + 1), 0, hist - 1)  # [H]
         k_extra = int(np.clip(self.budgets(geom.num_layers, geom.num_heads).max() - (c + 1), 0, hist - 1))
 
-        attn_z = pooled_attention_z(
-            call.q.reshape(b, c, t, h, d), call.cache_k[:, :, hist_slots], groups, self.pool_alpha
+        attn_z = attention_z(
+            call.q.reshape(b, c, t, h, d), call.layer_state["k_bar"], groups, self.pool_alpha
         )  # [B, C, H, hist]
         score = self.attn_weight * attn_z + (1 - self.attn_weight) * call.layer_state["div_z"][:, None]
         front = jnp.argmax(score[..., :FRONT], axis=-1)  # [B, C, H], first maximum on ties

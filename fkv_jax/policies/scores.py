@@ -60,6 +60,23 @@ def key_diversity(keys: jax.Array, valid: jax.Array, eps: float = 1e-6) -> jax.A
     return -cos.mean(-1)  # [H, N]
 
 
+def pooled_keys(keys: jax.Array, groups: int, alpha: float = 0.5) -> jax.Array:
+    """Each candidate frame's keys as Focused Forcing scores them: pooled in ``groups`` groups
+    (:func:`pool_tokens`) and averaged over the groups. keys: [..., N, T, D] -> [..., N, D] (float32)."""
+    return pool_tokens(keys.astype(jnp.float32), groups, alpha).mean(-2)
+
+
+def attention_z(q: jax.Array, k_bar: jax.Array, groups: int, alpha: float = 0.5) -> jax.Array:
+    """Focused Forcing's attention score from already pooled keys (:func:`pooled_keys`).
+
+    q: [B, C, T, H, D] queries by frame; k_bar: [B, H, N, D]. Returns [B, C, H, N].
+    """
+    d = q.shape[-1]
+    # the mean over group pairs of dot products is the dot product of the group means
+    q_bar = pool_tokens(jnp.moveaxis(q.astype(jnp.float32), 3, 2), groups, alpha).mean(-2)  # [B, C, H, D]
+    return zscore_rsqrt(jnp.einsum("bchd,bhnd->bchn", q_bar, k_bar) / jnp.sqrt(jnp.float32(d)), axis=-1)
+
+
 def pooled_attention_z(q: jax.Array, keys: jax.Array, groups: int, alpha: float = 0.5) -> jax.Array:
     """Focused Forcing's attention score: per query frame and head, the mean over pooled group pairs of
     pooled q . pooled k / sqrt(D) for every candidate frame, z-scored over the candidates.
@@ -67,8 +84,4 @@ def pooled_attention_z(q: jax.Array, keys: jax.Array, groups: int, alpha: float 
     q: [B, C, T, H, D] queries by frame; keys: [B, H, N, T, D] candidate frames (heads-first, as cached).
     Returns [B, C, H, N].
     """
-    d = q.shape[-1]
-    # the mean over group pairs of dot products is the dot product of the group means
-    q_bar = pool_tokens(jnp.moveaxis(q.astype(jnp.float32), 3, 2), groups, alpha).mean(-2)  # [B, C, H, D]
-    k_bar = pool_tokens(keys.astype(jnp.float32), groups, alpha).mean(-2)  # [B, H, N, D]
-    return zscore_rsqrt(jnp.einsum("bchd,bhnd->bchn", q_bar, k_bar) / jnp.sqrt(jnp.float32(d)), axis=-1)
+    return attention_z(q, pooled_keys(keys, groups, alpha), groups, alpha)
