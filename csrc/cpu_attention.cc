@@ -70,8 +70,14 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   p.out = out->typed_data();
   p.tq = p.Sq / p.Qf;
   if (p.tq == 0 || p.B == 0 || p.H == 0) return ffi::Error::Success();  // nothing to compute
-  // q_tile is the largest tile: the group's queries are split into equal tiles of at most that size
-  const int64_t ntiles = (p.tq + q_tile - 1) / q_tile;
+  int64_t workers = threads > 0 ? threads : std::max<int64_t>(1, pool.num_threads());
+  // q_tile is the largest tile: the group's queries are split into equal tiles of at most that size. When
+  // there are few (batch, group, head) units for the workers, the queries are split further (tiles of at
+  // least 96 rows), so that per-head key lists of different lengths (Focused Forcing's budgets) still
+  // spread evenly over the workers.
+  int64_t ntiles = (p.tq + q_tile - 1) / q_tile;
+  const int64_t units = p.B * p.Qf * p.H;
+  while (units * ntiles < 4 * workers && (p.tq + ntiles) / (ntiles + 1) >= 96) ++ntiles;
   p.bq = std::min<int64_t>(q_tile, ((p.tq + ntiles - 1) / ntiles + 15) / 16 * 16);
   p.bk = k_tile;
   p.nqt = (p.tq + p.bq - 1) / p.bq;
@@ -80,7 +86,6 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 
   auto shared = std::make_shared<Shared>();
   shared->p = p;
-  int64_t workers = threads > 0 ? threads : std::max<int64_t>(1, pool.num_threads());
   workers = std::min(workers, p.tasks);
   for (int64_t w = 1; w < workers; ++w)
     pool.Schedule([shared]() { fkv::run_range(shared->p, shared->next, shared->done); });

@@ -68,6 +68,7 @@ CASES = [  # (b, c, t, h, d, n, k, qf, m, chunk_mask)
     (2, 2, 33, 2, 64, 7, 5, 2, 5, True),  # memory tokens (one head with none valid), a partial query tile
     (1, 3, 40, 2, 40, 4, 4, 1, 0, True),  # D = 40
     (1, 1, 150, 1, 128, 3, 3, 1, 0, False),  # several query and key tiles, D = 128
+    (1, 3, 200, 2, 32, 5, 4, 3, 0, True),  # 6 (group, head) units: with 2+ workers, split to 112 + 88 rows
 ]
 
 
