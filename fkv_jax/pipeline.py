@@ -226,7 +226,7 @@ class TextToVideo:
         batch_size: int = 1,
         cache_frames: int | None = None,
         policy=None,
-        attention_backend: str = "xla",
+        attention_backend: str = "auto",
         global_sink: bool = True,
         fps: float = 16,
         progress: bool = True,

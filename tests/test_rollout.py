@@ -400,7 +400,7 @@ def test_attention_is_a_value_and_names_are_checked_at_construction(tiny_model, 
         calls.append(1)
         return selection_attention(*args)
 
-    base = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=3).generate(
+    base = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=3, attention_backend="xla").generate(
         params, ref["context"], noise, progress=False
     )
     mine = Sampler(graphdef, tiny_cfg, sc, batch=1, latent_hw=(8, 12), num_frames=3, attention=spy)

@@ -2,6 +2,7 @@
 
     python -m fkv_jax.bench.policies                       # mid preset, lengths 30 60 120, CPU
     python -m fkv_jax.bench.policies --lengths 60 120 --policies sink_window forcing_kv
+    python -m fkv_jax.bench.policies --lengths 60 --timed 10 --repeats 5    # a noisy machine: interleaved rounds
 
 For each video length and policy it runs a rollout of that many latent frames and times the last chunks
 (median of the last ``--timed`` chunks, each after ``block_until_ready``), so the number is the per-chunk
@@ -37,9 +38,18 @@ def linear_flops_per_token(cfg: ModelConfig, text_len: int) -> float:
     return cfg.num_layers * per_layer + 2 * (cfg.patch_dim + cfg.out_patch_dim) * d
 
 
-def bench_policy(graphdef, params, cfg, policy, frames, timed, seed=0):
+def bench_policy(graphdef, params, cfg, policy, frames, timed, seed=0, backend="auto"):
     sc = sampler_preset("self_forcing")
-    s = Sampler(graphdef, cfg, sc, batch=1, latent_hw=cfg.latent_hw, num_frames=frames, policy=KeyMeter(inner=policy))
+    s = Sampler(
+        graphdef,
+        cfg,
+        sc,
+        batch=1,
+        latent_hw=cfg.latent_hw,
+        num_frames=frames,
+        policy=KeyMeter(inner=policy),
+        attention_backend=backend,
+    )
     rng = np.random.default_rng(seed)
     ctx_kv = s.context_kv(params, rng.standard_normal((1, cfg.text_len, cfg.text_dim), np.float32))
     cache, state = s.init_cache(), s.init_state()
@@ -93,7 +103,21 @@ def main(argv=None) -> int:
         help=f"policies to compare with full (registered: {', '.join(sorted(POLICIES))})",
     )
     p.add_argument("--timed", type=int, default=3, help="last chunks timed at each length (median)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds over every policy, interleaved; a policy's time is the median over rounds (default 1)",
+    )
+    p.add_argument(
+        "--attention-backend",
+        default="auto",
+        metavar="NAME",
+        help="attention backend of every rollout (default auto: cpu_ffi on a CPU when built, else xla)",
+    )
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.timed < 1:
+        p.error(f"--repeats and --timed must be >= 1, got {args.repeats} and {args.timed}")
     cfg = model_preset(args.model)
     graphdef, params = nnx.split(init_model(cfg, seed=0), nnx.Param)
     policies = {"full": make_policy("full"), **build_policies(args.policies, cfg)}
@@ -102,8 +126,9 @@ def main(argv=None) -> int:
     lin = linear_flops_per_token(cfg, cfg.text_len)
     print(
         f"model {cfg.name}: {cfg.num_layers} layers, width {cfg.dim}, {cfg.num_heads} heads x {cfg.head_dim}, "
-        f"{t} tokens/frame; jax {jax.__version__} on {jax.devices()[0].platform}; per-chunk time = median of "
-        f"the last {args.timed} chunks"
+        f"{t} tokens/frame; jax {jax.__version__} on {jax.devices()[0].platform}, attention backend "
+        f"{args.attention_backend}; per-chunk time = median of the last {args.timed} chunks"
+        + (f", then the median over {args.repeats} interleaved rounds" if args.repeats > 1 else "")
     )
     header = (
         f"{'frames':>6} {'policy':>16} {'ms/chunk':>9} {'keys/query':>10} {'KV MiB':>8} "
@@ -111,7 +136,14 @@ def main(argv=None) -> int:
     )
     print(header)
     for frames in args.lengths:
-        res = {name: bench_policy(graphdef, params, cfg, pol, frames, args.timed) for name, pol in policies.items()}
+        rounds = [
+            {
+                name: bench_policy(graphdef, params, cfg, pol, frames, args.timed, backend=args.attention_backend)
+                for name, pol in policies.items()
+            }
+            for _ in range(args.repeats)
+        ]
+        res = {name: dict(rounds[0][name], time=median([r[name]["time"] for r in rounds])) for name in policies}
         full = res["full"]
 
         def flops(r):  # per model call: linear + self-attention (QK and PV) over the keys read

@@ -11,9 +11,10 @@ from pathlib import Path
 
 DTYPE_CHOICES = ("float32", "bfloat16")
 BACKEND_HELP = (
-    "attention backend: xla (reference, everywhere), auto (picks by platform), cpu_ffi (CPU: the C++ kernel "
-    "built by pip install, about 2x xla's attention speed), pallas_tpu (TPU), mosaic_gpu (Hopper GPU), triton "
-    "(CUDA/ROCm GPU with jax-triton) (default: xla)"
+    "attention backend: auto (picks by platform: cpu_ffi on a CPU when it is built, else xla; pallas_tpu on TPU; "
+    "mosaic_gpu/triton on GPU), xla (the reference, everywhere), cpu_ffi (CPU: the C++ kernel built by pip "
+    "install, about 2x xla's attention speed), pallas_tpu (TPU), mosaic_gpu (Hopper GPU), triton (CUDA/ROCm GPU "
+    "with jax-triton) (default: auto)"
 )
 
 
@@ -219,7 +220,7 @@ def add_policy_args(p: argparse.ArgumentParser, only=None) -> None:
 
 def add_backend_args(p: argparse.ArgumentParser, only=None) -> None:
     g = p.add_argument_group("attention backend and devices")
-    _add(g, only, "attention_backend", "--attention-backend", default="xla", metavar="NAME", help=BACKEND_HELP)
+    _add(g, only, "attention_backend", "--attention-backend", default="auto", metavar="NAME", help=BACKEND_HELP)
     _add(
         g, only, "mesh", "--mesh", help="shard over a device mesh, e.g. data=2,model=4 (batch on data, heads on model)"
     )

@@ -161,7 +161,7 @@ class Engine:
         if not isinstance(policy, str) or not isinstance(opts, str):
             raise RequestError("policy and policy options must be text")
         pairs = tuple(p.strip() for p in opts.replace(";", ",").split(",") if p.strip())
-        backend = msg.get("backend") or "xla"
+        backend = msg.get("backend") or "auto"
         if backend not in BACKEND_CHOICES:
             raise RequestError(f"unknown attention backend {backend!r}; one of: {', '.join(BACKEND_CHOICES)}")
         sc = self.sampler_config(preset)

@@ -57,7 +57,7 @@ class ShardedSampler(Sampler):
         *,
         mesh: Mesh,
         batch: int,
-        attention_backend: str = "xla",
+        attention_backend: str = "auto",
         attention_kwargs: dict | None = None,
         **kwargs,
     ):

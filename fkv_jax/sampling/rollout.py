@@ -84,7 +84,7 @@ class Sampler:
         cache_dtype=None,
         max_traces: int | None = None,
         policy: Policy | None = None,
-        attention_backend: str = "xla",
+        attention_backend: str = "auto",
         attention: Callable | None = None,
         rope_mode: str = "absolute",
         trajectories: bool = False,

@@ -3,7 +3,7 @@
 Client -> server (JSON text messages on ``/ws``)::
 
     {"type": "start", "prompt": ..., "seed": 0, "preset": "toy", "policy": "", "policy_opts": "k=v,...",
-     "backend": "xla", "frames": 24}
+     "backend": "auto", "frames": 24}
     {"type": "switch", "prompt": ...}          # at the next chunk boundary, LongLive KV re-cache
     {"type": "stop"}
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 MAX_PROMPT_CHARS = 500
-BACKEND_CHOICES = ("xla", "auto", "pallas_tpu", "mosaic_gpu", "triton")
+BACKEND_CHOICES = ("auto", "xla", "cpu_ffi", "pallas_tpu", "mosaic_gpu", "triton")
 DECODERS = ("wan", "taehv")  # decoders of --model-dir latents; the toy model draws pixels itself
 
 
