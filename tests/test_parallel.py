@@ -1,7 +1,7 @@
 """Multi-device execution on 8 simulated CPU devices (a subprocess: the device count is fixed at jax import).
 
 The sharded rollout runs the attention backend under ``jax.shard_map`` (ShardedSampler always does), here the
-``xla`` reference over the Selection of the default full-cache policy; a kernel under ``shard_map`` is checked
+default ``auto`` (``cpu_ffi`` when built, else ``xla``) over the Selection of the default full-cache policy; a kernel under ``shard_map`` is checked
 at the attention level with ``pallas_tpu`` in interpret mode.
 """
 
