@@ -36,3 +36,28 @@ def test_work_counts_every_key_once():
     keys = 3 * 10 + 2 * 10
     assert flops == 4 * 2 * 30 * keys * 8
     assert nbytes == (2 * 30 * 2 * 8 + 2 * 3 * keys * 2 * 8) * 4
+
+
+def test_attention_share_stamps_every_call_and_splits_each_block(capsys):
+    """``bench.attention_share`` on the tiny preset: every attention call of a block is stamped (layers x
+    (steps + clean pass)), the stamped wrapper returns what the backend returns, and attention is a part
+    of each block's time."""
+    from fkv_jax.attention.reference import selection_attention
+    from fkv_jax.bench import attention_share
+
+    stamps = []
+    args, sel = bench.make_inputs(np.random.default_rng(1), b=1, c=3, t=10, h=2, d=8, n=5, k=2, qf=1, dtype=jnp.float32)
+    out = attention_share.stamped(selection_attention, stamps)(*args, sel)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(selection_attention(*args, sel)))
+    assert len(stamps) == 2 and stamps[0] <= stamps[1]
+
+    assert (
+        attention_share.main(["--model", "tiny", "--frames", "6", "--rounds", "1", "--attention-backend", "xla"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "backend xla -> xla; 10 attention calls per block" in text  # 2 layers x (4 steps + clean pass)
+    rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2"]
+    for r in rows:
+        total, attn, rest = float(r[2]), float(r[3]), float(r[6])
+        assert 0 < attn < total and rest > 0

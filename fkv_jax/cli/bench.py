@@ -8,6 +8,7 @@ import sys
 
 BENCHES = {
     "attention": "attention backends side by side",
+    "attention_share": "a chunk step's time split into attention and the rest",
     "rollout": "chunk-step throughput of the sampler",
     "long_rollout": "constant memory over long rolling videos",
     "policies": "KV selection policies: speed and resident KV",
@@ -22,7 +23,7 @@ def main(argv=None, prog: str = "fkv bench") -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(
             f"usage: {prog} NAME [options]\n\nbenchmarks:\n"
-            + "\n".join(f"  {k:<14}{v}" for k, v in BENCHES.items())
+            + "\n".join(f"  {k:<16}{v}" for k, v in BENCHES.items())
             + f"\n\n`{prog} NAME --help` lists its options."
         )
         return 0 if argv else 2

@@ -19,7 +19,10 @@ SUBCOMMANDS = {
     "decode": ("fkv_jax.cli.decode", "decode saved latents with the Wan2.1 VAE into mp4 / .npy"),
     "profile": ("fkv_jax.cli.profile", "profile attention heads: Forcing-KV head table, per-head importance"),
     "eval": ("fkv_jax.cli.eval", "compare KV selection policies with the full cache on the toy world"),
-    "bench": ("fkv_jax.cli.bench", "benchmarks: attention, rollout, long_rollout, policies, toy_samples"),
+    "bench": (
+        "fkv_jax.cli.bench",
+        "benchmarks: attention, attention_share, rollout, long_rollout, policies, toy_samples, ...",
+    ),
     "aot": ("fkv_jax.cli.aot", "compile the chunk step ahead of time for a TPU / GPU target from this host"),
     "serve": ("fkv_jax.cli.serve", "serve a web page that streams videos chunk by chunk, with live prompt switching"),
 }
