@@ -1,8 +1,8 @@
 """Multi-device execution on 8 simulated CPU devices (a subprocess: the device count is fixed at jax import).
 
 The sharded rollout runs the attention backend under ``jax.shard_map`` (ShardedSampler always does), here the
-default ``auto`` (``cpu_ffi`` when built, else ``xla``) over the Selection of the default full-cache policy; a kernel under ``shard_map`` is checked
-at the attention level with ``pallas_tpu`` in interpret mode.
+default ``auto`` (``cpu_ffi`` when built, else ``xla``) over the Selection of the default full-cache policy; a
+kernel under ``shard_map`` is checked at the attention level with ``pallas_tpu`` in interpret mode.
 """
 
 import json
