@@ -245,7 +245,9 @@ def _run(args, rt) -> Path:
         raise UsageError(f"--latent-size: {e}") from None
     dtype = args.dtype or stored_dtype
     policy = C.build_policy(args, cfg, kind)
-    C.check_backend(args.attention_backend, cfg, latent_hw, dtype, args.cache_dtype, sampler_cfg.frames_per_block)
+    backend = C.check_backend(
+        args.attention_backend, cfg, latent_hw, dtype, args.cache_dtype, sampler_cfg.frames_per_block
+    )
     mesh_spec = args.mesh or ("data=-1" if rt.multi else None)  # several processes: prompts over every device
     data = C.data_axis(mesh_spec)
     # the sampler on the abstract model: checks cache, policy and video length before loading weights
@@ -359,7 +361,9 @@ def _run(args, rt) -> Path:
     _log(
         rt,
         f"model: {what}; {frames} latent frames of {latent_hw[0]}x{latent_hw[1]}, batch {batch}{where}; cache: {mode}, "
-        f"{geom.kv_bytes() / 2**20:.1f} MiB KV; steps {[round(float(t), 1) for t in sampler.schedule.timesteps[:-1]]}"
+        f"{geom.kv_bytes() / 2**20:.1f} MiB KV; attention {backend}"
+        + (f" ({args.attention_backend})" if backend != args.attention_backend else "")
+        + f"; steps {[round(float(t), 1) for t in sampler.schedule.timesteps[:-1]]}"
         f"; the first chunk includes compilation",
     )
     from fkv_jax.distributed import gather_rows, owned_rows
