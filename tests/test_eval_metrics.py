@@ -106,20 +106,23 @@ def test_mean_ci_brackets_the_mean():
     assert np.isnan(mean_ci([5.0])[1]) and np.isnan(mean_ci([])[0])
 
 
-def test_shape_classifier_agrees_with_the_simulator_and_catches_a_wrong_shape():
+@pytest.mark.parametrize("size, floor", [(32, 0.9), (24, 0.85)])
+def test_shape_classifier_agrees_with_the_simulator_and_catches_a_wrong_shape(size, floor):
     """The template classifier on the simulator's own frames (text-only videos have no truth to compare): it
-    must read most judged blobs as their prompted shape, and a prompt naming other shapes must disagree."""
+    must read most judged blobs as their prompted shape, and a prompt naming other shapes must disagree. At
+    24x24 (sprites of 6 px) it reads the frame size off the mask and still works."""
     from fkv_jax.eval.metrics import prompt_sprites, shape_agreement
+    from fkv_jax.toyworld.world import WorldConfig
 
     assert prompt_sprites("a red circle and a blue square with a pillar") == [("red", "circle"), ("blue", "square")]
     agree = judged = wrong = 0
     for i in range(6):
-        ep = make_episode(70_000 + i, 24)
+        ep = make_episode(70_000 + i, 24, WorldConfig.for_size(size))
         a, j = shape_agreement(ep.frames, ep.prompt)
         agree, judged = agree + a, judged + j
         swap = {"circle": "cross", "cross": "circle", "square": "triangle", "triangle": "square"}
         lie = " and ".join(f"a {c} {swap[s]}" for c, s in prompt_sprites(ep.prompt))
         wrong += shape_agreement(ep.frames, lie)[0]
     assert judged > 100
-    assert agree / judged >= 0.9, agree / judged  # the triangle's centroid is not its centre: aligned, ~0.95
+    assert agree / judged >= floor, agree / judged  # the triangle's centroid is not its centre: aligned, ~0.95
     assert wrong / judged <= 0.1, wrong / judged

@@ -81,6 +81,26 @@ def test_exit_through_the_edge_and_come_back():
     np.testing.assert_allclose(dx, 2.0, atol=1e-4)
 
 
+def test_world_scaled_to_another_frame_size_keeps_its_durations():
+    """WorldConfig.for_size scales lengths and speeds together: crossing the view and hiding in the gap take the
+    same number of frames at 24x24 as at 32x32, and the episodes render at the new size."""
+    from fkv_jax.toyworld.world import make_memory_episode, world_for
+
+    assert WorldConfig.for_size(32) == WorldConfig() == world_for((32, 32))
+    small = world_for((24, 24))
+    base = WorldConfig()
+    assert (small.size, small.gap, small.radius, small.pillar_width) == (24, 12, 3.0, 4)
+    for w in (base, small):  # frames to cross the view and to hide in the gap, at the slowest speed
+        assert (w.size / w.speed_x[0], (w.gap - 2 * w.radius) / w.speed_x[0]) == pytest.approx((40.0, 10.0))
+    ep = make_episode(5, 12, small)
+    assert ep.frames.shape == (12, 3, 24, 24)
+    assert (ep.positions[..., 1] >= small.radius - 1e-5).all() and (ep.positions[..., 1] <= 21 + 1e-5).all()
+    mem = make_memory_episode(2, 48, context_frames=6, min_hidden=8, cfg=small)
+    assert mem.frames.shape[-1] == 24 and (~mem.visible[:, 1]).sum() >= 8
+    with pytest.raises(ValueError, match="square"):
+        world_for((24, 32))
+
+
 def test_bounce_occlusion_and_pillar():
     cfg = WorldConfig()
     # vertical bounce: y stays within the walls and the vertical velocity flips
@@ -211,6 +231,8 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), pa, pb)
     with pytest.raises(SystemExit, match="different training config"):
         train(dataclasses.replace(tc, lr=1e-3), tmp_path / "b", progress=False, cfg=TINY, resume=True)
+    with pytest.raises(SystemExit, match="different model config"):  # e.g. another --frame-size / --patch
+        train(tc, tmp_path / "b", progress=False, cfg=dataclasses.replace(TINY, patch_size=(1, 4, 4)), resume=True)
     # the export: EMA weights stored as float16, loaded back as float32, with what the model predicts
     from fkv_jax.toyworld.model import load_params, weights_prediction
 
@@ -219,10 +241,21 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
     cfg_w, tree = load_params(tmp_path / "w")
     _, ema = load_run_params(tmp_path / "a", cfg=TINY)
     assert cfg_w == TINY and weights_prediction(tmp_path / "w") == "x0"
+    meta = __import__("json").loads((tmp_path / "w" / "config.json").read_text())
+    assert meta["world"]["size"] == 32 and meta["world"]["gap"] == 16  # the world it was trained on, recorded
     assert toy_sampler_config(tmp_path / "w").local_attn_size == 6  # the rolling window is the training clip
     for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(tree), strict=True):
         assert y.dtype == np.float32 and y.shape == x.shape
         np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-4)
+
+
+def test_train_cli_rejects_a_frame_size_the_patch_does_not_divide(tmp_path, capsys):
+    from fkv_jax.toyworld.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--frame-size", "30", "--patch", "4", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2 and "--frame-size 30 must be >= 8 and a multiple of --patch 4" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written before the error
 
 
 # ---- the shipped model -------------------------------------------------------------------------------------

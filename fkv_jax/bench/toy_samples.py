@@ -73,9 +73,11 @@ def main(argv=None) -> int:
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     a = p.parse_args(argv)
     from fkv_jax.toyworld.model import generate_video, toy_sampler_config
-    from fkv_jax.toyworld.world import make_episode
+    from fkv_jax.toyworld.weights import load_config
+    from fkv_jax.toyworld.world import make_episode, world_for
 
-    eps = [make_episode(70_000 + i, a.frames) for i in range(a.episodes)]
+    world = world_for(load_config(a.weights).latent_hw)  # the world the weights draw (their frame size)
+    eps = [make_episode(70_000 + i, a.frames, world) for i in range(a.episodes)]
     prompts = [e.prompt for e in eps]
     print(f"{a.episodes} held-out prompts x {a.frames} frames, noise seed {a.seed}")
     print("| videos | shown | prompted px / frame | other colours px / frame | smooth | persist | shape (blobs) |")

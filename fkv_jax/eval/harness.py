@@ -113,11 +113,11 @@ def build_toy_policies(
     on the toy model itself (reported in the result)."""
     from fkv_jax.policies.calibration import head_importance, profile_static_dynamic
     from fkv_jax.toyworld.model import toy_context
-    from fkv_jax.toyworld.world import make_episode
+    from fkv_jax.toyworld.world import make_episode, world_for
 
     calib = []
     for i in range(2):
-        ep = make_episode(10_000 + seed + i, profile_frames)
+        ep = make_episode(10_000 + seed + i, profile_frames, world_for(cfg.latent_hw))
         noise = np.random.default_rng(i).standard_normal((1, profile_frames, cfg.in_dim, *cfg.latent_hw))
         calib.append((toy_context([ep.prompt], enc, cfg), noise.astype(np.float32)))
 
@@ -164,11 +164,12 @@ def evaluate(
     log=print,
 ) -> dict:
     from fkv_jax.toyworld.model import load_toy_model, save_video, toy_context, toy_sampler_config
-    from fkv_jax.toyworld.world import make_episode, make_memory_episode
+    from fkv_jax.toyworld.world import make_episode, make_memory_episode, world_for
 
     if family not in FAMILIES:
         raise ValueError(f"unknown episode family {family!r}; one of {', '.join(FAMILIES)}")
     cfg, model, enc = load_toy_model(weights)
+    world = world_for(cfg.latent_hw)  # the world the weights were trained on (scaled to their frame size)
     graphdef, params = nnx.split(model, nnx.Param)
     sc = toy_sampler_config(weights)
     c = sc.frames_per_block
@@ -178,7 +179,7 @@ def evaluate(
             f"with 0 < context < frames"
         )
     if family == "memory":  # fail before any profiling if the length cannot hold a memory episode
-        make_memory_episode(seed, frames, context_frames=context_frames, min_hidden=min_hidden)
+        make_memory_episode(seed, frames, context_frames=context_frames, min_hidden=min_hidden, cfg=world)
     log(
         f"toy model {cfg.name}: {cfg.num_layers} layers, {cfg.num_heads} heads, {cfg.tokens_per_frame()} tokens/frame;"
         f" {episodes} episode(s) x {frames} frames, {context_frames} true context frames; policies: {policies}"
@@ -198,9 +199,9 @@ def evaluate(
     examples = {}
     for e in range(episodes):
         if family == "memory":
-            ep = make_memory_episode(seed + e, frames, context_frames=context_frames, min_hidden=min_hidden)
+            ep = make_memory_episode(seed + e, frames, context_frames=context_frames, min_hidden=min_hidden, cfg=world)
         else:
-            ep = make_episode(seed + e, frames)
+            ep = make_episode(seed + e, frames, world)
         ctx = toy_context([ep.prompt], enc, cfg)
         init = np.asarray(ep.frames[None, :context_frames], np.float32)
         noise = np.random.default_rng((seed, e)).standard_normal((1, frames, cfg.in_dim, *cfg.latent_hw), np.float32)
@@ -373,10 +374,10 @@ def _attention_plot(sampler, params, out_dir, cfg, sc, enc, plt) -> None:
     """Per-head attention mass over key frames for the clean pass of every chunk (a few heads)."""
     from fkv_jax.policies.calibration import AttentionMassProbe
     from fkv_jax.toyworld.model import toy_context
-    from fkv_jax.toyworld.world import make_episode
+    from fkv_jax.toyworld.world import make_episode, world_for
 
     frames = 24
-    ep = make_episode(123, frames)
+    ep = make_episode(123, frames, world_for(cfg.latent_hw))
     s = Sampler(
         sampler._graphdef,
         cfg,

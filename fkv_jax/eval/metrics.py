@@ -64,10 +64,11 @@ def position_error(frames: np.ndarray, ep: Episode, start: int = 0, stop: int | 
     return float(np.mean(errs)) if errs else float("nan")
 
 
-def classify_shape(mask: np.ndarray, cfg: WorldConfig = WorldConfig()) -> str | None:
+def classify_shape(mask: np.ndarray, cfg: WorldConfig | None = None) -> str | None:
     """The shape whose rendering (the world's own anti-aliased coverage > 0.5) overlaps a blob mask [H, W] best
     (IoU). Each template is placed so that its centroid falls on the blob's (a triangle's centroid is not its
     centre), then tried at a few sub-pixel offsets."""
+    cfg = WorldConfig.for_size(mask.shape[-1]) if cfg is None else cfg
     if mask.sum() < 4 or mask.shape != (cfg.size, cfg.size):
         return None
     yy, xx = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]] + 0.5
@@ -96,12 +97,15 @@ def prompt_sprites(prompt: str) -> list[tuple[str, str]]:
     return [(a, b) for a, b in zip(w, w[1:]) if a in COLOUR_NAMES and b in SHAPES]
 
 
-def shape_agreement(frames: np.ndarray, prompt: str, min_pixels: int = 12) -> tuple[int, int]:
+def shape_agreement(frames: np.ndarray, prompt: str, min_pixels: int | None = None) -> tuple[int, int]:
     """(agreeing, judged): over frames [T, 3, H, W] and the prompt's sprites, the (frame, sprite) pairs whose
     colour forms a blob of >= ``min_pixels`` pixels clear of the left and right edges (a sprite cut by the
     wrap-around is not judged) and whose :func:`classify_shape` is the prompted shape. Needs no ground truth,
-    so it applies to videos drawn from text alone; on the simulator's own frames it measures the classifier."""
+    so it applies to videos drawn from text alone; on the simulator's own frames it measures the classifier.
+    ``min_pixels`` defaults to 12 at 32x32 frames, scaled by the frame area."""
     lab = palette_labels(frames)  # [T, H, W]
+    if min_pixels is None:
+        min_pixels = max(4, round(12 * lab.shape[-1] * lab.shape[-2] / 32**2))
     agree = judged = 0
     for colour, shape in prompt_sprites(prompt):
         m = lab == 2 + COLOUR_NAMES.index(colour)  # [T, H, W]

@@ -69,13 +69,16 @@ def colour_report(frames: np.ndarray, prompt: str, min_pixels: int = 4) -> dict:
     }
 
 
-def motion_report(frames: np.ndarray, max_step: float = 3.0, min_pixels: int = 4) -> dict:
+def motion_report(frames: np.ndarray, max_step: float | None = None, min_pixels: int = 4) -> dict:
     """Temporal coherence of one video [T, 3, H, W] from colour centroids.
 
     ``smooth``: fraction of (colour, consecutive frame pair) with the colour shown in both frames whose
     centroid moved at most ``max_step`` pixels (real toy-world videos: ~1, apart from a sprite wrapping or
     being half hidden). ``persist``: fraction of (colour, t) shown at t that is still shown at t + 1.
+    ``max_step`` defaults to 3 pixels at 32x32 frames, scaled by the frame width.
     """
+    if max_step is None:
+        max_step = 3.0 * frames.shape[-1] / 32
     c = colour_centroids(frames, min_pixels)  # [T, K, 2]
     shown = ~np.isnan(c[..., 0])
     both = shown[1:] & shown[:-1]

@@ -47,7 +47,7 @@ from fkv_jax.sampling.scheduler import training_table
 from fkv_jax.toyworld.attention import teacher_forcing_attention
 from fkv_jax.toyworld.text import ToyTextEncoder, init_text_encoder, tokenize
 from fkv_jax.toyworld.weights import flatten
-from fkv_jax.toyworld.world import WorldConfig, make_batch
+from fkv_jax.toyworld.world import WorldConfig, make_batch, world_for
 
 TOY_DIR = Path(__file__).resolve().parent
 MODEL_JSON = TOY_DIR / "toy_model.json"
@@ -212,7 +212,13 @@ def make_train_step(graphdefs, cfg: ModelConfig, tc: TrainConfig):
 # ---- data ------------------------------------------------------------------------------------------------
 
 
-def batch_for_step(tc: TrainConfig, cfg: ModelConfig, step: int, world: WorldConfig = WorldConfig()):
+def world_config(cfg: ModelConfig) -> WorldConfig:
+    """The world a toy model draws: the default world scaled to the model's frame size (``cfg.latent_hw``)."""
+    return world_for(cfg.latent_hw)
+
+
+def batch_for_step(tc: TrainConfig, cfg: ModelConfig, step: int, world: WorldConfig | None = None):
+    world = world_config(cfg) if world is None else world
     frames, prompts = make_batch(np.random.default_rng((tc.seed, step)), tc.batch, tc.frames, world)
     ids, _ = tokenize(prompts, cfg.text_len)
     return frames, ids
@@ -220,7 +226,7 @@ def batch_for_step(tc: TrainConfig, cfg: ModelConfig, step: int, world: WorldCon
 
 def eval_batch(tc: TrainConfig, cfg: ModelConfig, n: int = 8):
     """A fixed held-out batch (its own seed) with fixed noise levels spread over the table."""
-    frames, prompts = make_batch(np.random.default_rng(987654321), n, tc.frames)
+    frames, prompts = make_batch(np.random.default_rng(987654321), n, tc.frames, world_config(cfg))
     ids, _ = tokenize(prompts, cfg.text_len)
     nblk = tc.frames // tc.frames_per_block
     idx = (np.arange(n * nblk).reshape(n, nblk) * 997) % 1000
@@ -262,6 +268,7 @@ def export_weights(
         "format_version": 1,
         "stored_dtype": dtype,
         "model": cfg.to_dict(),
+        "world": dataclasses.asdict(world_config(cfg)),
         "train": dataclasses.asdict(tc),
         **extra,
     }
@@ -328,16 +335,18 @@ def train(
     if latest is not None and not resume:
         raise SystemExit(f"{out} already has checkpoints (step {latest}); pass --resume or another --out")
     if resume and latest is not None:
+        meta = mgr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if meta["train"] != json.loads(json.dumps(dataclasses.asdict(tc))):
+            raise SystemExit(
+                f"--resume with a different training config: saved {meta['train']}, now {dataclasses.asdict(tc)}"
+            )
+        if "model" in meta and meta["model"] != json.loads(json.dumps(cfg.to_dict())):
+            raise SystemExit(f"--resume with a different model config: saved {meta['model']}, now {cfg.to_dict()}")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         r = mgr.restore(
             latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         )
         state = r.state
-        saved_tc = r.meta["train"]
-        if saved_tc != json.loads(json.dumps(dataclasses.asdict(tc))):
-            raise SystemExit(
-                f"--resume with a different training config: saved {saved_tc}, now {dataclasses.asdict(tc)}"
-            )
         wall_before = float(r.meta["wall_seconds"])
         cpu_before = float(r.meta.get("cpu_seconds", 0.0))
         if log_path.exists():  # drop log lines written after the checkpoint
@@ -442,6 +451,17 @@ def main(argv=None):
         "recorded in the exported config.json, which the samplers read",
     )
     p.add_argument("--init", default="", help="start from exported weights (DIR with params.npz), e.g. a first stage")
+    base = toy_model_config()
+    p.add_argument(
+        "--frame-size",
+        type=int,
+        default=base.latent_hw[0],
+        help="square frame side in pixels (default from toy_model.json); the world (gap, sprite size, speeds) "
+        "scales with it, so durations in frames stay the same",
+    )
+    p.add_argument(
+        "--patch", type=int, default=base.patch_size[1], help="spatial patch side (default from toy_model.json)"
+    )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     tc = TrainConfig(
@@ -455,7 +475,10 @@ def main(argv=None):
         prediction=a.prediction,
         init=str(Path(a.init).resolve()) if a.init else "",
     )
-    summary = train(tc, a.out, resume=a.resume, export=a.export, progress=not a.no_progress)
+    if a.frame_size % a.patch or a.frame_size < 8:
+        p.error(f"--frame-size {a.frame_size} must be >= 8 and a multiple of --patch {a.patch}")
+    cfg = dataclasses.replace(base, latent_hw=(a.frame_size, a.frame_size), patch_size=(1, a.patch, a.patch))
+    summary = train(tc, a.out, resume=a.resume, export=a.export, progress=not a.no_progress, cfg=cfg)
     print(json.dumps(summary, indent=2))
 
 

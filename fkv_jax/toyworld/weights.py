@@ -64,6 +64,18 @@ def weights_train_frames(weights: str | Path | None = None) -> int | None:
     return int(frames) if frames else None
 
 
+def load_config(path: str | Path | None = None) -> ModelConfig:
+    """The model config of a toy weights directory (its ``config.json``; the shipped weights by default),
+    without reading the parameters."""
+    meta_file = Path(path if path is not None else WEIGHTS_DIR) / "config.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file.parent} is not a toy-world weights directory (no config.json)")
+    try:
+        return ModelConfig.from_dict(json.loads(meta_file.read_text())["model"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_file} is not a toy-world config.json (no valid 'model' section): {e}") from e
+
+
 def load_params(path: str | Path | None = None) -> tuple[ModelConfig, dict]:
     """(config, {"model": pure dict, "text": pure dict}) from an exported weights directory."""
     path = Path(path) if path is not None else WEIGHTS_DIR
@@ -73,10 +85,7 @@ def load_params(path: str | Path | None = None) -> tuple[ModelConfig, dict]:
             f"{path} is not a toy-world weights directory (needs config.json and params.npz); "
             "train one with `python -m fkv_jax.toyworld.train --export DIR`"
         )
-    try:
-        cfg = ModelConfig.from_dict(json.loads(meta_file.read_text())["model"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{meta_file} is not a toy-world config.json (no valid 'model' section): {e}") from e
+    cfg = load_config(path)
     try:
         with np.load(params_file) as z:
             tree = unflatten({k: z[k].astype(np.float32) for k in z.files})  # stored as float16 (export_weights)

@@ -56,6 +56,34 @@ class WorldConfig:
     def ring(self) -> int:
         return self.size + self.gap
 
+    @classmethod
+    def for_size(cls, size: int) -> "WorldConfig":
+        """The default world scaled to a ``size`` x ``size`` view: gap, sprite radius, speeds and pillar width scale
+        with ``size / 32``, so every duration in frames (crossing the view, hiding in the gap) stays the same.
+        ``for_size(32)`` is the default world."""
+        if size == cls.size:
+            return cls()
+        if size < 8:
+            raise ValueError(f"world size {size}: need at least 8 pixels")
+        s = size / cls.size
+        base = cls()
+        return cls(
+            size=size,
+            gap=int(round(base.gap * s)),
+            radius=base.radius * s,
+            speed_x=(base.speed_x[0] * s, base.speed_x[1] * s),
+            speed_y=(base.speed_y[0] * s, base.speed_y[1] * s),
+            pillar_width=max(2, int(round(base.pillar_width * s))),
+        )
+
+
+def world_for(latent_hw) -> WorldConfig:
+    """The world a toy model of frame size ``latent_hw`` (square) draws: :meth:`WorldConfig.for_size`."""
+    h, w = (int(v) for v in latent_hw)
+    if h != w:
+        raise ValueError(f"toy-world frames are square; got frame size {h}x{w}")
+    return WorldConfig.for_size(h)
+
 
 @dataclasses.dataclass(frozen=True)
 class Sprite:
