@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fkv_jax.cli.main import main as fkv
+from fkv_jax.toyworld.weights import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ def in_tmp(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("policy", ["forcing_kv", "focused_forcing"])
 def test_policies_work_on_the_default_model_out_of_the_box(policy, tmp_path, capsys):
-    """The shipped head table / importance file and a num_frame_patch dividing the 16-token frame."""
+    """The shipped head table / importance file and a num_frame_patch dividing the toy frame (one per grid row)."""
     assert (
         fkv(
             [
@@ -44,7 +45,7 @@ def test_policies_work_on_the_default_model_out_of_the_box(policy, tmp_path, cap
     assert f"policy {policy}" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "v").iterdir()] == [f"000_a-red-circle-and-a-blue-square_seed0_{policy}.mp4"]
     lat = np.load(tmp_path / "lat.npy")
-    assert lat.shape == (1, 12, 3, 32, 32) and np.isfinite(lat).all()
+    assert lat.shape == (1, 12, 3, *load_config().latent_hw) and np.isfinite(lat).all()
 
 
 def test_shipped_profiles_match_the_model():

@@ -8,6 +8,7 @@ import pytest
 
 from helpers import CHECKPOINT_PT, rel_err
 from fkv_jax.generate import main as generate_main
+from fkv_jax.toyworld.weights import load_config
 
 CASES = {
     "global": ["--local-attn-size", "-1"],
@@ -193,7 +194,7 @@ def test_toy_model_writes_one_mp4_per_prompt(random_toy_weights, tmp_path):
         == 0
     )
     lat = np.load(lat_file)
-    assert lat.shape == (2, 6, 3, 32, 32)
+    assert lat.shape == (2, 6, 3, *load_config(random_toy_weights).latent_hw)
     assert not np.allclose(lat[0], lat[1])  # the prompt reaches the model
     names = sorted(p.name for p in out.iterdir())
     assert names == ["000_a-red-circle_seed0.mp4", "001_a-blue-square-and-a-green-cross_seed0.mp4"]

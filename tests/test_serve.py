@@ -33,13 +33,14 @@ def test_streamer_equals_rollout_and_switches_only_the_asked_rows(toy):
     s = Sampler(tm.graphdef, tm.cfg, sc, batch=2, latent_hw=tm.cfg.latent_hw)
     ab = tm.context(["a red circle", "a blue square"])
     cc = tm.context(["a green cross", "a green cross"])
-    noise = np.random.default_rng(0).standard_normal((2, 9, 3, 32, 32), np.float32)
+    hw = tm.cfg.latent_hw
+    noise = np.random.default_rng(0).standard_normal((2, 9, 3, *hw), np.float32)
     plain = rollout(s, tm.params, [ab], noise).latents
     switched = rollout(s, tm.params, [ab, cc], noise, switch_frames=[6]).latents
 
     st = Streamer(s)
     state = st.begin(tm.params, ab)
-    eps = np.zeros((st.num_steps - 1, 2, 3, 3, 32, 32), np.float32)
+    eps = np.zeros((st.num_steps - 1, 2, 3, 3, *hw), np.float32)
     out = []
     for blk in range(3):
         if blk == 2:
@@ -72,8 +73,9 @@ def test_key_meter_counts_what_the_policy_reads(toy):
     st = Streamer(s)
     assert not st.can_recache  # a policy: a switch swaps the text K/V only
     state = st.begin(tm.params, tm.context(["a red circle"]))
-    noise = np.random.default_rng(1).standard_normal((1, 9, 3, 32, 32), np.float32)
-    eps = np.zeros((st.num_steps - 1, 1, 3, 3, 32, 32), np.float32)
+    hw = tm.cfg.latent_hw
+    noise = np.random.default_rng(1).standard_normal((1, 9, 3, *hw), np.float32)
+    eps = np.zeros((st.num_steps - 1, 1, 3, 3, *hw), np.float32)
     t = s.geom.tokens_per_frame
     for blk in range(3):
         res, state = st.step(tm.params, state, noise[:, 3 * blk : 3 * blk + 3], eps)
@@ -139,8 +141,9 @@ def test_loaded_engine_text_and_pixels(toy):
     assert "toy-world" in eng.load()
     prompts = ["a red circle and a blue square", "a green cross with a pillar"]
     np.testing.assert_allclose(eng.context(prompts), toy_context(prompts, eng.text_encoder, eng.model_cfg), atol=1e-6)
-    px = eng.decoder()(np.linspace(-2, 2, 2 * 3 * 3 * 32 * 32, dtype=np.float32).reshape(2, 3, 3, 32, 32))
-    assert px.dtype == np.uint8 and px.shape == (2, 3, 32, 32, 3) and px.min() == 0 and px.max() == 255
+    h, w = eng.model_cfg.latent_hw
+    px = eng.decoder()(np.linspace(-2, 2, 2 * 3 * 3 * h * w, dtype=np.float32).reshape(2, 3, 3, h, w))
+    assert px.dtype == np.uint8 and px.shape == (2, 3, h, w, 3) and px.min() == 0 and px.max() == 255
     assert eng.video_scale == 8
 
 

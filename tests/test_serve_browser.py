@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from fkv_jax.toyworld.weights import load_config
+
 pytestmark = pytest.mark.subprocess
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -148,7 +150,8 @@ def test_browser_stream_switch_meters_download(server, tmp_path):
         finally:
             ctx.close()
     frames, meta = read_video(mp4)
-    assert frames.shape == (12, 256, 256, 3)  # 12 frames of 32x32, upscaled x8
+    h, w = load_config().latent_hw
+    assert frames.shape == (12, 8 * h, 8 * w, 3)  # 12 frames of the toy model, upscaled x8
     assert (tmp_path / "serve_mid_stream.png").stat().st_size > 10_000
 
 

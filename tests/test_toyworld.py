@@ -249,6 +249,15 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
         np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-4)
 
 
+def test_forcing_kv_segments_a_toy_frame_by_token_rows():
+    from fkv_jax.toyworld.model import toy_policy_options
+
+    assert toy_policy_options("forcing_kv", TINY) == {"num_frame_patch": "4"}  # 32x32 / patch 8: a 4x4 grid
+    small = dataclasses.replace(TINY, latent_hw=(24, 24), patch_size=(1, 4, 4))  # a 6x6 grid
+    assert toy_policy_options("forcing_kv", small) == {"num_frame_patch": "6"}
+    assert toy_policy_options("focused_forcing", small) == {}
+
+
 def test_train_cli_rejects_a_frame_size_the_patch_does_not_divide(tmp_path, capsys):
     from fkv_jax.toyworld.train import main
 

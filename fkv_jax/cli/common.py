@@ -19,8 +19,6 @@ MODEL_ALIASES = {"1.3b": "wan2.1-t2v-1.3b", "wan-1.3b": "wan2.1-t2v-1.3b", "wan2
 TOY_SAMPLERS = ("toy", "toyworld")  # --preset names of the toy model's own sampler (the `toy` sampler preset)
 TOY_HEAD_TABLE = "forcingkv_heads.json"  # beside the toy weights: `fkv profile heads` on the toy model
 TOY_IMPORTANCE = "head_importance.json"  # beside the toy weights: `fkv profile importance` on the toy model
-# Forcing-KV on the toy model: 16 tokens per frame in 4 row segments (the preset's 6 does not divide 16)
-TOY_POLICY_OPTIONS = {"forcing_kv": {"num_frame_patch": "4"}}
 
 
 # ---- values -------------------------------------------------------------------------------------------------
@@ -468,7 +466,9 @@ def build_policy(args, cfg, kind: str):
             raise UsageError(f"--head-importance is Focused Forcing's; policy {args.policy} takes none")
         check_input_file(importance, "--head-importance", "fkv profile importance ... --output importance.json")
     if kind == "toy":
-        for k, v in TOY_POLICY_OPTIONS.get(args.policy, {}).items():
+        from fkv_jax.toyworld.model import toy_policy_options
+
+        for k, v in toy_policy_options(args.policy, cfg).items():  # Forcing-KV: one segment per token-grid row
             opts.setdefault(k, v)
         folder = toy_weights_dir(args)
         if takes_table and head_table is None and (folder / TOY_HEAD_TABLE).is_file():

@@ -31,7 +31,7 @@ from fkv_jax.eval import metrics as M
 from fkv_jax.policies import make_policy
 from fkv_jax.sampling.rollout import Sampler, rollout
 
-# Forcing-KV on the toy model: 16 tokens per frame split in 4 row segments, 4 of 12 kept (one frame's worth).
+# Forcing-KV on the toy model: one segment per token-grid row (toyworld.model.toy_policy_options).
 # `window` is the toy sampler's own cache (by default the weights' training clip length): the quality reference
 # whose attention distances all lie inside training, where `full` (every frame, global) goes beyond it once the
 # video is longer than the clip.
@@ -50,10 +50,6 @@ GT_KEYS = (
     "reappear_identity",
     "reappear_position_px",
 )
-TOY_POLICY_OPTIONS = {
-    "forcing_kv": {"num_frame_patch": "4"},
-    "focused_forcing": {},
-}
 
 
 @dataclasses.dataclass
@@ -112,7 +108,7 @@ def build_toy_policies(
     """Policies for the toy model; Forcing-KV's head table and Focused Forcing's head importance are profiled
     on the toy model itself (reported in the result)."""
     from fkv_jax.policies.calibration import head_importance, profile_static_dynamic
-    from fkv_jax.toyworld.model import toy_context
+    from fkv_jax.toyworld.model import toy_context, toy_policy_options
     from fkv_jax.toyworld.world import make_episode, world_for
 
     calib = []
@@ -128,7 +124,7 @@ def build_toy_policies(
 
     out, profiles = {}, {}
     for name in names:
-        opts = dict(TOY_POLICY_OPTIONS.get(name, {}))
+        opts = toy_policy_options(name, cfg)
         if name == "window":
             opts["local_attn_size"] = str(window if window is not None else sampler_cfg.local_attn_size)
         if name == "forcing_kv":

@@ -42,6 +42,7 @@ __all__ = [
     "load_toy_model",
     "save_video",
     "toy_context",
+    "toy_policy_options",
     "toy_sampler_config",
     "weights_prediction",
     "weights_train_frames",
@@ -63,6 +64,14 @@ def toy_sampler_config(weights: str | Path | None = None, **overrides) -> Sample
     if clip is not None and clip >= sc.frames_per_block:
         sc = dataclasses.replace(sc, local_attn_size=clip)
     return dataclasses.replace(sc, **overrides) if overrides else sc
+
+
+def toy_policy_options(policy: str, cfg: ModelConfig) -> dict[str, str]:
+    """Option defaults a KV policy needs on a toy model: Forcing-KV segments each frame by rows of its token
+    grid (4 for a 4x4 grid, 6 for 6x6; the preset's 6 segments fit the 1.3B model's frames, not every grid)."""
+    if policy == "forcing_kv":
+        return {"num_frame_patch": str(cfg.grid_hw(cfg.latent_hw)[0])}
+    return {}
 
 
 def build(cfg: ModelConfig, params: dict) -> tuple[CausalWanModel, ToyTextEncoder]:
