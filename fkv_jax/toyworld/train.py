@@ -212,13 +212,8 @@ def make_train_step(graphdefs, cfg: ModelConfig, tc: TrainConfig):
 # ---- data ------------------------------------------------------------------------------------------------
 
 
-def world_config(cfg: ModelConfig) -> WorldConfig:
-    """The world a toy model draws: the default world scaled to the model's frame size (``cfg.latent_hw``)."""
-    return world_for(cfg.latent_hw)
-
-
 def batch_for_step(tc: TrainConfig, cfg: ModelConfig, step: int, world: WorldConfig | None = None):
-    world = world_config(cfg) if world is None else world
+    world = world_for(cfg.latent_hw) if world is None else world  # the world scaled to the model's frames
     frames, prompts = make_batch(np.random.default_rng((tc.seed, step)), tc.batch, tc.frames, world)
     ids, _ = tokenize(prompts, cfg.text_len)
     return frames, ids
@@ -226,7 +221,7 @@ def batch_for_step(tc: TrainConfig, cfg: ModelConfig, step: int, world: WorldCon
 
 def eval_batch(tc: TrainConfig, cfg: ModelConfig, n: int = 8):
     """A fixed held-out batch (its own seed) with fixed noise levels spread over the table."""
-    frames, prompts = make_batch(np.random.default_rng(987654321), n, tc.frames, world_config(cfg))
+    frames, prompts = make_batch(np.random.default_rng(987654321), n, tc.frames, world_for(cfg.latent_hw))
     ids, _ = tokenize(prompts, cfg.text_len)
     nblk = tc.frames // tc.frames_per_block
     idx = (np.arange(n * nblk).reshape(n, nblk) * 997) % 1000
@@ -268,7 +263,7 @@ def export_weights(
         "format_version": 1,
         "stored_dtype": dtype,
         "model": cfg.to_dict(),
-        "world": dataclasses.asdict(world_config(cfg)),
+        "world": dataclasses.asdict(world_for(cfg.latent_hw)),
         "train": dataclasses.asdict(tc),
         **extra,
     }
@@ -343,12 +338,9 @@ def train(
         if "model" in meta and meta["model"] != json.loads(json.dumps(cfg.to_dict())):
             raise SystemExit(f"--resume with a different model config: saved {meta['model']}, now {cfg.to_dict()}")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        r = mgr.restore(
-            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
-        )
-        state = r.state
-        wall_before = float(r.meta["wall_seconds"])
-        cpu_before = float(r.meta.get("cpu_seconds", 0.0))
+        state = mgr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+        wall_before = float(meta["wall_seconds"])
+        cpu_before = float(meta.get("cpu_seconds", 0.0))
         if log_path.exists():  # drop log lines written after the checkpoint
             lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= latest]
             log_path.write_text("".join(ln + "\n" for ln in lines))
