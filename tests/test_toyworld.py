@@ -213,6 +213,51 @@ def test_training_forward_is_block_causal():
 
 
 @pytest.mark.slow
+def test_self_history_puts_the_models_own_frames_in_the_history():
+    """--self-history: for the chosen clips every frame after the first block becomes the model's x0 prediction
+    (x_t - sigma v for a flow model), the first block and the other clips keep their true history, and the
+    loss changes while its gradient stays finite."""
+    from fkv_jax.model.rope import make_rope_tables
+    from fkv_jax.toyworld.train import (
+        TrainConfig,
+        forward_teacher_forcing,
+        init_params,
+        make_loss_fn,
+        merge,
+        self_history,
+    )
+
+    graphdefs, params = init_params(TINY, seed=0)
+    params = jax.tree.map(
+        lambda x: x + 0.05 * np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype), params
+    )
+    model, enc = merge(graphdefs, params)
+    rope = make_rope_tables(TINY.head_dim, TINY.grid_hw(TINY.latent_hw), TINY.rope_max_frames)
+    rng = np.random.default_rng(2)
+    frames, clean, eps = (jnp.asarray(rng.standard_normal((2, 6, 3, 32, 32)), jnp.float32) for _ in range(3))
+    sigma = jnp.asarray(np.repeat([[0.9, 0.4], [0.7, 0.2]], 3, axis=1), jnp.float32)
+    ctx = enc(jnp.asarray(tokenize(["a red circle", "a blue cross"], 16)[0]))
+    use = jnp.asarray([True, False])
+    x_t = (1 - sigma[:, :, None, None, None]) * frames + sigma[:, :, None, None, None] * eps
+    out = np.asarray(forward_teacher_forcing(model, ctx, clean, x_t, 1000 * sigma, rope, 3))
+    for prediction, pred in (("x0", out), ("flow", np.asarray(x_t) - np.asarray(sigma)[:, :, None, None, None] * out)):
+        tc = TrainConfig(frames=6, self_history=0.5, prediction=prediction)
+        got = np.asarray(self_history(model, ctx, frames, clean, sigma, 1000 * sigma, eps, use, rope, tc))
+        np.testing.assert_array_equal(got[0, :3], np.asarray(clean)[0, :3])  # the first block stays true
+        np.testing.assert_allclose(got[0, 3:], pred[0, 3:], rtol=1e-5, atol=1e-5)  # the rest is the model's
+        np.testing.assert_array_equal(got[1], np.asarray(clean)[1])  # a clip not chosen keeps its history
+    # in the loss (9 frames: block 1 is history for block 2): a different objective, a finite gradient
+    ids = jnp.asarray(tokenize(["a red circle", "a blue cross"], 16)[0])
+    frames9 = jnp.asarray(rng.standard_normal((2, 9, 3, 32, 32)), jnp.float32)
+    losses = {}
+    for frac in (0.0, 1.0):
+        fn = make_loss_fn(graphdefs, TINY, TrainConfig(frames=9, self_history=frac))
+        losses[frac], g = jax.value_and_grad(fn)(params, frames9, ids, jax.random.key(0))
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
+    assert abs(float(losses[1.0]) - float(losses[0.0])) > 1e-4, losses
+
+
+@pytest.mark.slow
 def test_training_reduces_loss_and_resumes_exactly(tmp_path):
     from fkv_jax.toyworld.train import TrainConfig, load_run_params, train
 

@@ -80,6 +80,9 @@ class TrainConfig:
     # through a linear head of that rank left residual noise in the samples
     prediction: str = "x0"
     init: str = ""  # start from exported weights (a directory with params.npz) instead of a random init
+    # fraction of clips whose history (every block after the first) is the model's own x0 prediction from a
+    # first, gradient-free pass instead of the true frames: a one-pass stand-in for training on rollouts
+    self_history: float = 0.0
 
 
 # ---- parameters ----------------------------------------------------------------------------------------
@@ -154,6 +157,34 @@ def forward_teacher_forcing(
     return unpatchify(out, f, (gh, gw), (ph, pw), cfg.out_dim)
 
 
+def self_history(
+    model: CausalWanModel,
+    context: jax.Array,
+    frames: jax.Array,
+    x_clean: jax.Array,
+    sigma: jax.Array,
+    t: jax.Array,
+    eps: jax.Array,
+    use: jax.Array,
+    rope,
+    tc: TrainConfig,
+) -> jax.Array:
+    """The clean history with the model's own frames in it (``TrainConfig.self_history``).
+
+    For the clips where ``use`` [B] is set, every frame after the first block is replaced by the model's x0
+    prediction of it (no gradient) from ``x_t = (1 - sigma) x0 + sigma eps`` given the true history; the first
+    block stays true, as the given frames of a rollout do. The loss still asks for the true frames, so the model
+    learns to go on from, and repair, frames like its own. frames, x_clean, eps: [B, F, C, H, W]; sigma, t: [B, F].
+    """
+    f = frames.shape[1]
+    s = sigma[:, :, None, None, None]
+    x_t = (1 - s) * frames + s * eps
+    out = forward_teacher_forcing(model, context, x_clean, x_t, t, rope, tc.frames_per_block)
+    pred = jax.lax.stop_gradient(out if tc.prediction == "x0" else x_t - s * out)  # x0 estimate
+    keep = ~use[:, None] | (jnp.arange(f) < tc.frames_per_block)[None, :]  # [B, F]
+    return jnp.where(keep[:, :, None, None, None], x_clean, pred)
+
+
 def make_loss_fn(graphdefs, cfg: ModelConfig, tc: TrainConfig):
     rope = make_rope_tables(cfg.head_dim, cfg.grid_hw(cfg.latent_hw), cfg.rope_max_frames)
     sig_table, t_table = (jnp.asarray(a) for a in training_table(tc.shift))
@@ -173,7 +204,15 @@ def make_loss_fn(graphdefs, cfg: ModelConfig, tc: TrainConfig):
         x_noisy = (1 - sigma) * frames + sigma * eps
         hist_std = tc.history_noise * jax.random.uniform(k3, (b, 1, 1, 1, 1))
         x_clean = frames + hist_std * jax.random.normal(k4, frames.shape)
-        out = forward_teacher_forcing(model, enc(ids), x_clean, x_noisy, t, rope, tc.frames_per_block)
+        context = enc(ids)
+        if tc.self_history > 0:
+            k5, k6, k7 = jax.random.split(jax.random.fold_in(key, 1), 3)
+            idx1 = jnp.repeat(jax.random.randint(k5, (b, nblk), 0, sig_table.shape[0]), tc.frames_per_block, axis=1)
+            eps1 = jax.random.normal(k6, frames.shape)
+            use = jax.random.uniform(k7, (b, 1, 1, 1, 1)).reshape(b) < tc.self_history
+            sig1, t1 = sig_table[idx1], t_table[idx1]
+            x_clean = self_history(model, context, frames, x_clean, sig1, t1, eps1, use, rope, tc)
+        out = forward_teacher_forcing(model, context, x_clean, x_noisy, t, rope, tc.frames_per_block)
         target = frames if tc.prediction == "x0" else eps - frames
         return jnp.mean(jnp.square(out - target))
 
@@ -331,7 +370,8 @@ def train(
         raise SystemExit(f"{out} already has checkpoints (step {latest}); pass --resume or another --out")
     if resume and latest is not None:
         meta = mgr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        if meta["train"] != json.loads(json.dumps(dataclasses.asdict(tc))):
+        saved = {**dataclasses.asdict(TrainConfig()), **meta["train"]}  # fields newer than the run: defaults
+        if json.loads(json.dumps(saved)) != json.loads(json.dumps(dataclasses.asdict(tc))):
             raise SystemExit(
                 f"--resume with a different training config: saved {meta['train']}, now {dataclasses.asdict(tc)}"
             )
@@ -442,6 +482,13 @@ def main(argv=None):
         help="what the model learns to output: x0 (the clean frames, default) or flow (v = eps - x0); "
         "recorded in the exported config.json, which the samplers read",
     )
+    p.add_argument(
+        "--self-history",
+        type=float,
+        default=TrainConfig.self_history,
+        help="fraction of clips (0-1) whose history after the first block is the model's own x0 prediction "
+        "(a gradient-free first pass) instead of the true frames; costs one more forward per step",
+    )
     p.add_argument("--init", default="", help="start from exported weights (DIR with params.npz), e.g. a first stage")
     base = toy_model_config()
     p.add_argument(
@@ -465,8 +512,11 @@ def main(argv=None):
         warmup=a.warmup,
         history_noise=a.history_noise,
         prediction=a.prediction,
+        self_history=a.self_history,
         init=str(Path(a.init).resolve()) if a.init else "",
     )
+    if not 0.0 <= a.self_history <= 1.0:
+        p.error(f"--self-history {a.self_history} must be between 0 and 1")
     if a.frame_size % a.patch or a.frame_size < 8:
         p.error(f"--frame-size {a.frame_size} must be >= 8 and a multiple of --patch {a.patch}")
     cfg = dataclasses.replace(base, latent_hw=(a.frame_size, a.frame_size), patch_size=(1, a.patch, a.patch))
