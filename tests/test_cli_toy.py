@@ -98,7 +98,9 @@ def test_seeds_give_one_video_each_independent_of_the_batch(tmp_path):
         )
         == 0
     )
-    np.testing.assert_allclose(np.load(tmp_path / "one.npy")[0], two[1], atol=1e-5)
+    # the same video alone as in a batch of two, up to float32 rounding (batch-shaped GEMMs round differently;
+    # over 16 Euler steps that reaches ~1e-5 on the shipped model; another seed differs by ~1)
+    np.testing.assert_allclose(np.load(tmp_path / "one.npy")[0], two[1], atol=1e-4)
     # the same name again: a numbered suffix, the first file is kept
     assert (out / "000_a-red-circle-and-a-blue-square_seed5-2.mp4").is_file()
     assert len(list(out.iterdir())) == 3

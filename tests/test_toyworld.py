@@ -317,42 +317,45 @@ def test_train_cli_rejects_a_frame_size_the_patch_does_not_divide(tmp_path, caps
 
 @pytest.mark.slow
 def test_shipped_weights_generate_the_prompted_sprites():
-    """The shipped model (the embedded default of `generate`) draws what its prompts name, and moves it."""
+    """The shipped model (the embedded default of `generate`) draws what its prompts name, and moves it: on 16
+    held-out episodes' prompts at 24 frames, against the simulator's own frames of the same episodes."""
     from fkv_jax.toyworld.analysis import motion_report
     from fkv_jax.toyworld.model import WEIGHTS_DIR, generate_video, load_toy_model, toy_sampler_config
+    from fkv_jax.toyworld.world import make_episode, world_for
 
     assert (WEIGHTS_DIR / "params.npz").stat().st_size <= 10 * 2**20
     cfg, model, enc = load_toy_model()
-    assert (cfg.in_dim, cfg.patch_size, cfg.latent_hw) == (3, (1, 8, 8), (32, 32))
+    assert (cfg.in_dim, cfg.patch_size, cfg.latent_hw) == (3, (1, 4, 4), (24, 24))
     assert toy_sampler_config().prediction == "x0"  # read from the shipped config.json
-    prompts = [
-        "a red circle and a blue square",
-        "a yellow triangle",
-        "a green cross and a magenta circle",
-        "a cyan square",
-        "a blue triangle and a yellow cross",
-        "a magenta square and a red cross",
-    ]
-    frames = generate_video(prompts, num_frames=12, seed=0)
-    assert frames.shape == (6, 12, 3, 32, 32) and np.isfinite(frames).all()
-    shown, other, prompted, smooth = [], [], [], []
-    for video, prompt in zip(frames, prompts):
-        rep = colour_report(video, prompt)
-        assert max(rep["shown"].values()) > 0, (prompt, rep)  # something it was asked for is drawn
-        shown.append(np.mean(list(rep["shown"].values())))
-        other.append(rep["other_pixels_per_frame"])
-        prompted.append(rep["prompted_pixels_per_frame"])
-        smooth.append(motion_report(video)["smooth"])
-    # Aggregates, with real episodes for scale (12 frames: prompted colours shown in ~0.7 of the frames,
-    # since sprites leave the view and hide; smooth ~1.0) and untrained weights at ~0 shown.
-    assert np.mean(shown) >= 0.4, shown
-    assert np.sum(other) <= 0.1 * np.sum(prompted), (other, prompted)  # colours the prompts do not name: ~none
-    assert np.nanmean(smooth) >= 0.7, smooth  # sprites move a few pixels per frame, they do not jump
-    # the colours follow the words
-    swapped = generate_video(["a blue circle and a red square", "a yellow cross"], num_frames=12, seed=0)
-    rep = colour_report(swapped[1], "a yellow cross")
-    assert rep["shown"]["yellow"] > 0 and rep["other_pixels_per_frame"] <= 0.1 * rep["prompted_pixels_per_frame"]
-    assert not np.allclose(swapped[0], frames[0], atol=0.1)
+    eps = [make_episode(70_000 + i, 24, world_for(cfg.latent_hw)) for i in range(16)]
+    prompts = [ep.prompt for ep in eps]
+    frames = generate_video(prompts, num_frames=24, seed=0)
+    assert frames.shape == (16, 24, 3, 24, 24) and np.isfinite(frames).all()
+
+    def stats(videos):
+        reps = [colour_report(v, p) for v, p in zip(videos, prompts)]
+        return {
+            "shown": np.mean([np.mean(list(r["shown"].values())) for r in reps]),
+            "prompted": np.mean([r["prompted_pixels_per_frame"] for r in reps]),
+            "other": np.mean([r["other_pixels_per_frame"] for r in reps]),
+            "persist": np.nanmean([motion_report(v)["persist"] for v in videos]),
+            "smooth": np.nanmean([motion_report(v)["smooth"] for v in videos]),
+        }
+
+    got, data = stats(frames), stats([ep.frames for ep in eps])
+    # Measured here (docs/toyworld.md): shown 0.43, prompted pixels 0.66x the data's, persistence 0.84, smooth
+    # 0.86. The previous default (32x32, patch 8; toyworld_runs/tw32p8) gives 0.41, 0.45x, 0.75, 0.87 on the same
+    # test, untrained weights ~0 shown; the data: 0.72, 1x, 0.95, 0.99.
+    assert got["shown"] >= 0.38, (got, data)
+    assert got["prompted"] >= 0.55 * data["prompted"], (got, data)  # sprites drawn near their real size
+    assert got["persist"] >= 0.8, (got, data)  # a sprite in view stays in view, as the simulator's do
+    assert got["smooth"] >= 0.75, (got, data)  # sprites move a few pixels per frame, they do not jump
+    assert got["other"] <= 0.1 * got["prompted"], (got, data)  # colours the prompts do not name: ~none
+    # the colours follow the words, also in prompts of one sprite (a single video may leave it in the gap)
+    words = ["a blue circle and a red square"] + ["a yellow cross"] * 3
+    reps = [colour_report(v, w) for v, w in zip(generate_video(words, num_frames=12, seed=0), words)]
+    assert max(r["shown"]["yellow"] for r in reps[1:]) >= 0.25, reps
+    assert sum(r["other_pixels_per_frame"] for r in reps) <= 0.1 * sum(r["prompted_pixels_per_frame"] for r in reps)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ DESCRIPTION = """\
 Generate videos autoregressively, chunk by chunk, with a fixed-shape KV cache.
 
 Model: the default is the embedded toy-world model shipped with the package (a causal Wan with the same
-transformer, cache, sampler and policies as the real models, 32x32 pixel frames of moving sprites; see
+transformer, cache, sampler and policies as the real models, 24x24 pixel frames of moving sprites; see
 docs/toyworld.md). It draws the sprites its prompt names, e.g. "a red circle and a blue square", and writes
 one mp4 per prompt and seed to --output-dir in under a minute on a CPU. Its words: a, and, with, pillar, red, green,
 blue, yellow, magenta, cyan, circle, square, triangle, cross. --toy-weights DIR uses weights you trained.

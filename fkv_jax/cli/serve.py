@@ -19,7 +19,7 @@ FPS (denoise and end to end), chunk latency, resident KV bytes and keys read per
 chosen policy), with a per-head heat map for policies that select per head. The finished video downloads as
 an mp4.
 
-Model: the embedded toy-world model by default (32x32 frames of moving sprites, its words: a, and, with,
+Model: the embedded toy-world model by default (24x24 frames of moving sprites, its words: a, and, with,
 pillar, red, green, blue, yellow, magenta, cyan, circle, square, triangle, cross); --model-dir DIR for a
 text-to-video folder built by `fkv convert --wan-dir ... --generator ... --output DIR` (UMT5 + transformer +
 VAE), optionally with --checkpoint DIR replacing its transformer.

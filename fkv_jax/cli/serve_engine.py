@@ -255,7 +255,7 @@ class Engine:
 
     @property
     def video_scale(self) -> int:
-        """Nearest-neighbour upscale of the mp4 (the toy model's 32x32 frames become 256x256)."""
+        """Nearest-neighbour upscale of the mp4 (the shipped toy model's 24x24 frames become 192x192)."""
         return 8 if self.kind == "toy" else 1
 
 

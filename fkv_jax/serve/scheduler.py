@@ -63,7 +63,7 @@ class Stream:
 
 
 def encode_frame(frame: np.ndarray) -> str:
-    """uint8 [H, W, 3] -> a data URL: PNG for small frames (the toy model's 32x32), JPEG for large ones."""
+    """uint8 [H, W, 3] -> a data URL: PNG for small frames (the toy model's 24x24), JPEG for large ones."""
     from PIL import Image
 
     img = Image.fromarray(frame)

@@ -1,7 +1,7 @@
 """The shipped toy-world model: loading, text context, and video generation with the KV-cache Sampler.
 
     from fkv_jax.toyworld.model import generate_video
-    frames = generate_video(["a red circle and a blue square"], num_frames=24, seed=0)   # [1, 24, 3, 32, 32]
+    frames = generate_video(["a red circle and a blue square"], num_frames=24, seed=0)   # [1, 24, 3, 24, 24]
 
 Generation is the real AR rollout of :class:`fkv_jax.sampling.rollout.Sampler` (per chunk of 3 frames: the
 denoising steps, then the clean t = 0 pass whose K/V go to the cache), in pixel space, so there is no VAE.

@@ -1,6 +1,6 @@
 """Writing toy-world frames for viewing: mp4 (through :mod:`fkv_jax.video`) and PNG (no dependency).
 
-Frames are float ``[T, 3, H, W]`` in ``[-1, 1]``; they are upscaled by nearest neighbour (32x32 -> 256x256
+Frames are float ``[T, 3, H, W]`` in ``[-1, 1]``; they are upscaled by nearest neighbour (24x24 -> 192x192
 by default) so the pixels stay crisp in a player.
 """
 
