@@ -1,7 +1,11 @@
 """Train the toy-world model: flow matching with teacher forcing on block-causal masks.
 
-    python -m fkv_jax.toyworld.train --steps 1500 --out runs/toyworld --export fkv_jax/toyworld/weights
-    python -m fkv_jax.toyworld.train --steps 1500 --out runs/toyworld --resume     # continue after a stop
+    python -m fkv_jax.toyworld.train --out runs/toyworld --export runs/toyworld/export  # 32x32, patch 8
+    python -m fkv_jax.toyworld.train --out runs/toyworld --export runs/toyworld/export --resume  # after a stop
+
+The shipped weights (docs/toyworld.md "The shipped model") are two runs: ``--frame-size 24 --patch 4 --steps
+2000 --lr 1e-3 --warmup 100 --history-noise 0.1`` from scratch, then ``--init`` that export with ``--steps 250
+--lr 3e-4 --warmup 20 --history-noise 0.1 --self-history 0.5``.
 
 Objective (Wan / Self Forcing conventions, reference sections 2.11, 4.4, 4.6):
 
@@ -10,9 +14,12 @@ Objective (Wan / Self Forcing conventions, reference sections 2.11, 4.4, 4.6):
 * noisy block j has its own level: a table index ``u ~ U{0..999}`` of the shift-3 training table gives
   ``sigma`` and ``t = 1000 sigma``; ``x_t = (1 - sigma) x0 + sigma eps``;
 * the model (the same :class:`CausalWanModel` modules as inference, with a block-causal teacher-forcing
-  attention closure) predicts the flow ``v``; the loss is ``mean((v - (eps - x0))^2)`` over the noisy half;
+  attention closure) predicts the clean frames (``prediction="x0"``, the default; loss ``mean((out - x0)^2)``)
+  or the flow (``"flow"``; loss ``mean((v - (eps - x0))^2)``) over the noisy half;
 * the clean history gets a little Gaussian noise (std up to ``history_noise``, still labelled t = 0) so the
-  rollout tolerates its own imperfect frames.
+  rollout tolerates its own imperfect frames;
+* with ``self_history`` > 0, that fraction of clips has its history after the first block replaced by the
+  model's own stop-gradient x0 prediction (:func:`self_history`), a one-pass stand-in for training on rollouts.
 
 The text encoder (:mod:`fkv_jax.toyworld.text`) is trained jointly. Data for step ``k`` is drawn from
 ``numpy.random.default_rng((seed, k))`` and the noise from ``fold_in(key(seed), k)``, so a resumed run
