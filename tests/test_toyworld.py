@@ -343,9 +343,9 @@ def test_shipped_weights_generate_the_prompted_sprites():
         }
 
     got, data = stats(frames), stats([ep.frames for ep in eps])
-    # Measured here (docs/toyworld.md): shown 0.43, prompted pixels 0.66x the data's, persistence 0.84, smooth
-    # 0.86. The previous default (32x32, patch 8; toyworld_runs/tw32p8) gives 0.41, 0.45x, 0.75, 0.87 on the same
-    # test, untrained weights ~0 shown; the data: 0.72, 1x, 0.95, 0.99.
+    # What this test computed on the shipped weights when they shipped: shown 0.43, prompted pixels 0.66x the
+    # data's, persistence 0.84, smooth 0.86. The previous default (32x32, patch 8; toyworld_runs/tw32p8) gives
+    # 0.41, 0.45x, 0.75, 0.87 on the same test, untrained weights ~0 shown; the data: 0.72, 1x, 0.95, 0.99.
     assert got["shown"] >= 0.38, (got, data)
     assert got["prompted"] >= 0.55 * data["prompted"], (got, data)  # sprites drawn near their real size
     assert got["persist"] >= 0.8, (got, data)  # a sprite in view stays in view, as the simulator's do

@@ -197,16 +197,20 @@ def make_loss_fn(graphdefs, cfg: ModelConfig, tc: TrainConfig):
     sig_table, t_table = (jnp.asarray(a) for a in training_table(tc.shift))
     nblk = tc.frames // tc.frames_per_block
 
+    def draw(key, b):  # -> int [B, nblk]: one training-table index per block
+        return jax.random.randint(key, (b, nblk), 0, sig_table.shape[0])
+
+    def levels(idx):  # int [B, nblk] -> sigma, t: [B, F] (every frame of a block at its block's level)
+        idx = jnp.repeat(idx, tc.frames_per_block, axis=1)
+        return sig_table[idx], t_table[idx]
+
     def loss_fn(params, frames, ids, key, idx=None):
         """frames [B, F, 3, H, W] clean; ids [B, L]; idx: optional int [B, nblk] table indices (eval)."""
         model, enc = merge(graphdefs, params)
         b = frames.shape[0]
         k1, k2, k3, k4 = jax.random.split(key, 4)
-        if idx is None:
-            idx = jax.random.randint(k1, (b, nblk), 0, sig_table.shape[0])
-        idx = jnp.repeat(idx, tc.frames_per_block, axis=1)  # [B, F]
-        sigma = sig_table[idx][:, :, None, None, None]
-        t = t_table[idx]
+        sig, t = levels(draw(k1, b) if idx is None else idx)
+        sigma = sig[:, :, None, None, None]
         eps = jax.random.normal(k2, frames.shape)
         x_noisy = (1 - sigma) * frames + sigma * eps
         hist_std = tc.history_noise * jax.random.uniform(k3, (b, 1, 1, 1, 1))
@@ -214,11 +218,11 @@ def make_loss_fn(graphdefs, cfg: ModelConfig, tc: TrainConfig):
         context = enc(ids)
         if tc.self_history > 0:
             k5, k6, k7 = jax.random.split(jax.random.fold_in(key, 1), 3)
-            idx1 = jnp.repeat(jax.random.randint(k5, (b, nblk), 0, sig_table.shape[0]), tc.frames_per_block, axis=1)
-            eps1 = jax.random.normal(k6, frames.shape)
-            use = jax.random.uniform(k7, (b, 1, 1, 1, 1)).reshape(b) < tc.self_history
-            sig1, t1 = sig_table[idx1], t_table[idx1]
-            x_clean = self_history(model, context, frames, x_clean, sig1, t1, eps1, use, rope, tc)
+            sig1, t1 = levels(draw(k5, b))
+            use = jax.random.uniform(k7, (b,)) < tc.self_history  # [B]
+            x_clean = self_history(
+                model, context, frames, x_clean, sig1, t1, jax.random.normal(k6, frames.shape), use, rope, tc
+            )
         out = forward_teacher_forcing(model, context, x_clean, x_noisy, t, rope, tc.frames_per_block)
         target = frames if tc.prediction == "x0" else eps - frames
         return jnp.mean(jnp.square(out - target))
